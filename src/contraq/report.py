@@ -1,0 +1,532 @@
+"""Curves, plots and Markdown for a run (`contraq report RUN_DIR`) and for `contraq eval`.
+
+Reads only files of the run folder (``logs/metrics.csv``, ``samples.jsonl``, ``config.yaml``,
+``train_summary.json``, ``eval/eval.json``): no model is loaded, so a report is instant and can
+be written on any machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+Series = list[tuple[int, float]]
+
+
+class ReportError(ValueError):
+    """A run folder or one of its files is missing or malformed (the message names it)."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_metrics(path: str | Path) -> dict[str, Series]:
+    """Columns of a Lightning CSVLogger ``metrics.csv`` as ``{name: [(step, value), ...]}``.
+
+    CSVLogger writes one row per ``log_metrics`` call with empty cells for the other columns;
+    empty and non-numeric cells are skipped. When a step appears twice for a column (a resumed
+    run re-logs it) the later row wins. Series are sorted by step.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"{p}: metrics file not found")
+    with p.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "step" not in reader.fieldnames:
+            raise ReportError(f"{p}:1: header has no 'step' column (not a CSVLogger metrics.csv?)")
+        table: dict[str, dict[int, float]] = {}
+        for line, row in enumerate(reader, start=2):
+            raw_step = row.get("step") or ""
+            try:
+                step = int(float(raw_step))
+            except ValueError:
+                raise ReportError(f"{p}:{line}: step: not a number ({raw_step!r})") from None
+            for key, cell in row.items():
+                if key in (None, "step") or cell in (None, ""):
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    continue
+                table.setdefault(key, {})[step] = value
+    return {k: sorted(v.items()) for k, v in sorted(table.items())}
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Objects of a JSON Lines file; blank lines skipped; bad lines raise naming file:line."""
+    p = Path(path)
+    rows: list[dict[str, Any]] = []
+    with p.open() as fh:
+        for line, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ReportError(f"{p}:{line}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise ReportError(f"{p}:{line}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(obj)
+    return rows
+
+
+def smooth(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard-style exponential moving average with bias correction.
+
+    ``weight`` in [0, 1): 0 = no smoothing. The debiasing keeps the first points from being
+    dragged to zero. NaNs are passed through without updating the average.
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smooth: weight must lie in [0, 1), got {weight}")
+    out: list[float] = []
+    avg, n = 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(v)
+            continue
+        n += 1
+        avg = weight * avg + (1.0 - weight) * v
+        out.append(avg / (1.0 - weight**n))
+    return out
+
+
+def default_smoothing(n_points: int) -> float:
+    """More smoothing for longer series: 0 for <= 10 points, then 1 - 10/n, at most 0.9."""
+    if n_points <= 10:
+        return 0.0
+    return min(0.9, 1.0 - 10.0 / n_points)
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One PNG of training curves: the metric names drawn (train/ and val/ variants)."""
+
+    file: str
+    title: str
+    metrics: tuple[str, ...]
+    ylabel: str = ""
+
+
+PANELS: tuple[Panel, ...] = (
+    Panel("loss.png", "GFlowNet loss", ("loss",), "loss"),
+    Panel("log_r.png", "log R (unscaled)", ("log_r",), "log R"),
+    Panel("log_c.png", "log C = log P(contradiction)", ("log_c",), "log C"),
+    Panel(
+        "contradiction_rate.png", "Contradiction rate (P > 0.5)", ("contradiction_rate",), "share"
+    ),
+    Panel("log_pq.png", "log P_Q (base LM)", ("log_pq",), "log P_Q"),
+    Panel("length.png", "Question length", ("length",), "tokens"),
+    Panel(
+        "diversity.png",
+        "Diversity",
+        ("distinct_1", "distinct_2", "diversity"),
+        "distinct-n / 1 - cos",
+    ),
+    Panel("reward_temperature.png", "Reward temperature", ("reward_temperature",), "T_reward"),
+    Panel("log_z.png", "log Z (TB head)", ("log_z", "log_pf"), "nats"),
+)
+
+
+def _series_for(metrics: Mapping[str, Series], name: str) -> list[str]:
+    """Columns that carry ``name``: ``train/name``, ``val/name``, ``name`` (in that order)."""
+    return [c for c in (f"train/{name}", f"val/{name}", name) if c in metrics and metrics[c]]
+
+
+def plot_curves(
+    metrics: Mapping[str, Series], out_dir: str | Path, smoothing: float | None = None
+) -> list[Path]:
+    """One PNG per :data:`PANELS` entry that has data: raw values faint, smoothed solid.
+
+    Args:
+        metrics: :func:`read_metrics` output.
+        out_dir: folder for the PNGs (created).
+        smoothing: EMA weight; ``None`` = :func:`default_smoothing` of each series' length.
+
+    Returns:
+        the PNG paths written, in panel order.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for panel in PANELS:
+        columns = [c for name in panel.metrics for c in _series_for(metrics, name)]
+        if not columns:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for i, col in enumerate(columns):
+            steps = [s for s, _ in metrics[col]]
+            values = [v for _, v in metrics[col]]
+            color = f"C{i}"
+            weight = default_smoothing(len(values)) if smoothing is None else smoothing
+            if weight > 0 and len(values) > 1:
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(steps, smooth(values, weight), color=color, label=col, linewidth=1.6)
+            else:
+                ax.plot(
+                    steps, values, color=color, label=col, marker="." if len(values) < 30 else None
+                )
+        ax.set_title(panel.title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / panel.file
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------- eval plots
+
+
+def plot_reward_distributions(log_r: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+    """Violin plot (with the individual points) of unscaled log R per method.
+
+    Non-finite values (a -inf reward) are left out of the violins and counted in the labels.
+    """
+    names = list(log_r)
+    data = [[v for v in log_r[m] if math.isfinite(v)] for m in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 4.0))
+    positions = list(range(1, len(names) + 1))
+    drawable = [(p, d) for p, d in zip(positions, data, strict=True) if len(d) >= 2]
+    if drawable:
+        ax.violinplot(
+            [d for _, d in drawable], positions=[p for p, _ in drawable], showmedians=True
+        )
+    for p, d in zip(positions, data, strict=True):
+        # Deterministic jitter keeps plots identical across runs.
+        xs = [p + 0.12 * (((i * 7919) % 101) / 100 - 0.5) for i in range(len(d))]
+        ax.scatter(xs, d, s=6, alpha=0.4, color="k")
+    labels = []
+    for m, d in zip(names, data, strict=True):
+        dropped = len(log_r[m]) - len(d)
+        labels.append(f"{m}\n(-inf: {dropped})" if dropped else m)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("log R (unscaled)")
+    ax.set_title("Reward per method")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
+    """Mean log R against embedding diversity, one labelled point per method."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for i, (name, m) in enumerate(summary.items()):
+        x, y = m.get("diversity", math.nan), m.get("mean_log_r", math.nan)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        ax.scatter([x], [y], color=f"C{i}", s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("diversity (1 - mean pairwise cosine, MiniLM)")
+    ax.set_ylabel("mean log R")
+    ax.set_title("Reward vs diversity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- Markdown
+
+EVAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    # key, header, format
+    ("n_questions", "n", "{:.0f}"),
+    ("contradiction_rate", "contradiction rate", "{:.3f}"),
+    ("mean_log_c", "mean log C", "{:.3f}"),
+    ("mean_log_r", "mean log R", "{:.2f}"),
+    ("hit_rate", "answer hit rate", "{:.3f}"),
+    ("diversity", "diversity", "{:.3f}"),
+    ("distinct_1", "distinct-1", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("mean_length", "mean length", "{:.1f}"),
+    ("fluency", "log P_Q / token", "{:.2f}"),
+)
+
+
+def fmt(value: Any, pattern: str = "{:.3f}") -> str:
+    """A number for a table cell; "n/a" for None/NaN, "-inf"/"inf" for infinities."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    if isinstance(value, int | float):
+        return pattern.format(value)
+    return str(value)
+
+
+def md_cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell (pipes escaped, newlines as spaces)."""
+    return str(text).replace("|", "\\|").replace("\n", " ").strip()
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (cells escaped with :func:`md_cell`)."""
+    lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |"]
+    lines.append("|" + "|".join("---" for _ in headers) + "|")
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def eval_table(summary: Mapping[str, Mapping[str, float]]) -> str:
+    """The per-method metrics table of `contraq eval`."""
+    headers = ["method", *(h for _, h, _ in EVAL_COLUMNS)]
+    rows = [[name, *(fmt(m.get(k), f) for k, _, f in EVAL_COLUMNS)] for name, m in summary.items()]
+    return markdown_table(headers, rows)
+
+
+def eval_markdown(result: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    """``eval.md``: settings, the metrics table, plots, example questions per method.
+
+    Args:
+        result: the ``eval.json`` object (``settings``, ``summary``, ``examples``).
+        plots: caption -> PNG path relative to the Markdown file.
+    """
+    s = result.get("settings", {})
+    lines = [
+        "# contraq eval",
+        "",
+        f"- run: `{s.get('run', 'n/a')}`",
+        f"- facts: {s.get('n_facts', 'n/a')} from `{s.get('facts', 'n/a')}`",
+        f"- questions per fact and method: {s.get('n', 'n/a')}; seed {s.get('seed', 'n/a')}",
+        f"- device: {s.get('device', 'n/a')}; wall time {fmt(s.get('seconds'), '{:.0f}')} s",
+    ]
+    for note in s.get("notes", []):
+        lines.append(f"- note: {note}")
+    lines += [
+        "",
+        "Contradiction rate: share of questions whose answer has P(contradiction) > 0.5. Answer "
+        "hit rate: the answer names the original (pre-edit) answer (word match, independent of "
+        "the NLI judge). Diversity: 1 - mean pairwise cosine of MiniLM embeddings within a fact, "
+        "averaged over facts.",
+        "",
+        eval_table(result.get("summary", {})),
+        "",
+    ]
+    for caption, rel in plots.items():
+        lines += [f"![{caption}]({rel})", ""]
+    examples = result.get("examples", {})
+    if examples:
+        lines += ["## Example questions (highest log R per method, first facts)", ""]
+        for method, rows in examples.items():
+            lines += [f"### {method}", ""]
+            lines.append(
+                markdown_table(
+                    ["subject", "question", "answer", "log C", "log R"],
+                    [
+                        [
+                            r.get("subject", ""),
+                            r.get("question", ""),
+                            r.get("answer", ""),
+                            fmt(r.get("log_c"), "{:.2f}"),
+                            fmt(r.get("log_r"), "{:.2f}"),
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
+            lines.append("")
+    return "\n".join(lines)
+
+
+def top_questions(
+    samples: Sequence[Mapping[str, Any]], per_fact: int = 3, max_facts: int = 10
+) -> list[tuple[str, str, list[Mapping[str, Any]]]]:
+    """The best distinct questions per fact by unscaled log R.
+
+    Facts are ``(subject, edit_fact)`` pairs in order of first appearance; duplicates of a
+    question keep their best row.
+
+    Returns:
+        up to ``max_facts`` tuples ``(subject, edit_fact, rows)``, rows best first.
+    """
+    by_fact: dict[tuple[str, str], dict[str, Mapping[str, Any]]] = {}
+    for row in samples:
+        key = (str(row.get("subject", "")), str(row.get("edit_fact", "")))
+        q = str(row.get("question", "")).strip()
+        r = row.get("log_r")
+        if r is None or not isinstance(r, int | float):
+            continue
+        best = by_fact.setdefault(key, {})
+        if q not in best or float(r) > float(best[q]["log_r"]):
+            best[q] = row
+    out = []
+    for (subject, fact), rows in list(by_fact.items())[:max_facts]:
+        ranked = sorted(rows.values(), key=lambda r: float(r["log_r"]), reverse=True)
+        out.append((subject, fact, ranked[:per_fact]))
+    return out
+
+
+def _seconds(value: Any) -> str:
+    return "n/a" if value is None else f"{fmt(float(value), '{:.0f}')} s"
+
+
+def _last_and_tail_mean(series: Series, tail: int = 10) -> tuple[int, float, float]:
+    vals = [v for _, v in series[-tail:] if math.isfinite(v)]
+    return series[-1][0], series[-1][1], (sum(vals) / len(vals) if vals else math.nan)
+
+
+def _config_summary(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    def get(path: str) -> Any:
+        node: Any = cfg
+        for part in path.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    keys = [
+        "name",
+        "seed",
+        "model.source",
+        "model.name_or_path",
+        "model.lora_r",
+        "reward.name",
+        "loss.name",
+        "buffer.name",
+        "data.path",
+        "train.max_steps",
+        "train.facts_per_step",
+        "train.n_samples",
+        "train.lr",
+        "train.logz_lr",
+        "reward.reward_temp_start",
+        "reward.reward_temp_end",
+        "sampler.min_len",
+        "sampler.max_len",
+        "nli.name",
+    ]
+    return [(k, get(k)) for k in keys if get(k) is not None]
+
+
+def write_report(
+    run_dir: str | Path, out_dir: str | Path | None = None, smoothing: float | None = None
+) -> Path:
+    """Write the curves and ``report.md`` of a training run.
+
+    Args:
+        run_dir: the run folder (``outputs/<name>``).
+        out_dir: where to write; ``None`` = ``run_dir/report``.
+        smoothing: EMA weight of the curves; ``None`` = automatic.
+
+    Returns:
+        the path of ``report.md``.
+
+    Raises:
+        ReportError: ``run_dir`` is not a run folder (no metrics and no samples) or a file in
+            it is malformed.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ReportError(f"{run}: run folder not found")
+    out = Path(out_dir) if out_dir is not None else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = run / "logs" / "metrics.csv"
+    samples_path = run / "samples.jsonl"
+    if not metrics_path.is_file() and not samples_path.is_file():
+        raise ReportError(
+            f"{run}: neither logs/metrics.csv nor samples.jsonl found (not a run folder?)"
+        )
+
+    metrics = read_metrics(metrics_path) if metrics_path.is_file() else {}
+    samples = read_jsonl(samples_path) if samples_path.is_file() else []
+    pngs = plot_curves(metrics, out, smoothing) if metrics else []
+
+    cfg: Mapping[str, Any] = {}
+    if (run / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        loaded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
+        cfg = loaded if isinstance(loaded, dict) else {}
+    summary: Mapping[str, Any] = {}
+    if (run / "train_summary.json").is_file():
+        summary = json.loads((run / "train_summary.json").read_text())
+
+    lines = [f"# contraq run `{run.name}`", ""]
+    lines += [
+        f"- steps: {summary.get('steps', 'n/a')}",
+        f"- wall time: {_seconds(summary.get('seconds'))}",
+    ]
+    if summary.get("resumed_from"):
+        lines.append(f"- resumed from: `{summary['resumed_from']}`")
+    lines.append("")
+    if cfg:
+        lines += ["## Config", "", markdown_table(["key", "value"], _config_summary(cfg)), ""]
+        lines += ["Full config: `config.yaml` in the run folder.", ""]
+
+    if metrics:
+        rows = []
+        for name, series in metrics.items():
+            if not series or not (name.startswith(("train/", "val/"))):
+                continue
+            step, last, tail = _last_and_tail_mean(series)
+            rows.append([name, step, fmt(last, "{:.4g}"), fmt(tail, "{:.4g}")])
+        lines += ["## Final metrics", ""]
+        lines += [
+            markdown_table(["metric", "last step", "last value", "mean of last 10"], rows),
+            "",
+        ]
+        lines += ["## Curves", ""]
+        for p in pngs:
+            rel = p.relative_to(out) if p.is_relative_to(out) else p
+            lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+
+    if samples:
+        lines += ["## Top questions per fact (samples.jsonl, by log R)", ""]
+        for subject, fact, rows in top_questions(samples):
+            lines += [f"**{md_cell(subject)}**: {md_cell(fact)}", ""]
+            lines.append(
+                markdown_table(
+                    ["step", "question", "answer", "log C", "log P_Q", "log R"],
+                    [
+                        [
+                            r.get("step", ""),
+                            r.get("question", ""),
+                            r.get("answer") or "",
+                            fmt(r.get("log_c"), "{:.2f}"),
+                            fmt(r.get("log_pq"), "{:.2f}"),
+                            fmt(r.get("log_r"), "{:.2f}"),
+                        ]
+                        for r in rows
+                    ],
+                )
+            )
+            lines.append("")
+
+    eval_md = run / "eval" / "eval.md"
+    if eval_md.is_file():
+        rel = Path("..") / "eval" / "eval.md" if out == run / "report" else eval_md.resolve()
+        lines += ["## Evaluation", "", f"See [eval.md]({rel.as_posix()}).", ""]
+        eval_json = run / "eval" / "eval.json"
+        if eval_json.is_file():
+            lines += [eval_table(json.loads(eval_json.read_text()).get("summary", {})), ""]
+
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

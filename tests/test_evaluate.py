@@ -1,0 +1,473 @@
+"""Metrics on hand-made inputs, and `contraq sample` / `contraq eval` on a tiny run folder
+(random 2-layer LM + saved LoRA adapter, random tiny BERT as the NLI judge)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import randomize_lora_b
+from contraq.evaluate import (
+    Embedder,
+    EvalConfig,
+    RunError,
+    answer_hit,
+    contradiction_rate,
+    distinct_n,
+    evaluate_run,
+    fluency,
+    grouped_diversity,
+    hit_rate,
+    minilm_dir,
+    normalize_text,
+    pairwise_diversity,
+    resolve_run,
+    sample_main,
+    summarize,
+)
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_normalize_text() -> None:
+    assert normalize_text("  The  CAPITAL,  is\tParis!! ") == "the capital is paris"
+    assert normalize_text("New-York") == "new york"
+
+
+@pytest.mark.parametrize(
+    ("answer", "original", "hit"),
+    [
+        ("The capital of France is Paris.", "Paris", True),
+        ("the capital of france is PARIS", "paris", True),
+        ("It is in paris, France", "Paris!", True),
+        ("It was made by Colt's Manufacturing Company.", "Colt's Manufacturing Company", True),
+        ("It is in New-York", "New York", True),
+        ("The Parisian style", "Paris", False),  # near-miss: not a whole word
+        ("Parisian", "Paris", False),
+        ("It is in Lyon", "Paris", False),
+        ("The company is Colt", "Colt's Manufacturing Company", False),
+        ("", "Paris", False),
+        ("Paris", None, False),
+        ("Paris", "", False),
+        (None, "Paris", False),
+    ],
+)
+def test_answer_hit(answer: str | None, original: str | None, hit: bool) -> None:
+    assert answer_hit(answer, original) is hit
+
+
+def test_hit_rate() -> None:
+    assert hit_rate(["Paris is it", "Lyon", "x"], ["paris", "Paris", None]) == 0.5
+    assert math.isnan(hit_rate(["a"], [None]))
+    with pytest.raises(ValueError):
+        hit_rate(["a"], [])
+
+
+def test_contradiction_rate() -> None:
+    log_c = [math.log(0.9), math.log(0.51), math.log(0.5), math.log(0.1), -math.inf]
+    assert contradiction_rate(log_c) == pytest.approx(2 / 5)  # 0.5 itself is not > 0.5
+    assert contradiction_rate(torch.tensor([0.0, -0.1])) == 1.0
+    assert math.isnan(contradiction_rate([]))
+
+
+def test_distinct_n() -> None:
+    texts = ["Who is A?", "who is B?"]
+    # unigrams: who, is, a, who, is, b -> 4 distinct of 6
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
+    # bigrams: (who is) (is a) (who is) (is b) -> 3 of 4
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert distinct_n(["a b c"], 2) == 1.0
+    assert distinct_n(["same", "same"], 1) == 0.5
+    assert distinct_n(["one"], 2) == 0.0
+    with pytest.raises(ValueError):
+        distinct_n(texts, 0)
+
+
+def test_pairwise_diversity_and_fluency() -> None:
+    e = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    # cosines: (0,1)=0, (0,2)=-1, (1,2)=0 -> mean -1/3 -> diversity 4/3
+    assert pairwise_diversity(e) == pytest.approx(4 / 3)
+    assert pairwise_diversity(torch.ones(4, 3)) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(pairwise_diversity(torch.ones(1, 3)))
+    assert fluency([-10.0, -4.0], [5, 2]) == pytest.approx(-2.0)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder(device="cpu")
+
+
+@pytest.mark.slow
+def test_embedder_diversity(embedder: Embedder) -> None:
+    emb = embedder.encode(["Where is the Eiffel Tower?", "hello"])
+    assert emb.shape == (2, 384)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    same = ["Who founded the company?"] * 4
+    assert abs(embedder.diversity(same)) < 1e-5
+    different = [
+        "Who founded the company?",
+        "What is the boiling point of water in Kelvin?",
+        "Which river flows through Cairo?",
+    ]
+    d = embedder.diversity(different)
+    assert d > 0.5
+    # Per fact, then averaged: a fact of duplicates (0) and a diverse fact (d); a one-question
+    # fact is left out.
+    assert grouped_diversity([same, different, ["alone"]], embedder) == pytest.approx(d / 2)
+
+
+@pytest.mark.slow
+def test_embedder_matches_sentence_transformers_pooling(embedder: Embedder) -> None:
+    """Mean pooling over real tokens: padding a text in a batch must not change it."""
+    alone = embedder.encode(["A short one."])
+    batched = embedder.encode(
+        ["A short one.", "A much longer sentence with many more tokens in it."]
+    )
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+    assert minilm_dir().name == "model"
+
+
+def test_summarize_known_values() -> None:
+    recs = [
+        {
+            "fact_index": 0,
+            "question": "Who is A?",
+            "log_r": -1.0,
+            "log_c": math.log(0.9),
+            "answer": "A is Paris.",
+            "original_answer": "Paris",
+            "log_pq": -8.0,
+            "length": 3.0,
+            "n_actions": 4,
+        },
+        {
+            "fact_index": 1,
+            "question": "who is B?",
+            "log_r": -3.0,
+            "log_c": math.log(0.2),
+            "answer": "B is Lyon.",
+            "original_answer": "Paris",
+            "log_pq": -2.0,
+            "length": 1.0,
+            "n_actions": 2,
+        },
+    ]
+    s = summarize(recs)
+    assert s["n_questions"] == 2 and s["n_facts"] == 2
+    assert s["contradiction_rate"] == 0.5
+    assert s["mean_log_c"] == pytest.approx((math.log(0.9) + math.log(0.2)) / 2)
+    assert s["mean_log_r"] == -2.0 and s["hit_rate"] == 0.5
+    assert s["distinct_1"] == pytest.approx(4 / 6) and s["distinct_2"] == pytest.approx(3 / 4)
+    assert s["mean_length"] == 2.0 and s["fluency"] == pytest.approx(-1.5)
+    assert math.isnan(s["diversity"])  # no embedder
+    # The likelihood reward has no log C and no answers.
+    for r in recs:
+        del r["log_c"], r["answer"]
+    s = summarize(recs)
+    assert math.isnan(s["contradiction_rate"]) and math.isnan(s["hit_rate"])
+
+
+# --------------------------------------------------------------------------- a tiny run folder
+
+
+def tiny_config(nli_dir: Path, data_path: Path) -> dict:
+    """The resolved config of a run on the tiny model (what training writes as config.yaml)."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"source": "tiny", "tiny_arch": "llama", "termination_token": "?", "lora_r": 4},
+        "prompt": {
+            "template": "Ask one short question about {subject}.",
+            "raw_template": "Generate a question about {subject}:\nQuestion:",
+            "use_chat_template": "auto",
+        },
+        "sampler": {
+            "min_len": 2,
+            "max_len": 6,
+            "top_k": 0,
+            "top_p": 1.0,
+            "ban_penalty": 1.0e4,
+            "banned_tokens": ["\n", "\n\n"],
+        },
+        "reward": {
+            "name": "contradiction",
+            "w_lik": 0.05,
+            "min_len": 2,
+            "min_log_r": -50.0,
+            "reward_temp_start": 1.0,
+            "reward_temp_end": 1.0,
+            "reward_temp_horizon": 10,
+            "answer_max_new_tokens": 4,
+            "batch_size": 16,
+        },
+        "nli": {"path": str(nli_dir), "batch_size": 16},
+        "data": {
+            "path": str(data_path),
+            "val_fraction": 0.2,
+            "test_fraction": 0.4,
+            "split_seed": 0,
+        },
+    }
+
+
+FACTS = [
+    {
+        "prompt": "The capital of France is",
+        "subject": "France",
+        "original_answer": "Paris",
+        "edited_answer": "Lyon",
+        "edit_fact": "The capital of France is Lyon",
+        "original_fact": "The capital of France is Paris",
+    },
+    {
+        "prompt": "Hamlet was written by",
+        "subject": "Hamlet",
+        "original_answer": "William Shakespeare",
+        "edited_answer": "Charles Dickens",
+        "edit_fact": "Hamlet was written by Charles Dickens",
+        "original_fact": "Hamlet was written by William Shakespeare",
+    },
+    {
+        "prompt": "The iPhone is made by",
+        "subject": "iPhone",
+        "original_answer": "Apple",
+        "edited_answer": "Nokia",
+        "edit_fact": "The iPhone is made by Nokia",
+        "original_fact": "The iPhone is made by Apple",
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as training leaves it: config.yaml + adapter/ (LoRA with random B)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from contraq.train import Parts
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    nli_dir = root / "nli"
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    labels = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    bert_cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(bert_cfg).save_pretrained(nli_dir)
+    tok.save_pretrained(nli_dir)
+
+    data = root / "facts.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in FACTS * 4))
+    run = root / "run"
+    run.mkdir()
+    cfg = tiny_config(nli_dir, data)
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
+    parts = Parts(OmegaConf.create(cfg))
+    randomize_lora_b(parts.policy, seed=1)
+    parts.policy.save_pretrained(str(run / "adapter"))
+    return run
+
+
+def write_minimal_facts(path: Path) -> Path:
+    rows = [
+        {
+            "subject": "France",
+            "edit_fact": "The capital of France is Lyon",
+            "original_answer": "Paris",
+        },
+        {"subject": "Hamlet", "edit_fact": "Hamlet was written by Charles Dickens"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_resolve_run(tiny_run: Path, tmp_path: Path) -> None:
+    assert resolve_run(tiny_run).run_dir == tiny_run.resolve()
+    assert resolve_run(tiny_run / "adapter").run_dir == tiny_run.resolve()
+    ckpt = tiny_run / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(exist_ok=True)
+    ckpt.write_bytes(b"")
+    ref = resolve_run(ckpt)
+    assert ref.run_dir == tiny_run.resolve() and ref.ckpt == ckpt.resolve()
+    with pytest.raises(RunError, match="no config.yaml"):
+        resolve_run(tmp_path)
+    with pytest.raises(RunError, match="no such"):
+        resolve_run(tmp_path / "missing")
+
+
+def test_sample_writes_scored_distinct_questions(tiny_run: Path, tmp_path: Path) -> None:
+    facts = write_minimal_facts(tmp_path / "facts.jsonl")
+    out = tmp_path / "q.jsonl"
+    argv = ["--checkpoint", str(tiny_run), "--facts", str(facts), "--n", "5", "--out", str(out)]
+    opts = ["--device", "cpu", "--batch-size", "4"]
+    assert sample_main([*argv, *opts]) == 0
+    rows = read_jsonl(out)
+    assert len(rows) == 10
+    for r in rows:
+        assert set(r) >= {"subject", "edit_fact", "question", "answer", "log_r", "log_c", "log_pq"}
+        assert math.isfinite(r["log_r"]) and r["log_c"] <= 0.0 and r["log_pq"] < 0.0
+        assert r["question"].endswith("?") and isinstance(r["answer"], str)
+        assert 1 <= r["n_actions"] <= 6
+    for subject in ("France", "Hamlet"):
+        qs = [r["question"] for r in rows if r["subject"] == subject]
+        assert len(qs) == 5 and len({" ".join(q.split()).lower() for q in qs}) == 5
+    assert {r["original_answer"] for r in rows} == {"Paris", None}
+    # Same seed -> same questions (the sampler's generator is seeded).
+    out2 = tmp_path / "q2.csv"
+    assert sample_main([*argv[:-1], str(out2), *opts, "--csv"]) == 0
+    import csv
+
+    with out2.open() as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [r["question"] for r in csv_rows] == [r["question"] for r in rows]
+
+
+def test_sample_dedup_when_the_policy_repeats(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At T=1e-4 the policy is greedy: every draw repeats, so one distinct question per fact
+    is all that resampling can find, and the shortfall is reported."""
+    facts = write_minimal_facts(tmp_path / "facts.jsonl")
+    out = tmp_path / "q.jsonl"
+    argv = ["--checkpoint", str(tiny_run / "adapter"), "--facts", str(facts), "--out", str(out)]
+    code = sample_main(
+        [*argv, "--n", "3", "--temperature", "1e-4", "--max-rounds", "2", "--device", "cpu"]
+    )
+    assert code == 0
+    rows = read_jsonl(out)
+    assert sorted(r["subject"] for r in rows) == ["France", "Hamlet"]
+    err = capsys.readouterr().err
+    assert "only 1 distinct questions of 3 after 2 rounds" in err
+    # --plain gives the base LM's (different) greedy question.
+    out_plain = tmp_path / "plain.jsonl"
+    code = sample_main(
+        [
+            *argv[:-1],
+            str(out_plain),
+            "--n",
+            "1",
+            "--temperature",
+            "1e-4",
+            "--plain",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    plain = read_jsonl(out_plain)
+    assert [r["question"] for r in plain] != [r["question"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        ('{"subject": "A", "edit_fact": "A is B"}\n{"subject": "C"}\n', "facts.jsonl:2: edit_fact"),
+        (
+            '{"subject": "A", "edit_fact": "A is B"}\n{"subject": "C", "edit_fact": "C is D"}\n{bad json\n',
+            "facts.jsonl:3",
+        ),
+    ],
+)
+def test_sample_bad_facts_name_the_line(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, where: str
+) -> None:
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(content)
+    argv = [
+        "--checkpoint",
+        str(tiny_run),
+        "--facts",
+        str(facts),
+        "--out",
+        str(tmp_path / "q.jsonl"),
+    ]
+    assert sample_main(argv) == 2
+    assert where in capsys.readouterr().err
+    assert not (tmp_path / "q.jsonl").exists()
+
+
+def test_sample_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    facts = write_minimal_facts(tmp_path / "facts.jsonl")
+    argv = ["--checkpoint", str(tmp_path), "--facts", str(facts), "--out", str(tmp_path / "q")]
+    assert sample_main(argv) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    ecfg = EvalConfig(
+        n=4, temperatures=[1.5], beam_groups=2, batch_size=8, max_facts=2, device="cpu"
+    )
+    result = evaluate_run(tiny_run, out, None, ecfg)
+    summary = result["summary"]
+    assert list(summary)[:3] == ["trained", "untrained", "untrained_T1.5"]
+    beam = [m for m in summary if "beam" in m]
+    assert len(beam) == 1
+    for name, m in summary.items():
+        assert m["n_questions"] == 8 and m["n_facts"] == 2, name
+        assert 0.0 <= m["contradiction_rate"] <= 1.0 and m["mean_log_c"] <= 0.0
+        assert 0.0 <= m["distinct_2"] <= 1.0 and m["mean_length"] >= 2.0
+        assert math.isfinite(m["diversity"])
+    # Beam search returns n distinct beams per fact.
+    qs = read_jsonl(out / "questions.jsonl")
+    assert len(qs) == 8 * len(summary)
+    for fact in (0, 1):
+        beams = [r["question"] for r in qs if r["method"] == beam[0] and r["fact_index"] == fact]
+        assert len(beams) == 4
+    # The held-out split: every question belongs to a test-split fact.
+    from contraq.data import load_facts, split_facts
+
+    test = split_facts(load_facts(tiny_run.parent / "facts.jsonl"), 0.2, 0.4, 0).test
+    assert {r["subject"] for r in qs} <= {f.subject for f in test}
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["summary"]["trained"]["n_questions"] == 8
+    md = (out / "eval.md").read_text()
+    assert "| trained | 8 |" in md and "reward_distribution.png" in md
+    for png in ("reward_distribution.png", "reward_vs_diversity.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lora_from_a_lightning_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
+    """A .ckpt holds the trainable tensors under ``policy.`` (GFlowNetModule.on_save_checkpoint);
+    loading it must give exactly those LoRA weights, and a foreign checkpoint must be refused."""
+    from safetensors.torch import load_file
+
+    from contraq.evaluate import load_parts
+
+    adapter = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
+    ref = load_parts(resolve_run(tiny_run), device=torch.device("cpu"))
+    state = {
+        f"policy.{n}": p.detach().clone() * 2.0
+        for n, p in ref.policy.named_parameters()
+        if "lora_" in n
+    }
+    assert len(state) == len(adapter) > 0
+    ckpt = tiny_run / "checkpoints" / "step=2.ckpt"
+    ckpt.parent.mkdir(exist_ok=True)
+    torch.save({"state_dict": {**state, "log_z_head.proj.weight": torch.zeros(1)}}, ckpt)
+    parts = load_parts(resolve_run(ckpt), device=torch.device("cpu"))
+    got = {f"policy.{n}": p for n, p in parts.policy.named_parameters() if "lora_" in n}
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    bad = tiny_run / "checkpoints" / "bad.ckpt"
+    torch.save({"state_dict": {"policy.something.else": torch.zeros(1)}}, bad)
+    with pytest.raises(RunError, match="do not match"):
+        load_parts(resolve_run(bad), device=torch.device("cpu"))

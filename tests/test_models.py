@@ -1,0 +1,194 @@
+"""Model loading, LoRA, the base-model context, dropout and the SmolLM2 conversion cache."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import contraq.models as models
+from contraq.models import (
+    ModelConfig,
+    attach_lora,
+    base_model,
+    build_tiny_model,
+    disable_dropout,
+    load_model_and_tokenizer,
+    save_converted,
+    smollm2_hf_dir,
+    termination_token_id,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def _inputs(tokenizer):
+    enc = tokenizer(["What is the capital of", "Hi"], return_tensors="pt", padding=True)
+    return enc.input_ids, enc.attention_mask
+
+
+def test_termination_token_id(smol_tokenizer):
+    assert termination_token_id(smol_tokenizer, "?") == smol_tokenizer.convert_tokens_to_ids("?")
+    with pytest.raises(ValueError, match=r"'What is\?'.*smollm2|smollm2.*'What is\?'") as err:
+        termination_token_id(smol_tokenizer, "What is?")
+    assert "encodes to 3 tokens" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected", "not_expected"),
+    [
+        ("llama", {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}),
+        ("gpt2", {"attn.c_attn", "attn.c_proj"}, {"mlp.c_proj", "mlp.c_fc"}),
+    ],
+)
+def test_lora_target_modules_per_arch(arch, expected, not_expected, request):
+    policy = request.getfixturevalue(f"tiny_{arch}")
+    wrapped = {
+        name.rsplit(".lora_A", 1)[0] for name, _ in policy.named_parameters() if ".lora_A." in name
+    }
+    suffixes = {
+        ".".join(name.split(".")[-2:]) if arch == "gpt2" else name.split(".")[-1]
+        for name in wrapped
+    }
+    assert suffixes == expected
+    assert not suffixes & not_expected
+    assert len(wrapped) == 2 * len(expected)  # two layers
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_lora_target_override(smol_tokenizer):
+    model = build_tiny_model("llama", smol_tokenizer)
+    policy = attach_lora(
+        model, ModelConfig(source="tiny", lora_target_modules=["v_proj"], lora_r=4)
+    )
+    shapes = {n: p.shape for n, p in policy.named_parameters() if "lora_A" in n}
+    assert len(shapes) == 2 and all("v_proj" in n and s[0] == 4 for n, s in shapes.items())
+
+
+def test_base_model_context_gives_base_logits(tiny_llama, smol_tokenizer):
+    ids, mask = _inputs(smol_tokenizer)
+    plain = build_tiny_model("llama", smol_tokenizer, seed=0)  # same weights as the fixture's base
+    with torch.no_grad():
+        expected = plain(input_ids=ids, attention_mask=mask).logits
+        policy_logits = tiny_llama(input_ids=ids, attention_mask=mask).logits
+        with base_model(tiny_llama) as base:
+            assert base is tiny_llama  # one copy of the weights
+            base_logits = base(input_ids=ids, attention_mask=mask).logits
+        after = tiny_llama(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(base_logits, expected)
+    assert (policy_logits - expected).abs().max() > 1e-3  # LoRA B is non-zero in the fixture
+    assert torch.equal(after, policy_logits)  # adapters back on
+
+
+def test_base_model_needs_a_peft_model(smol_tokenizer):
+    with pytest.raises(TypeError, match="PeftModel"), base_model(torch.nn.Linear(2, 2)):
+        pass
+
+
+def test_build_tiny_model_is_deterministic(smol_tokenizer):
+    a = build_tiny_model("gpt2", smol_tokenizer, seed=3)
+    b = build_tiny_model("gpt2", smol_tokenizer, seed=3)
+    c = build_tiny_model("gpt2", smol_tokenizer, seed=4)
+    wa, wb, wc = (m.transformer.h[0].attn.c_attn.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.config.vocab_size == len(smol_tokenizer) and a.config.n_layer == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dropout_is_zero_in_train_mode(arch, smol_tokenizer):
+    """GPT-2 configs default to 0.1 dropout everywhere; Llama reads a float attribute."""
+    if arch == "gpt2":
+        model = build_tiny_model("gpt2", smol_tokenizer)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=1, num_attention_heads=2, attention_dropout=0.5,
+        )  # fmt: skip
+        model = disable_dropout(LlamaForCausalLM(config))
+    policy = attach_lora(model, ModelConfig(source="tiny", tiny_arch=arch))
+    policy.train()
+    ids, mask = _inputs(smol_tokenizer)
+    first = policy(input_ids=ids, attention_mask=mask).logits
+    second = policy(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(first, second)
+    assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_load_tiny_via_config(smol_tokenizer):
+    model, tok = load_model_and_tokenizer(ModelConfig(source="tiny", tiny_arch="gpt2"))
+    assert not model.training and tok.padding_side == "left" and tok.pad_token_id is not None
+    assert model.config.model_type == "gpt2" and model.config.vocab_size == len(smol_tokenizer)
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="source"):
+        ModelConfig(source="nope")
+    with pytest.raises(ValueError, match="dtype"):
+        ModelConfig(dtype="float64")
+    with pytest.raises(ValueError, match="name_or_path"):
+        ModelConfig(source="local")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_model_and_tokenizer(ModelConfig(source="local", name_or_path="/nonexistent/dir"))
+
+
+def test_model_yaml_configs_match_dataclass():
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    names = {p.stem for p in CONFIG_DIR.glob("*.yaml")}
+    assert {"smollm2", "gpt2-large", "tiny", "tiny-gpt2", "local"} <= names
+    for path in CONFIG_DIR.glob("*.yaml"):
+        raw = OmegaConf.load(path)
+        assert set(raw.keys()) == fields, path.name
+        if path.stem != "local":  # local's name_or_path is mandatory (???)
+            ModelConfig(**OmegaConf.to_container(raw, resolve=True))
+
+
+def test_save_converted_is_safe_when_another_process_won(tmp_path, smol_tokenizer):
+    model = build_tiny_model("llama", smol_tokenizer)
+    target = tmp_path / "converted"
+    save_converted(model, smol_tokenizer, target)
+    first = (target / "model.safetensors").stat().st_mtime_ns
+    save_converted(model, smol_tokenizer, target)  # the loser of a race: keeps the winner's
+    assert (target / "model.safetensors").stat().st_mtime_ns == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no temp dirs left
+    loaded, tok = load_model_and_tokenizer(ModelConfig(source="local", name_or_path=str(target)))
+    ids, mask = _inputs(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, attention_mask=mask).logits,
+            model(input_ids=ids, attention_mask=mask).logits,
+        )
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_cache_is_reused(smollm2, monkeypatch):
+    """Once converted (the fixture did it), loading never de-quantises the GGUF again."""
+    cached = smollm2_hf_dir()
+    assert (cached / "model.safetensors").is_file()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("GGUF de-quantised although the cache exists")
+
+    monkeypatch.setattr(models, "_convert_gguf", forbidden)
+    monkeypatch.setattr(models, "_load_gguf", forbidden)
+    model, tok = load_model_and_tokenizer(ModelConfig(source="smollm2"))
+    assert Path(model.config.name_or_path) == cached
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tok.padding_side == "left" and tok.pad_token_id == tok.eos_token_id
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_matches_gguf(smollm2, smol_tokenizer):
+    """The safetensors cache holds exactly the de-quantised GGUF weights (one slow load)."""
+    gguf = models.smollm2_gguf_path()
+    direct, _ = load_model_and_tokenizer(ModelConfig(source="gguf", name_or_path=str(gguf)))
+    cached, _ = load_model_and_tokenizer(ModelConfig(source="smollm2"))
+    ids, mask = _inputs(smol_tokenizer)
+    with torch.no_grad():
+        a = direct(input_ids=ids, attention_mask=mask).logits
+        b = cached(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)

@@ -1,0 +1,536 @@
+"""Rewards (contraq.reward) on tiny random LMs and a tiny random BERT NLI judge.
+
+Random weights are enough for the mechanics: every expected value is recomputed here the slow
+way (one question or one prefix at a time, without padding).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from contraq.data import EditFact
+from contraq.models import (
+    ModelConfig,
+    attach_lora,
+    base_model,
+    build_tiny_model,
+    termination_token_id,
+)
+from contraq.nli import NLIScorer, minilm_dir
+from contraq.reward import (
+    ContradictionReward,
+    ContradictionRewardConfig,
+    LikelihoodReward,
+    build_reward,
+    combine_log_reward,
+    first_line,
+    question_lengths,
+    reward_temperature,
+)
+from contraq.sampler import SampleBatch, token_logprobs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "reward"
+
+PROMPTS = [
+    "Ask one short question about Marie Curie.",
+    "Ask about Apple.",
+    "Ask one short question about the province of Quebec in Canada.",
+    "Question:",
+    "Ask one short question about Lionel Messi.",
+    "Ask a question about Moby Dick.",
+    "Ask one short question about the Second World War, please.",
+    "Ask about Paris.",
+]
+QUESTIONS = [
+    "Where was Marie Curie born",
+    "Who is the CEO of Apple",
+    "What language do people speak in Quebec",
+    "Why",
+    "Which team does Messi play for",
+    "Who wrote the famous novel about a whale",
+    "When did the war end",
+    "What is the capital of France",
+]
+
+
+def make_batch(
+    tokenizer, prompts: list[str], questions: list[list[int]], pad_id: int
+) -> SampleBatch:
+    """Left-padded prompts, actions padded with ``pad_id`` after each question."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert tokenizer.padding_side == "left"
+    width = max(len(q) for q in questions)
+    actions = torch.full((len(questions), width), pad_id, dtype=torch.long)
+    for i, q in enumerate(questions):
+        actions[i, : len(q)] = torch.tensor(q)
+    lengths = torch.tensor([len(q) for q in questions])
+    zeros = torch.zeros(actions.shape)
+    return SampleBatch(enc["input_ids"], enc["attention_mask"], actions, lengths, zeros, zeros)
+
+
+def batch_rows(batch: SampleBatch, n: int) -> SampleBatch:
+    """The first ``n`` rows."""
+    return SampleBatch(*(getattr(batch, k)[:n] for k in batch.__dataclass_fields__))
+
+
+def question_ids(tokenizer, texts: list[str], term: int) -> list[list[int]]:
+    return [tokenizer.encode(t, add_special_tokens=False) + [term] for t in texts]
+
+
+def facts_for(n: int) -> list[EditFact]:
+    return [EditFact(subject=f"s{i}", edit_fact=f"Subject {i} was born in Rome.") for i in range(n)]
+
+
+def brute_log_p(model: nn.Module, prompt: list[int], tokens: list[int]) -> float:
+    """log P(tokens | prompt) of ``model``: one unpadded sequence, default positions."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    n = len(prompt)
+    return float(sum(logp[n - 1 + j, tok] for j, tok in enumerate(tokens)))
+
+
+def real_prompt(batch: SampleBatch, b: int) -> list[int]:
+    return batch.prompt_ids[b][batch.prompt_mask[b].bool()].tolist()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models are all per-op overhead: on a shared CPU two intra-op threads made these
+    tests ~30x slower (measured: 5 s vs 0.15 s for one batch of answers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def term(smol_tokenizer) -> int:
+    return termination_token_id(smol_tokenizer, "?")
+
+
+@pytest.fixture(scope="module")
+def nli_dir(tmp_path_factory) -> Path:
+    """A tiny random 3-way BERT cross-encoder with the MiniLM tokenizer (labels named so the
+    contradiction index is 1, not the usual 2)."""
+    path = tmp_path_factory.mktemp("nli")
+    labels = {0: "entailment", 1: "contradiction", 2: "neutral"}
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        BertForSequenceClassification(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def nli(nli_dir) -> NLIScorer:
+    return NLIScorer(nli_dir, device="cpu", batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def answering_lm(smol_tokenizer) -> nn.Module:
+    """A tiny GPT-2 policy whose greedy answers vary with the question and sometimes contain
+    newlines: untied random output layer (a tied tiny model only repeats its last input
+    token), the newline row scaled up so it wins at some positions."""
+    model = build_tiny_model("gpt2", smol_tokenizer, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(model.lm_head.weight.shape, generator=gen) * 0.3
+    newline = smol_tokenizer.encode("\n", add_special_tokens=False)[0]
+    weight[newline] = weight[newline] / weight[newline].norm() * 8.0
+    model.lm_head.weight = nn.Parameter(weight)
+    policy = attach_lora(model, ModelConfig(source="tiny", tiny_arch="gpt2"))
+    policy.eval()
+    return policy
+
+
+@contextlib.contextmanager
+def count_calls(obj: object, name: str) -> Iterator[list[int]]:
+    """Counts calls of ``obj.name`` (the real method still runs)."""
+    original = getattr(obj, name)
+    calls: list[int] = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(obj, name, wrapper)
+    try:
+        yield calls
+    finally:
+        delattr(obj, name)  # back to the class method
+
+
+def contradiction(policy, tok, nli, term, **cfg) -> ContradictionReward:
+    base = {
+        "w_lik": 0.05,
+        "min_len": 0,
+        "batch_size": 8,
+        "answer_max_new_tokens": 16,  # enough for the fixture's newlines, cheap
+        "answer_prompt": {"style": "chat"},
+    }
+    base.update(cfg)
+    return ContradictionReward(policy, tok, nli, base, term)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_reward_temperature_schedule() -> None:
+    assert reward_temperature(0, 1.0, 0.5, 200) == 1.0
+    assert reward_temperature(100, 1.0, 0.5, 200) == pytest.approx(0.75)
+    assert reward_temperature(50, 1.0, 0.5, 200) == pytest.approx(0.875)
+    assert reward_temperature(200, 1.0, 0.5, 200) == 0.5
+    assert reward_temperature(10_000, 1.0, 0.5, 200) == 0.5
+    assert reward_temperature(3, 2.0, 1.0, 0) == 1.0  # no horizon: end at once
+    assert reward_temperature(5, 0.5, 1.5, 10) == pytest.approx(1.0)  # rising works too
+
+
+def test_first_line() -> None:
+    assert first_line(" The capital is Rome.\nQ: next") == "The capital is Rome."
+    assert first_line("\n  He was born in Paris. \nmore") == "He was born in Paris."
+    assert first_line("no newline  ") == "no newline"
+    assert first_line("") == ""
+
+
+def test_question_lengths_ignore_padding_equal_to_termination() -> None:
+    term = 7
+    # Padding IS the termination token here (the seed counted it): lengths decide.
+    actions = torch.tensor([[1, 2, 7, 7, 7], [1, 2, 3, 4, 7], [1, 2, 3, 4, 5]])
+    lengths = torch.tensor([3, 5, 5])
+    # The last row was cut without termination: all 5 tokens are question tokens.
+    assert question_lengths(actions, lengths, term).tolist() == [2, 4, 5]
+
+
+def test_combine_log_reward_catches_nonfinite_and_min_len() -> None:
+    log_c = torch.tensor([-0.5, float("nan"), -1.0, -2.0])
+    log_pq = torch.tensor([-20.0, -20.0, float("-inf"), -30.0])
+    n_tok = torch.tensor([6, 6, 6, 2])
+    log_r, n_bad = combine_log_reward(log_c, log_pq, n_tok, w_lik=0.1, min_len=3, min_log_r=-50.0)
+    assert log_r.tolist() == pytest.approx([-0.5 - 2.0, -50.0, -50.0, -50.0])
+    assert n_bad.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert torch.isfinite(log_r).all()
+
+
+# --------------------------------------------------------------------------- likelihood reward
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_likelihood_terminal_and_prefixes_equal_brute_force(
+    arch, request, smol_tokenizer, term
+) -> None:
+    policy = request.getfixturevalue(arch)
+    tok = smol_tokenizer
+    # Pad with the termination token: padding must never enter log P_Q.
+    batch = make_batch(tok, PROMPTS[:5], question_ids(tok, QUESTIONS[:5], term), pad_id=term)
+    reward = LikelihoodReward(policy, tok, term, min_len=2, min_log_r=-50.0)
+    facts = facts_for(5)
+    out = reward.terminal(facts, batch)
+    prefix = reward.prefixes(facts, batch, min_len=2)
+    assert prefix.shape == batch.actions.shape
+    with base_model(policy) as lm:
+        for b in range(5):
+            n = int(batch.lengths[b])
+            q = batch.actions[b, :n].tolist()
+            expected = brute_log_p(lm, real_prompt(batch, b), q)
+            if n - 1 < 2:  # "Why?" has one question token: below min_len
+                assert out.log_r[b].item() == -50.0
+            else:
+                assert out.log_r[b].item() == pytest.approx(expected, abs=1e-4)
+            assert out.components["log_pq"][b].item() == pytest.approx(expected, abs=1e-4)
+            assert out.components["length"][b].item() == n - 1
+            for t in range(prefix.shape[1]):
+                if 2 <= t < n:
+                    brute = brute_log_p(lm, real_prompt(batch, b), q[:t] + [term])
+                    assert prefix[b, t].item() == pytest.approx(brute, abs=1e-4), (b, t)
+                else:
+                    assert prefix[b, t].item() == 0.0
+            if n - 1 >= 2:  # the prefix at the termination step is the whole question
+                assert prefix[b, n - 1].item() == pytest.approx(out.log_r[b].item(), abs=1e-5)
+    assert out.questions[0] == "Where was Marie Curie born?"
+    assert out.answers is None
+
+
+def test_likelihood_uses_base_weights(tiny_llama, smol_tokenizer, term) -> None:
+    tok = smol_tokenizer
+    batch = make_batch(
+        tok, PROMPTS[:3], question_ids(tok, QUESTIONS[:3], term), pad_id=tok.pad_token_id
+    )
+    reward = LikelihoodReward(tiny_llama, tok, term)
+    before = reward.terminal(facts_for(3), batch).log_r
+    before_prefix = reward.prefixes(facts_for(3), batch)
+    lora = {n: p.detach().clone() for n, p in tiny_llama.named_parameters() if "lora_B" in n}
+    args = (batch.prompt_ids, batch.prompt_mask, batch.actions, batch.lengths)
+    policy_lp = token_logprobs(tiny_llama, *args)
+    try:
+        with torch.no_grad():
+            for n, p in tiny_llama.named_parameters():
+                if "lora_B" in n:
+                    p.add_(torch.randn_like(p))
+        # The change is real: the policy's log-probs move...
+        assert not torch.allclose(token_logprobs(tiny_llama, *args), policy_lp, atol=1e-3)
+        # ... the reward does not.
+        torch.testing.assert_close(reward.terminal(facts_for(3), batch).log_r, before)
+        torch.testing.assert_close(reward.prefixes(facts_for(3), batch), before_prefix)
+    finally:
+        with torch.no_grad():
+            for n, p in tiny_llama.named_parameters():
+                if n in lora:
+                    p.copy_(lora[n])
+    tiny_llama.train()  # as during training: the reward runs in eval mode, then restores it
+    try:
+        torch.testing.assert_close(reward.terminal(facts_for(3), batch).log_r, before)
+        assert tiny_llama.training
+    finally:
+        tiny_llama.eval()
+
+
+# --------------------------------------------------------------------------- contradiction reward
+
+
+def test_contradiction_batches_generate_and_nli(answering_lm, smol_tokenizer, nli, term) -> None:
+    tok = smol_tokenizer
+    batch = make_batch(tok, PROMPTS, question_ids(tok, QUESTIONS, term), pad_id=tok.pad_token_id)
+    reward = contradiction(answering_lm, tok, nli, term, batch_size=8)
+    calls_before = nli.n_forward_calls
+    with count_calls(answering_lm, "generate") as gen_calls:
+        out = reward.terminal(facts_for(8), batch)
+    assert len(gen_calls) == 1  # 8 questions, one generate call
+    assert nli.n_forward_calls - calls_before == 1  # and one NLI forward
+    assert out.log_r.shape == (8,)
+    assert len(out.answers) == 8 and len(set(out.answers)) > 1
+    # Halving batch_size halves the chunks: the count follows the config.
+    reward.cfg.batch_size = 4
+    with count_calls(answering_lm, "generate") as gen_calls:
+        reward.terminal(facts_for(8), batch)
+    assert len(gen_calls) == 2
+
+
+def test_contradiction_log_r_is_composed_of_its_parts(
+    answering_lm, smol_tokenizer, nli, term
+) -> None:
+    tok = smol_tokenizer
+    batch = make_batch(
+        tok, PROMPTS[:4], question_ids(tok, QUESTIONS[:4], term), pad_id=tok.pad_token_id
+    )
+    facts = facts_for(4)
+    reward = contradiction(answering_lm, tok, nli, term, w_lik=0.1)
+    out = reward.terminal(facts, batch)
+    expected_c = nli.log_contradiction([f.edit_fact for f in facts], out.answers)
+    torch.testing.assert_close(out.components["log_c"], expected_c)
+    # The contradiction class is read from id2label (index 1 in this judge).
+    probs = nli.probs([f.edit_fact for f in facts], out.answers)
+    torch.testing.assert_close(out.components["log_c"].exp(), probs[:, 1])
+    with base_model(answering_lm) as lm:
+        for b in range(4):
+            n = int(batch.lengths[b])
+            pq = brute_log_p(lm, real_prompt(batch, b), batch.actions[b, :n].tolist())
+            assert out.components["log_pq"][b].item() == pytest.approx(pq, abs=1e-4)
+    torch.testing.assert_close(out.log_r, out.components["log_c"] + 0.1 * out.components["log_pq"])
+    assert out.components["n_nonfinite"].tolist() == [0.0] * 4
+    assert "log_pa" not in out.components
+
+
+@pytest.mark.parametrize("style", ["chat", "fewshot"])
+def test_left_padded_answers_equal_one_by_one_cut_at_newline(
+    answering_lm, smol_tokenizer, nli, term, style
+) -> None:
+    tok = smol_tokenizer
+    questions = [q + "?" for q in QUESTIONS]
+    reward = contradiction(answering_lm, tok, nli, term, answer_prompt={"style": style})
+    n_new = reward.cfg.answer_max_new_tokens
+    raws = []
+    with base_model(answering_lm) as lm:
+        batched, _ = reward.generate_answers(questions, lm)
+        for q in questions:  # one at a time: no padding, plain greedy, no stopping rule
+            enc = tok(
+                reward.answer_prompt(q), return_tensors="pt", add_special_tokens=style == "fewshot"
+            )
+            ids = lm.generate(
+                **enc, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            raws.append(tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    widths = {len(tok(reward.answer_prompt(q))["input_ids"]) for q in questions}
+    assert len(widths) > 1  # prompts of different lengths: the batch is padded
+    assert any("\n" in r.lstrip() for r in raws), "the fixture must give a multi-line answer"
+    assert batched == [first_line(r) for r in raws]
+    assert all("\n" not in a for a in batched)
+    assert sum(bool(a) for a in batched) >= 6
+    assert tok.padding_side == "left"  # restored
+
+
+def test_right_padding_would_change_answers(answering_lm, smol_tokenizer, nli, term) -> None:
+    """The comparison above can fail: with right padding the same batch answers differently."""
+    tok = smol_tokenizer
+    questions = [q + "?" for q in QUESTIONS]
+    reward = contradiction(answering_lm, tok, nli, term)
+    with base_model(answering_lm) as lm:
+        left, _ = reward.generate_answers(questions, lm)
+        reward.padding_side = "right"
+        right, _ = reward.generate_answers(questions, lm)
+    assert right != left
+
+
+def test_min_len_penalty_counts_tokens_not_padding(answering_lm, smol_tokenizer, nli, term) -> None:
+    tok = smol_tokenizer
+    qs = question_ids(tok, ["Who is he", "Why", "Who is the CEO of Apple"], term)  # 3, 1, 6 tokens
+    # Padding with the termination token: counting non-pad tokens would see 0 tokens.
+    batch = make_batch(tok, PROMPTS[:3], qs, pad_id=term)
+    reward = contradiction(answering_lm, tok, nli, term, min_len=3, min_log_r=-42.0)
+    out = reward.terminal(facts_for(3), batch)
+    assert out.components["length"].tolist() == [3.0, 1.0, 6.0]
+    assert out.log_r[1].item() == -42.0
+    for b in (0, 2):
+        expected = out.components["log_c"][b] + 0.05 * out.components["log_pq"][b]
+        assert out.log_r[b].item() == pytest.approx(expected.item())
+
+
+def test_nan_in_a_component_is_caught_and_counted(answering_lm, smol_tokenizer, nli, term) -> None:
+    tok = smol_tokenizer
+    batch = make_batch(
+        tok, PROMPTS[:4], question_ids(tok, QUESTIONS[:4], term), pad_id=tok.pad_token_id
+    )
+    with torch.no_grad():  # a broken judge: NaN logits for every pair
+        nli.model.classifier.bias.fill_(float("nan"))
+    assert torch.isnan(nli.log_contradiction(["a"], ["b"])).all()
+    reward = contradiction(answering_lm, tok, nli, term, min_log_r=-50.0)
+    out = reward.terminal(facts_for(4), batch)  # no exception
+    assert out.log_r.tolist() == [-50.0] * 4
+    assert out.components["n_nonfinite"].tolist() == [1.0] * 4
+    assert torch.isfinite(out.components["log_c"]).all()  # stored as min_log_r
+    prefix = reward.prefixes(facts_for(4)[:1], batch_rows(batch, 1), min_len=4)
+    assert prefix[0, 4:6].tolist() == [-50.0, -50.0]
+
+
+def test_hybrid_phase_switches_at_hybrid_steps(answering_lm, smol_tokenizer, nli, term) -> None:
+    tok = smol_tokenizer
+    batch = make_batch(tok, PROMPTS, question_ids(tok, QUESTIONS, term), pad_id=tok.pad_token_id)
+    facts = facts_for(8)
+    reward = contradiction(answering_lm, tok, nli, term, hybrid_steps=3, hybrid_penalty=7.0)
+    after = reward.terminal(facts, batch, step=3)
+    log_c, log_pq = after.components["log_c"], after.components["log_pq"]
+    torch.testing.assert_close(after.log_r, log_c + 0.05 * log_pq)
+    # A threshold between the judged probabilities: some rows are penalised, some not.
+    threshold = float(log_c.exp().median())
+    reward.cfg.hybrid_threshold = threshold
+    warm = reward.terminal(facts, batch, step=2)
+    below = (log_c < math.log(threshold)).float()
+    assert 0 < below.sum() < 8
+    torch.testing.assert_close(warm.log_r, log_pq - 7.0 * below)
+
+
+def test_answer_likelihood_term(answering_lm, smol_tokenizer, nli, term) -> None:
+    tok = smol_tokenizer
+    batch = make_batch(
+        tok, PROMPTS[:4], question_ids(tok, QUESTIONS[:4], term), pad_id=tok.pad_token_id
+    )
+    reward = contradiction(answering_lm, tok, nli, term, w_ans=0.2)
+    out = reward.terminal(facts_for(4), batch)
+    c = out.components
+    torch.testing.assert_close(out.log_r, c["log_c"] + 0.05 * c["log_pq"] + 0.2 * c["log_pa"])
+    with base_model(answering_lm) as lm:
+        _, ids = reward.generate_answers(out.questions, lm)
+        for b, q in enumerate(out.questions):
+            assert tok.decode(ids[b]).strip() == out.answers[b]
+            prompt = tok(reward.answer_prompt(q), add_special_tokens=False)["input_ids"]
+            expected = brute_log_p(lm, prompt, ids[b]) if ids[b] else 0.0
+            assert c["log_pa"][b].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_contradiction_prefixes_equal_one_prefix_at_a_time(
+    answering_lm, smol_tokenizer, nli, term
+) -> None:
+    tok = smol_tokenizer
+    texts = ["Who is he", "Where was Marie Curie born", "Who leads Apple"]
+    batch = make_batch(tok, PROMPTS[:3], question_ids(tok, texts, term), pad_id=term)
+    facts = facts_for(3)
+    reward = contradiction(answering_lm, tok, nli, term, min_len=2, batch_size=4)
+    n_prefixes = sum(int(n) - 2 for n in batch.lengths)  # t = 2 .. k per row
+    nli_before = nli.n_forward_calls
+    with count_calls(answering_lm, "generate") as gen_calls:
+        prefix = reward.prefixes(facts, batch, min_len=2)
+    assert prefix.shape == batch.actions.shape
+    assert len(gen_calls) == math.ceil(n_prefixes / 4)  # chunks of batch_size, all distinct here
+    assert nli.n_forward_calls - nli_before == 1
+    full = reward.terminal(facts, batch)
+    for b in range(3):
+        n = int(batch.lengths[b])
+        for t in range(prefix.shape[1]):
+            if 2 <= t < n:
+                one = make_batch(
+                    tok, [PROMPTS[b]], [batch.actions[b, :t].tolist() + [term]], pad_id=term
+                )
+                expected = reward.terminal([facts[b]], one).log_r.item()
+                assert prefix[b, t].item() == pytest.approx(expected, abs=1e-4), (b, t)
+            else:
+                assert prefix[b, t].item() == 0.0
+        assert prefix[b, n - 1].item() == pytest.approx(full.log_r[b].item(), abs=1e-4)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_build_reward_from_configs(tiny_llama, smol_tokenizer, nli, term) -> None:
+    cfg = OmegaConf.load(CONFIGS / "contradiction.yaml")
+    reward = build_reward(cfg, tiny_llama, smol_tokenizer, term, nli=nli)
+    assert isinstance(reward, ContradictionReward)
+    assert reward.cfg.min_len == 5  # oc.select default when no sampler group is composed
+    assert reward.answer_style == "chat"  # auto: SmolLM2's tokenizer has a chat template
+    # Composed under a run config, min_len and the horizon follow the sampler and trainer.
+    root = OmegaConf.create({"sampler": {"min_len": 3}, "train": {"max_steps": 60}, "reward": cfg})
+    assert root.reward.min_len == 3 and root.reward.reward_temp_horizon == 60
+    lik = build_reward(
+        OmegaConf.load(CONFIGS / "likelihood.yaml"), tiny_llama, smol_tokenizer, term
+    )
+    assert isinstance(lik, LikelihoodReward) and lik.min_len == 5
+    with pytest.raises(ValueError, match="NLIScorer"):
+        build_reward(cfg, tiny_llama, smol_tokenizer, term)
+    with pytest.raises(ValueError, match="w_likk"):
+        build_reward(
+            OmegaConf.merge(cfg, {"w_likk": 1.0}), tiny_llama, smol_tokenizer, term, nli=nli
+        )
+    with pytest.raises(ValueError, match="answer_prompt.style"):
+        ContradictionRewardConfig.from_mapping({"answer_prompt": {"style": "poem"}})
+    with pytest.raises(ValueError, match="fewshot_text"):
+        ContradictionRewardConfig.from_mapping({"answer_prompt": {"fewshot_text": "Q: A:"}})
+    with pytest.raises(ValueError, match="name='nope'"):
+        build_reward({"name": "nope"}, tiny_llama, smol_tokenizer, term)
+
+
+def test_rows_must_match_facts(tiny_llama, smol_tokenizer, term) -> None:
+    tok = smol_tokenizer
+    batch = make_batch(tok, PROMPTS[:2], question_ids(tok, QUESTIONS[:2], term), pad_id=term)
+    with pytest.raises(ValueError, match="1 facts for 2 questions"):
+        LikelihoodReward(tiny_llama, tok, term).terminal(facts_for(1), batch)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_in_one_sentence(smollm2, smol_tokenizer, nli, term) -> None:
+    """The default chat answer prompt on the real SmolLM2: declarative one-line answers, the
+    same batched (left-padded) as one at a time."""
+    tok = smol_tokenizer
+    questions = ["What is the capital of France?", "What is the official language of Brazil?"]
+    reward = contradiction(smollm2, tok, nli, term, answer_max_new_tokens=20)
+    with base_model(smollm2) as lm:
+        batched, _ = reward.generate_answers(questions, lm)
+        single = [reward.generate_answers([q], lm)[0][0] for q in questions]
+    assert batched == single
+    assert "Paris" in batched[0] and "Portuguese" in batched[1], batched
