@@ -1,0 +1,129 @@
+"""End-to-end training on the tiny model: runs, checkpoints, survives SIGKILL, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_cmd(out: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "contraq.cli",
+        "train",
+        "experiment=smoke",
+        f"output_dir={out}",
+        "train.max_steps=6",
+        "callbacks.checkpoint_every_n_steps=2",
+        "callbacks.samples_every_n_steps=1",
+        "callbacks.progress_bar=none",
+        "eval.every_n_steps=3",
+        "buffer.use_buffer_prob=0.5",
+        *overrides,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _run(out: Path, *overrides: str) -> None:
+    proc = subprocess.run(
+        _train_cmd(out, *overrides),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_smoke_training_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    # Reference: an uninterrupted run.
+    ref = tmp_path / "ref"
+    _run(ref)
+    ref_ckpt = _ckpt(ref / "checkpoints" / "last.ckpt")
+    assert ref_ckpt["global_step"] == 6
+    assert (ref / "adapter" / "adapter_model.safetensors").exists()
+    assert (ref / "logs" / "metrics.csv").exists()
+    rows = [json.loads(line) for line in (ref / "samples.jsonl").read_text().splitlines()]
+    assert rows and {"question", "log_r", "log_pq", "step"} <= set(rows[0])
+    fresh = [json.loads(line) for line in (ref / "fresh_eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in fresh] == [0, 3, 6]
+    # Only trainable weights (LoRA + log Z head) are checkpointed, not the base LM.
+    assert ref_ckpt["state_dict"] and all(
+        ("lora_" in k or "log_z_head" in k) for k in ref_ckpt["state_dict"]
+    )
+
+    # The same run, SIGKILLed once a checkpoint exists, then relaunched with the same folder.
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        _train_cmd(run),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the write finish
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _ckpt(last)
+    assert killed_at["global_step"] < 6, "the run finished before it could be killed"
+    saved_buffer = json.loads(killed_at["contraq_buffer"])
+
+    _run(run)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("last.ckpt")
+    resumed = _ckpt(last)
+    assert resumed["global_step"] == 6
+    assert sum(len(v) for v in saved_buffer["entries"].values()) > 0, (
+        "the checkpoint holds the buffer"
+    )
+    # Deterministic continuation: identical weights, optimizer moments and buffer.
+    for k, v in ref_ckpt["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=1e-6)
+    assert json.loads(resumed["contraq_buffer"]) == json.loads(ref_ckpt["contraq_buffer"])
+    ref_adapter = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    run_adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    for k, v in ref_adapter.items():
+        torch.testing.assert_close(run_adapter[k], v, rtol=0, atol=1e-6)
+
+
+def test_resume_never_starts_over(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    _run(out, "train.max_steps=2", "eval.every_n_steps=100")
+    _run(out, "train.max_steps=2", "eval.every_n_steps=100", "resume=never")
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"] is None and summary["steps"] == 2
+
+
+@pytest.mark.parametrize("loss", ["subtb"])
+def test_subtb_training_runs(tmp_path: Path, loss: str) -> None:
+    out = tmp_path / loss
+    _run(out, f"loss={loss}", "train.max_steps=2", "eval.every_n_steps=100")
+    ckpt = _ckpt(out / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
