@@ -185,13 +185,22 @@ def test_read_fact_rows_skips_null_edits_and_reports_bad_rows(tmp_path: Path) ->
     rows = read_fact_rows(REPO / "data" / "zsre_1000.jsonl")
     assert len(rows) == 992  # 8 rows have a null edited_answer
     assert all(r.edited and r.edited == r.edited.strip() for r in rows)
+    assert rows[0].template == f"The manufacturer of {SUBJECT_SLOT} was"
+    assert rows[0].origin.endswith("zsre_1000.jsonl:1")
     bad = tmp_path / "bad.jsonl"
-    good = {"prompt": "p X", "subject": "X", "original_answer": "a", "edited_answer": "b"}
-    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "subject": None}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'subject'"):
-        read_fact_rows(bad)
-    bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: invalid JSON"):
+    good = {
+        "prompt": "The capital of X is",
+        "subject": "X",
+        "original_answer": "a",
+        "edited_answer": "b",
+        "edit_fact": "The capital of X is b",
+        "original_fact": "The capital of X is a",
+    }
+    lines = [json.dumps(good)] * 3 + [json.dumps({**good, "edited_answer": None})]
+    bad.write_text("\n".join(lines) + "\n")
+    assert len(read_fact_rows(bad)) == 3  # the null edit is skipped
+    bad.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
         read_fact_rows(bad)
 
 
@@ -268,6 +277,7 @@ def _tiny_train_cfg(tiny_dir: Path, out: Path) -> NLITrainConfig:
         name="tiny",
         out=str(out),
         base_model=str(tiny_dir),
+        facts=["data/zsre_1000.jsonl"],
         max_train_pairs=96,
         max_eval_pairs=48,
         snli_train_pairs=0,

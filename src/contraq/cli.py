@@ -39,6 +39,10 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str) -> int:
     wrapped = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(
         job
     )
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank > 0:
+        # Under torchrun every rank runs this: only rank 0 writes Hydra's files and job log.
+        overrides = [*overrides, "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
     argv = sys.argv
     sys.argv = [prog, *overrides]
     try:

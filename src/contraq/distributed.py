@@ -81,6 +81,7 @@ def is_launched_worker() -> bool:
 
 
 def dist_ready() -> bool:
+    """Whether a torch.distributed process group is up (any world size)."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -97,6 +98,7 @@ def comm_device(model_device: torch.device) -> torch.device:
 
 
 def check_sampling(mode: str) -> str:
+    """``mode`` if it names a sampling mode, else a ValueError naming ``train.sampling``."""
     if mode not in SAMPLING_MODES:
         raise ValueError(f"train.sampling must be one of {', '.join(SAMPLING_MODES)}; got {mode!r}")
     return mode
@@ -227,13 +229,17 @@ def lightning_relaunch(trainer: L.Trainer) -> Iterator[None]:
     re-run, so during ``fit`` the command line reads ``python -m contraq.cli train
     <overrides>``. Outside Hydra there is no command line to re-run: an error says so.
     """
+    from lightning.pytorch.strategies.launchers.subprocess_script import (
+        _SubprocessScriptLauncher,
+    )
+
     strategy = trainer.strategy
     env = getattr(strategy, "cluster_environment", None)
     spawns = (
         trainer.world_size > 1
         and env is not None
         and not env.creates_processes_externally
-        and type(getattr(strategy, "launcher", None)).__name__ == "_SubprocessScriptLauncher"
+        and isinstance(getattr(strategy, "launcher", None), _SubprocessScriptLauncher)
     )
     if not spawns:
         yield
@@ -340,7 +346,9 @@ def step_batch(module: GFlowNetModule, step: int) -> dict[str, Any]:
 
     ``per_rank`` (or no process group): ``module.get_batch(step)``. ``rank0`` /
     ``rank0_broadcast``: rank 0 runs ``get_batch`` for every rank's slice (or only its own),
-    then one int64 header broadcast and two scatters hand each rank its rows. The returned dict
+    then two small broadcasts (int64 header ``[4 + world]``: P, T, has_prefix, replay, rows per
+    rank; float64 exploration temperature) and two scatters (:func:`pack_rows` tensors, padded
+    to the largest slice) hand each rank its rows. The returned dict
     has ``get_batch``'s keys for this rank's slice (``reward_out``: rank 0's slice on rank 0,
     None elsewhere) plus ``global_batch``: everything rank 0 drew (rank 0), else None.
     """

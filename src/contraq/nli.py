@@ -272,41 +272,20 @@ def same_answer(a: str, b: str) -> bool:
 def read_fact_rows(path: str | os.PathLike[str]) -> list[FactRow]:
     """Edit facts of a JSON Lines file (schema of ``data/zsre_1000.jsonl``) as :class:`FactRow`.
 
-    Rows whose ``edited_answer`` is null/"nan"/empty are skipped (8 in zsRE). A malformed row
-    raises ``ValueError`` naming the file, line and field.
+    Loaded by :func:`contraq.data.load_facts`: invalid rows (null/"nan" answers, such as zsRE's
+    8 rows without an edit) are skipped with one warning; a broken file raises
+    :class:`contraq.data.DataError` naming the file, line and field.
     """
-    path = Path(path)
+    from contraq.data import load_facts
+
     rows: list[FactRow] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            for key in ("prompt", "subject", "original_answer"):
-                if not isinstance(rec.get(key), str) or not rec[key].strip():
-                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
-            edited = rec.get("edited_answer")
-            if edited is None or (isinstance(edited, float) and math.isnan(edited)):
-                continue
-            if not isinstance(edited, str):
-                raise ValueError(f"{path}:{lineno}: field 'edited_answer' must be a string or null")
-            if not edited.strip() or edited.strip().lower() == "nan":
-                continue
-            prompt, subject = _clean(rec["prompt"]), _clean(rec["subject"])
-            template = prompt.replace(subject, SUBJECT_SLOT, 1) if subject in prompt else None
-            rows.append(
-                FactRow(
-                    prompt=prompt,
-                    subject=subject,
-                    template=template,
-                    edited=_clean(edited),
-                    original=_clean(rec["original_answer"]),
-                    origin=f"{path.name}:{lineno}",
-                )
-            )
+    for fact in load_facts(path):
+        prompt, subject = fact.prompt or "", fact.subject
+        edited, original = fact.edited_answer, fact.original_answer
+        if not prompt or edited is None or original is None:  # guaranteed by the full schema
+            raise ValueError(f"{fact.where}: prompt and both answers are required")
+        template = prompt.replace(subject, SUBJECT_SLOT, 1) if subject in prompt else None
+        rows.append(FactRow(prompt, subject, template, edited, original, fact.where))
     return rows
 
 
