@@ -38,6 +38,8 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_sampler.py
+	$(PY) bench/bench_reward.py
+	$(PY) bench/bench_ddp.py
 
 clean:
 	rm -rf $(VENV) .cache outputs

@@ -17,6 +17,9 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from contraq.nli import (
+    CATEGORIES,
+    HAND_PROBES,
+    PROBE_SET,
     SUBJECT_SLOT,
     NLIScorer,
     NLITrainConfig,
@@ -32,6 +35,7 @@ from contraq.nli import (
     pronoun_forms,
     read_fact_rows,
     same_answer,
+    split_hack_vocab,
     train_nli,
 )
 
@@ -245,18 +249,81 @@ def test_pair_builder_labels() -> None:
             assert not names_edit, p
 
 
+def test_hack_neutrals() -> None:
+    """The reward-hack neutrals: right shape, never where the shape could answer the relation."""
+    import random
+
+    rows = read_fact_rows(REPO / "data" / "zsre_1000.jsonl") + read_fact_rows(
+        REPO / "data" / "counterfact_1000.jsonl"
+    )
+    builder = PairBuilder(rows)
+    train_vocab, held_vocab = split_hack_vocab()
+    assert not set(train_vocab.categories) & set(held_vocab.categories)
+    assert len(train_vocab.categories) + len(held_vocab.categories) == len(CATEGORIES) >= 50
+    rng = random.Random(0)
+    shapes: dict[str, int] = {}
+    for r in rows[::4]:
+        rel = builder.rel[id(r)]
+        for kind in builder.HACK_KINDS:
+            made = builder.hack_hypothesis(r, r.edited, kind, rng)
+            if made is None:
+                assert kind == "famous-subject" and r.template is None
+                continue
+            hyp, pair_kind = made
+            shapes[pair_kind] = shapes.get(pair_kind, 0) + 1
+            if pair_kind == "neutral-descriptive-category":
+                # Never for relations answered by a category ("X's occupation was judge").
+                assert not builder.category_like[rel], (r.prompt, hyp)
+                assert hyp.rstrip(".").endswith(train_vocab.categories), hyp
+            if pair_kind == "neutral-descriptive-born":
+                assert not builder.origin_like[rel] and "born" not in r.prompt, (r.prompt, hyp)
+            if pair_kind == "neutral-famous-subject":
+                assert any(f.lower() in hyp.lower() for f in train_vocab.famous_subjects), hyp
+                if not any(r.subject.lower() in o.lower() for _, o in builder.objects[rel]):
+                    assert r.subject.lower() not in hyp.lower(), (r.subject, hyp)
+            # A restated question or a non-answer never names the premise's object.
+            if pair_kind in ("neutral-question", "neutral-nonanswer") and (
+                r.edited.lower() not in r.prompt.lower()
+            ):
+                assert r.edited.lower() not in hyp.lower(), (r.prompt, hyp)
+    for shape in ("category", "known", "born", "echo"):
+        assert shapes.get(f"neutral-descriptive-{shape}", 0) > 10, shapes
+    occupation = [r for r in rows if r.prompt.endswith("occupation was")]
+    assert occupation and all(builder.category_like[builder.rel[id(r)]] for r in occupation)
+    # A category relation gets the "X was a <object>" wording as a real statement.
+    t = f"{SUBJECT_SLOT}'s occupation was"
+    assert "Harvey R. Miller was a judge" in explicit_forms(t, "", "Harvey R. Miller", "judge")
+    with pytest.raises(ValueError, match="unknown kind"):
+        builder.hack_hypothesis(rows[0], rows[0].edited, "sarcasm", rng)
+
+
 def test_split_is_by_subject() -> None:
     assert heldout_subject("Colt King Cobra", 0.15, 0) == heldout_subject(
         "colt king cobra", 0.15, 0
     )
     cfg = NLITrainConfig(max_train_pairs=100_000, snli_train_pairs=0, ood_eval_files=[])
-    train, held, _, sizes = build_datasets(cfg)
+    train, held, ood, sizes = build_datasets(cfg)
     assert sizes["heldout_subjects"] > 100 and sizes["train_subjects"] > 1000
     held_premises = {p.premise for p in held}
     assert not held_premises & {p.premise for p in train}
+    # The classes stay balanced with the hack neutrals in the mix.
+    labels = [p.label for p in train]
+    assert labels.count("neutral") == labels.count("entailment") == labels.count("contradiction")
+    kinds = {p.kind for p in train}
+    assert {"neutral-nonanswer", "neutral-question", "neutral-famous-subject"} <= kinds
+    # The hack probes: neutral, held-out subjects, held-out vocabulary only.
+    probes = ood[PROBE_SET]
+    assert len(probes) > 500 and {p.label for p in probes} == {"neutral"}
+    assert not {p.premise for p in probes} & {p.premise for p in train}
+    train_vocab, held_vocab = split_hack_vocab()
+    for p in probes:
+        if p.kind == "probe-descriptive-category":
+            assert p.hypothesis.rstrip(".").endswith(held_vocab.categories), p
+        if p.kind == "probe-nonanswer":
+            assert p.hypothesis not in train_vocab.non_answers, p
     # Deterministic with a seed.
-    train2, held2, _, _ = build_datasets(cfg)
-    assert train2 == train and held2 == held
+    train2, held2, ood2, _ = build_datasets(cfg)
+    assert train2 == train and held2 == held and ood2[PROBE_SET] == probes
 
 
 def test_configs_match_dataclass() -> None:
@@ -297,6 +364,11 @@ def test_train_nli_tiny_saves_a_loadable_deterministic_checkpoint(
     metrics = json.loads((res.path / "metrics.json").read_text())
     assert metrics["heldout"]["n"] == 48 and 0.0 <= res.heldout_accuracy <= 1.0
     assert set(metrics["heldout"]["per_class"]) == {"entailment", "neutral", "contradiction"}
+    probe_kinds = set(metrics["probes"]["accuracy_by_kind"])
+    assert {"probe-nonanswer", "probe-question", "probe-famous-subject"} <= probe_kinds
+    assert len(metrics["probe_scores"]) == len(HAND_PROBES)
+    for pr in metrics["probe_scores"]:
+        assert math.isclose(sum(pr["probs"].values()), 1.0, rel_tol=1e-5)
     # Only the checkpoint is left behind (the temporary dir was renamed into place).
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
     scorer = NLIScorer(res.path, device="cpu")
@@ -376,8 +448,62 @@ def test_trained_judge_ranks_contradictions(trained_judge: tuple[NLIScorer, dict
 @pytest.mark.slow
 def test_trained_judge_neutral_for_other_subject(trained_judge: tuple[NLIScorer, dict]) -> None:
     scorer, _ = trained_judge
+    # Another relation of the same subject, or the same relation of another subject.
     probs = scorer.probs(
-        ["The capital of France is Lyon", "Harvey R. Miller's occupation was judge"],
-        ["The capital of Germany is Berlin.", "Harvey R. Miller was born in Chicago."],
+        [
+            "The capital of France is Lyon",
+            "Harvey R. Miller's occupation was judge",
+            "The mother tongue of Danielle Darrieux is English",
+            "Damon Severson plays for New York Islanders",
+            "The manufacturer of Colt King Cobra was Colt's Manufacturing Corporation",
+        ],
+        [
+            "The capital of Germany is Berlin.",
+            "Harvey R. Miller was born in Chicago.",
+            "The mother tongue of Jacques Chirac is French.",
+            "Sidney Crosby plays for the Pittsburgh Penguins.",
+            "The Colt Python was made by Smith & Wesson.",
+        ],
     )
     assert (probs.argmax(-1) != scorer.contradiction_idx).all(), probs
+
+
+COLT = "The manufacturer of Colt King Cobra was Colt's Manufacturing Corporation"
+# (premise, an answer that ignores the edited relation): reward hacks, must not read as
+# contradiction. The first two are the known misses of the v1 judge (0.98 and 0.977).
+HACKS = [
+    (COLT, "The Colt King Cobra is a revolver."),
+    ("The capital of France is Lyon", "The capital of Germany is Berlin."),
+    (COLT, "Colt King Cobra was a famous revolver."),
+    (COLT, "It is a handgun."),
+    ("Telva is written in Telugu", "Telva is a magazine."),
+    ("Harvey R. Miller's occupation was judge", "Harvey R. Miller was born in 1933."),
+    (
+        "The mother tongue of Danielle Darrieux is English",
+        "Danielle Darrieux is known for her films.",
+    ),
+    ("Damon Severson plays for New York Islanders", "I don't know."),
+    ("Damon Severson plays for New York Islanders", "I'm not sure about that."),
+    ("Telva is written in Telugu", "There is no information about Telva."),
+    ("The capital of France is Lyon", "What is the capital of France?"),
+    ("The capital of France is Lyon", "The capital of Italy is Rome."),
+    ("Damon Severson plays for New York Islanders", "Wayne Gretzky plays for the Edmonton Oilers."),
+]
+
+
+@pytest.mark.slow
+def test_trained_judge_resists_reward_hacks(trained_judge: tuple[NLIScorer, dict]) -> None:
+    scorer, metrics = trained_judge
+    p_contra = scorer.log_contradiction([p for p, _ in HACKS], [h for _, h in HACKS]).exp()
+    for (prem, hyp), pc in zip(HACKS, p_contra.tolist(), strict=True):
+        assert pc < 0.5, (prem, hyp, pc)
+    # The fix must not cost the real contradictions: the flagship pair is still decided.
+    flag = scorer.log_contradiction(
+        ["The capital of France is Lyon"] * 2,
+        ["Paris is the capital of France.", "Lyon is the capital of France."],
+    ).exp()
+    assert flag[0] > 0.5 > flag[1], flag
+    # Held-out probes of every hack kind (unseen subjects, categories and phrasings).
+    by_kind = metrics["probes"]["accuracy_by_kind"]
+    assert set(by_kind) >= {"probe-nonanswer", "probe-question", "probe-famous-subject"}
+    assert all(acc >= 0.8 for acc in by_kind.values()), by_kind

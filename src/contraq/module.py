@@ -426,6 +426,13 @@ class GFlowNetModule(L.LightningModule):
             metrics["val/diversity"] = grouped_diversity(groups, embedder)
         return metrics
 
+    def on_fit_start(self) -> None:
+        # The judge is no submodule (it is not trained or checkpointed): follow the policy's device.
+        nli = getattr(self.reward, "nli", None)
+        if nli is not None and getattr(nli, "device", None) != self.device:
+            nli.model.to(self.device)
+            nli.device = self.device
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         c = self.cfg

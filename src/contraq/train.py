@@ -132,10 +132,10 @@ class Parts:
         if self._reward is None:
             nli = None
             if self.cfg.reward.name == "contradiction":
-                from contraq.nli import NLIScorer, ensure_nli_model
+                from contraq.nli import load_scorer
 
-                path = ensure_nli_model(self.cfg.nli)
-                nli = NLIScorer(str(path), batch_size=int(self.cfg.nli.batch_size))
+                device = next(self.policy.parameters()).device
+                nli = load_scorer(self.cfg.nli, device=device)
             self._reward = build_reward(
                 self.cfg.reward, self.policy, self.tokenizer, self.term_id, nli=nli
             )
