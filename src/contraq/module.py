@@ -138,6 +138,7 @@ class GFlowNetModule(L.LightningModule):
         # Only the LoRA adapters and the log Z head go into checkpoints (see on_save_checkpoint).
         self.strict_loading = False
         self.last_batch: dict[str, Any] | None = None
+        self.log_z_ready = False  # set by init_log_z on the first TB step (or a resume)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -326,9 +327,10 @@ class GFlowNetModule(L.LightningModule):
         extra: dict[str, Tensor] = {}
         if self.cfg.loss == "tb":
             log_z = self.log_z_head(prompt_hidden.float(), batch.prompt_mask)
-            loss = trajectory_balance_loss(
-                log_z, log_pf, log_pterm, data["log_r"] / t_reward, gen, term, prompt_len
-            )
+            log_r = data["log_r"] / t_reward
+            if not self.log_z_ready:
+                log_z = self.init_log_z(log_z, log_r, log_pf, batch.lengths)
+            loss = trajectory_balance_loss(log_z, log_pf, log_pterm, log_r, gen, term, prompt_len)
             extra["log_z"] = log_z.detach().mean()
         elif self.cfg.loss == "subtb":
             loss = modified_subtb_loss(
@@ -426,6 +428,23 @@ class GFlowNetModule(L.LightningModule):
             metrics["val/diversity"] = grouped_diversity(groups, embedder)
         return metrics
 
+    def init_log_z(self, log_z: Tensor, log_r: Tensor, log_pf: Tensor, lengths: Tensor) -> Tensor:
+        """Start log Z at its first-batch estimate mean(log R / T - log P_F(x)).
+
+        A log Z far from balance makes every residual the same sign, so the first updates push
+        all sampled questions up (or down) together and the policy drifts; shifting the head's
+        output bias once removes that transient. Averaged over ranks so DDP replicas agree.
+        """
+        with torch.no_grad():
+            mask = torch.arange(log_pf.shape[1], device=log_pf.device)[None] < lengths[:, None]
+            gap = (log_r.float() - (log_pf.float() * mask).sum(1) - log_z.float()).mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(gap)
+                gap /= torch.distributed.get_world_size()
+            self.log_z_head.fc2.bias.add_(gap.to(self.log_z_head.fc2.bias.dtype))
+        self.log_z_ready = True
+        return log_z + gap  # outside no_grad: the head stays in the graph (DDP needs its grads)
+
     def on_fit_start(self) -> None:
         # The judge is no submodule (it is not trained or checkpointed): follow the policy's device.
         nli = getattr(self.reward, "nli", None)
@@ -443,7 +462,10 @@ class GFlowNetModule(L.LightningModule):
         ]
         opt = torch.optim.AdamW(groups)
         warm = max(1, c.lr_warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        # Warm up the policy only: log Z must track the rewards from the first step.
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [lambda s: min(1.0, (s + 1) / warm), lambda s: 1.0]
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
@@ -454,6 +476,7 @@ class GFlowNetModule(L.LightningModule):
         checkpoint["contraq_buffer"] = json.dumps(state()) if state else None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.log_z_ready = True  # the checkpointed head is already initialised
         raw = checkpoint.get("contraq_buffer")
         load = getattr(self.buffer, "load_state_dict", None)
         if raw and load:

@@ -381,10 +381,10 @@ class ContradictionRewardConfig:
     """Keys of ``configs/reward/contradiction.yaml`` read by :class:`ContradictionReward`.
 
     Attributes:
-        w_lik: weight of ``log P_Q``. 0.05 by default: a 15-token question has
-            ``log P_Q ~ -30`` nats, so ``w_lik * log P_Q ~ -1.5``, the size of ``log C`` for a
-            middling judge (``log 0.2 = -1.6``): neither term drowns the other, while gibberish
-            (~ -8 nats/token, -120 for 15 tokens) still loses ~5 nats.
+        w_lik: weight of ``log P_Q``. 1.0 by default: the GFlowNet target is then the posterior
+            ``P_base(x) * C(x)``, the base LM's questions re-weighted by contradiction. A small
+            weight makes the target nearly flat over all token strings (gibberish wins by sheer
+            number: with 0.05, log P_Q fell from -66 to -120 nats in 20 steps).
         w_ans: weight of the answer's log-likelihood (0: not computed).
         min_len: questions with fewer tokens before termination get ``min_log_r``.
         min_log_r: floor log-reward (min-length and non-finite rows).
@@ -398,7 +398,7 @@ class ContradictionRewardConfig:
             into chunks of this size).
     """
 
-    w_lik: float = 0.05
+    w_lik: float = 1.0
     w_ans: float = 0.0
     min_len: int = 0
     min_log_r: float = -50.0
