@@ -146,8 +146,11 @@ class GFlowNetModule(L.LightningModule):
         return int(self.sampler_cfg.pad_token_id)
 
     def _prompt_batch(self, fact_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Left-padded prompts of the given facts: (ids [B, P], mask [B, P])."""
-        seqs = [self.prompts[i] for i in fact_ids]
+        """Left-padded prompts of the given training facts: (ids [B, P], mask [B, P])."""
+        return self._left_pad([self.prompts[i] for i in fact_ids])
+
+    def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Token-id lists -> left-padded (ids [B, P], mask [B, P]) on the module's device."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
@@ -396,13 +399,7 @@ class GFlowNetModule(L.LightningModule):
             return {}
         g = step_generator(self.cfg.seed, -1, self.global_rank, 2)  # same draws at every call
         rows = [i for i in range(len(self.eval_facts)) for _ in range(n_samples)]
-        seqs = [self.eval_prompts[i] for i in rows]
-        width = max(len(p) for p in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for r, p in enumerate(seqs):
-            ids[r, width - len(p) :] = torch.tensor(p, device=self.device)
-            mask[r, width - len(p) :] = 1
+        ids, mask = self._left_pad([self.eval_prompts[i] for i in rows])
         was_training = self.policy.training
         self.policy.eval()
         try:
