@@ -1,0 +1,105 @@
+"""Statistics for comparing methods on the same facts: bootstrap over facts, frontiers.
+
+Questions of one fact are not independent (one prompt, one subject the base LM does or does
+not know), so every interval resamples *facts* with replacement and pools their questions.
+Pure functions on plain lists; numpy for the resampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["bootstrap_rate", "frontier_value", "paired_bootstrap", "per_fact_counts"]
+
+
+def per_fact_counts(
+    fact_ids: Sequence[int], hits: Sequence[bool | float]
+) -> dict[int, tuple[float, int]]:
+    """``{fact: (sum of hits, number of questions)}``."""
+    out: dict[int, tuple[float, int]] = {}
+    for f, h in zip(fact_ids, hits, strict=True):
+        s, n = out.get(int(f), (0.0, 0))
+        out[int(f)] = (s + float(h), n + 1)
+    return out
+
+
+def _resampled_rates(
+    counts: Mapping[int, tuple[float, int]], facts: Sequence[int], idx: np.ndarray
+) -> np.ndarray:
+    """Pooled rate of every resample: ``idx [n_boot, F]`` indexes ``facts``."""
+    hits = np.array([counts[f][0] for f in facts], dtype=np.float64)
+    tot = np.array([counts[f][1] for f in facts], dtype=np.float64)
+    return hits[idx].sum(1) / np.maximum(tot[idx].sum(1), 1.0)
+
+
+def bootstrap_rate(
+    counts: Mapping[int, tuple[float, int]],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Pooled rate and its percentile bootstrap interval over facts.
+
+    Args:
+        counts: :func:`per_fact_counts`.
+
+    Returns:
+        ``(rate, low, high)``; NaNs when there is no fact.
+    """
+    facts = sorted(counts)
+    if not facts:
+        return (math.nan, math.nan, math.nan)
+    total = sum(counts[f][1] for f in facts)
+    rate = sum(counts[f][0] for f in facts) / max(total, 1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
+    rates = _resampled_rates(counts, facts, idx)
+    alpha = (1.0 - level) / 2
+    return (rate, float(np.quantile(rates, alpha)), float(np.quantile(rates, 1 - alpha)))
+
+
+def paired_bootstrap(
+    a: Mapping[int, tuple[float, int]],
+    b: Mapping[int, tuple[float, int]],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Rate difference ``a - b`` on the facts both have, resampling facts jointly (paired).
+
+    Returns:
+        ``diff``, its interval ``low``/``high`` and ``p_le_0``: the share of resamples where
+        ``a`` is not above ``b`` (a one-sided bootstrap p-value for "a is better").
+    """
+    facts = sorted(set(a) & set(b))
+    if not facts:
+        return {"diff": math.nan, "low": math.nan, "high": math.nan, "p_le_0": math.nan}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
+    diffs = _resampled_rates(a, facts, idx) - _resampled_rates(b, facts, idx)
+    full = np.arange(len(facts))[None, :]
+    diff = float((_resampled_rates(a, facts, full) - _resampled_rates(b, facts, full))[0])
+    alpha = (1.0 - level) / 2
+    return {
+        "diff": diff,
+        "low": float(np.quantile(diffs, alpha)),
+        "high": float(np.quantile(diffs, 1 - alpha)),
+        "p_le_0": float((diffs <= 0).mean()),
+    }
+
+
+def frontier_value(points: Sequence[tuple[float, float]], x: float) -> float:
+    """The value at ``x`` of the piecewise-linear curve through ``points`` ``(x_i, y_i)``
+    (sorted by ``x_i``), held constant beyond its ends; NaN without finite points.
+
+    Used for the counted rate of the untrained policy at several temperatures as a function of
+    diversity: a method is above the frontier when its rate beats this value at its diversity.
+    """
+    pts = sorted((float(px), float(py)) for px, py in points if math.isfinite(px + py))
+    if not pts or not math.isfinite(x):
+        return math.nan
+    xs, ys = zip(*pts, strict=True)
+    return float(np.interp(x, xs, ys))

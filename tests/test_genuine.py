@@ -1,0 +1,93 @@
+"""What counts as a contradiction: question form and echoes, on hand cases (DESIGN.md s.7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from contraq.genuine import content_words, echo_flags, is_echo, is_question, novel_words
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "What is the capital of France?",
+        "Who wrote Hamlet?",
+        "Is Danielle Darrieux's mother tongue French?",
+        "In which year was the Colt King Cobra introduced?",
+        "Where did St. John live?",
+        "What did Mr. Smith do in the U.S.?",
+        "  Which company makes the iPhone?  ",
+    ],
+)
+def test_questions(text: str) -> None:
+    assert is_question(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # The echo shape of the untrained policy: a statement, then a fragment ending in "?".
+        "William Hanley died in London, England. He was an infamous British actor and comedian who?",
+        "The capital of Canada is Ottawa. What's on my mind?",
+        "Danielle Darrieux spoke what?",  # no interrogative first
+        "Who?",  # too short to ask about a fact
+        "What is the capital of France",  # no question mark
+        "Paris is the capital of France?",
+    ],
+)
+def test_non_questions(text: str) -> None:
+    assert not is_question(text)
+
+
+def test_content_words_drop_function_words_and_plural() -> None:
+    assert content_words("Yes, the languages of it are French!") == {"language", "french"}
+    assert "not" in content_words("It is not English.")  # negation is content
+
+
+def test_novel_words_are_what_the_answer_adds_to_the_edit() -> None:
+    edit = "The capital of Japan is Osaka"
+    assert novel_words("The capital of Japan is Tokyo.", edit) == {"tokyo"}
+    assert novel_words("Osaka is the capital of Japan.", edit) == set()
+
+
+def test_answer_from_the_lm_is_not_an_echo() -> None:
+    assert not is_echo(
+        "What is the capital of France?",
+        "The capital of France is Paris.",
+        "The capital of France is Lyon",
+    )
+
+
+def test_leading_question_is_an_echo() -> None:
+    assert is_echo(
+        "Is Danielle Darrieux's mother tongue French?",
+        "Yes, her mother tongue is French.",
+        "The mother tongue of Danielle Darrieux is English",
+    )
+
+
+def test_repeated_statement_is_an_echo() -> None:
+    assert is_echo(
+        "William Hanley died in London, England. He was an actor who?",
+        "William Hanley died in London, England.",
+        "William Hanley was born in Paris",
+    )
+
+
+def test_answer_that_adds_nothing_is_an_echo() -> None:
+    assert is_echo(
+        "What is the capital of Japan?",
+        "Osaka is Japan's capital.",
+        "The capital of Japan is Osaka",
+    )
+
+
+def test_echo_flags_rows_and_length_check() -> None:
+    flags = echo_flags(
+        ["What is the capital of France?", "Is Paris the capital of France?"],
+        ["Paris is the capital.", "Yes, Paris is the capital of France."],
+        ["The capital of France is Lyon"] * 2,
+    )
+    assert flags == [False, True]
+    with pytest.raises(ValueError, match="echo_flags"):
+        echo_flags(["a"], [], ["f"])

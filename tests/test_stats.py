@@ -1,0 +1,58 @@
+"""Bootstrap intervals over facts and the temperature frontier, on known cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from contraq.stats import bootstrap_rate, frontier_value, paired_bootstrap, per_fact_counts
+
+
+def test_per_fact_counts() -> None:
+    assert per_fact_counts([0, 0, 1, 2, 2, 2], [1, 0, 1, 0, 0, 1]) == {
+        0: (1.0, 2),
+        1: (1.0, 1),
+        2: (1.0, 3),
+    }
+
+
+def test_bootstrap_degenerate_and_known_interval() -> None:
+    # Every fact has rate 0.5: every resample has rate 0.5.
+    rate, lo, hi = bootstrap_rate({i: (2.0, 4) for i in range(10)})
+    assert (rate, lo, hi) == (0.5, 0.5, 0.5)
+    # 40 facts, half with rate 1 and half 0 (1 question each): the resampled rate is
+    # Binomial(40, 0.5) / 40, whose central 95% lies within about +-1.96 * 0.079.
+    counts = {i: (float(i % 2), 1) for i in range(40)}
+    rate, lo, hi = bootstrap_rate(counts, n_boot=4000, seed=1)
+    assert rate == 0.5
+    sd = math.sqrt(0.25 / 40)
+    assert abs(lo - (0.5 - 1.96 * sd)) < 0.04 and abs(hi - (0.5 + 1.96 * sd)) < 0.04
+    assert all(math.isnan(v) for v in bootstrap_rate({}))
+
+
+def test_bootstrap_resamples_facts_not_questions() -> None:
+    # One fact of 100 hits and one of 100 misses: resampling facts gives rates 0, 0.5 or 1,
+    # far wider than a binomial over 200 questions would.
+    rate, lo, hi = bootstrap_rate({0: (100.0, 100), 1: (0.0, 100)}, n_boot=2000)
+    assert rate == 0.5 and lo == 0.0 and hi == 1.0
+
+
+def test_paired_bootstrap_sign_and_p_value() -> None:
+    a = {i: (3.0, 4) for i in range(32)}
+    b = {i: (1.0, 4) for i in range(32)}
+    res = paired_bootstrap(a, b)
+    assert res["diff"] == 0.5 and res["low"] == 0.5 and res["high"] == 0.5
+    assert res["p_le_0"] == 0.0
+    rng = np.random.default_rng(0)
+    noisy = {i: (float(rng.integers(0, 5)), 4) for i in range(32)}
+    res = paired_bootstrap(noisy, noisy)
+    assert res["diff"] == 0.0 and res["p_le_0"] == 1.0
+
+
+def test_frontier_interpolates_and_holds_ends() -> None:
+    pts = [(0.2, 0.3), (0.6, 0.1), (0.4, 0.2)]
+    assert abs(frontier_value(pts, 0.5) - 0.15) < 1e-12
+    assert frontier_value(pts, 0.1) == 0.3 and frontier_value(pts, 0.9) == 0.1
+    assert math.isnan(frontier_value([], 0.5))
+    assert math.isnan(frontier_value([(math.nan, 0.2)], 0.5))
