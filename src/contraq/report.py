@@ -229,6 +229,42 @@ def plot_reward_distributions(log_r: Mapping[str, Sequence[float]], path: str | 
     return out
 
 
+def plot_rate_vs_diversity(
+    summary: Mapping[str, Mapping[str, float]],
+    frontier: Sequence[str],
+    path: str | Path,
+    key: str = "genuine_rate",
+) -> Path:
+    """Counted rate (with its 95% interval) against diversity, one point per method; the
+    methods named in ``frontier`` (the untrained policy at several temperatures) are joined by
+    a line, ordered by diversity."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    line = []
+    for i, (name, m) in enumerate(summary.items()):
+        x, y = m.get("diversity", math.nan), m.get(key, math.nan)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        lo, hi = m.get(f"{key}_low", y), m.get(f"{key}_high", y)
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=f"C{i}", capsize=3)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if name in frontier:
+            line.append((x, y))
+    if len(line) >= 2:
+        xs, ys = zip(*sorted(line), strict=True)
+        ax.plot(xs, ys, "--", color="grey", label="untrained, several temperatures")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("diversity (1 - mean pairwise cosine, MiniLM)")
+    ax.set_ylabel("counted contradiction rate")
+    ax.set_title("Counted contradictions vs diversity (95% CI over facts)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
     """Mean log R against embedding diversity, one labelled point per method."""
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
@@ -253,12 +289,15 @@ def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: s
 # --------------------------------------------------------------------------- Markdown
 
 EVAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    # key, header, format
+    # key, header, format; keys with <key>_low/_high are shown with their 95% interval
     ("n_questions", "n", "{:.0f}"),
-    ("contradiction_rate", "contradiction rate", "{:.3f}"),
+    ("genuine_rate", "counted rate [95% CI]", "{:.3f}"),
+    ("contradiction_rate", "raw judge rate", "{:.3f}"),
+    ("question_rate", "question rate", "{:.3f}"),
+    ("echo_rate", "echo rate", "{:.3f}"),
+    ("independent_rate", "names original [95% CI]", "{:.3f}"),
     ("mean_log_c", "mean log C", "{:.3f}"),
     ("mean_log_r", "mean log R", "{:.2f}"),
-    ("hit_rate", "answer hit rate", "{:.3f}"),
     ("diversity", "diversity", "{:.3f}"),
     ("distinct_1", "distinct-1", "{:.3f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
@@ -294,10 +333,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def fmt_ci(m: Mapping[str, Any], key: str, pattern: str = "{:.3f}") -> str:
+    """``m[key]`` with its interval ``[m[key_low], m[key_high]]`` when ``m`` has one."""
+    low, high = m.get(f"{key}_low"), m.get(f"{key}_high")
+    if low is None or high is None:
+        return fmt(m.get(key), pattern)
+    return f"{fmt(m.get(key), pattern)} [{fmt(low, pattern)}, {fmt(high, pattern)}]"
+
+
 def eval_table(summary: Mapping[str, Mapping[str, float]]) -> str:
     """The per-method metrics table of `contraq eval`."""
     headers = ["method", *(h for _, h, _ in EVAL_COLUMNS)]
-    rows = [[name, *(fmt(m.get(k), f) for k, _, f in EVAL_COLUMNS)] for name, m in summary.items()]
+    rows = [[name, *(fmt_ci(m, k, f) for k, _, f in EVAL_COLUMNS)] for name, m in summary.items()]
     return markdown_table(headers, rows)
 
 
@@ -321,31 +368,38 @@ def eval_markdown(result: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         lines.append(f"- note: {note}")
     lines += [
         "",
-        "Contradiction rate: share of questions whose answer has P(contradiction) > 0.5. Answer "
-        "hit rate: the answer names the original (pre-edit) answer (word match, independent of "
-        "the NLI judge). Diversity: 1 - mean pairwise cosine of MiniLM embeddings within a fact, "
-        "averaged over facts.",
+        "Counted rate: share of texts that are questions (one sentence, interrogative form), "
+        "whose answer is not an echo (it adds a content word beyond the edit fact and the "
+        "question, and the question itself is not judged a contradiction) and is judged a "
+        "contradiction (P > 0.5). Raw judge rate: P(contradiction) > 0.5 alone. Names original: "
+        "a question whose answer names the original (pre-edit) object while the question does "
+        "not (word match, independent of the judge). Intervals: 95% bootstrap over facts. "
+        "Diversity: 1 - mean pairwise cosine of MiniLM embeddings within a fact, averaged over "
+        "facts.",
         "",
         eval_table(result.get("summary", {})),
         "",
     ]
+    lines += _comparison_lines(result)
     for caption, rel in plots.items():
         lines += [f"![{caption}]({rel})", ""]
     examples = result.get("examples", {})
     if examples:
-        lines += ["## Example questions (highest log R per method, first facts)", ""]
+        lines += ["## Random question/answer pairs per method", ""]
         for method, rows in examples.items():
             lines += [f"### {method}", ""]
             lines.append(
                 markdown_table(
-                    ["subject", "question", "answer", "log C", "log R"],
+                    ["edit fact", "question", "answer", "P(contra)", "Q", "echo", "counted"],
                     [
                         [
-                            r.get("subject", ""),
+                            r.get("edit_fact", ""),
                             r.get("question", ""),
                             r.get("answer", ""),
-                            fmt(r.get("log_c"), "{:.2f}"),
-                            fmt(r.get("log_r"), "{:.2f}"),
+                            fmt(_exp(r.get("log_c")), "{:.2f}"),
+                            _flag(r.get("is_question")),
+                            _flag(r.get("is_echo")),
+                            _flag(r.get("genuine")),
                         ]
                         for r in rows
                     ],
@@ -353,6 +407,47 @@ def eval_markdown(result: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             )
             lines.append("")
     return "\n".join(lines)
+
+
+def _exp(value: Any) -> float | None:
+    return math.exp(value) if isinstance(value, int | float) else None
+
+
+def _flag(value: Any) -> str:
+    return "n/a" if value is None else ("yes" if value else "no")
+
+
+def _comparison_lines(result: Mapping[str, Any]) -> list[str]:
+    """The paired comparisons of the trained policy and its place against the frontier."""
+    comps = result.get("comparisons") or {}
+    lines: list[str] = []
+    if comps:
+        lines += [
+            "## Trained policy vs each baseline (counted rate, paired bootstrap over facts)",
+            "",
+            markdown_table(
+                ["baseline", "difference", "95% CI", "P(diff <= 0)"],
+                [
+                    [
+                        name,
+                        fmt(c.get("diff")),
+                        f"[{fmt(c.get('low'))}, {fmt(c.get('high'))}]",
+                        fmt(c.get("p_le_0"), "{:.4f}"),
+                    ]
+                    for name, c in comps.items()
+                ],
+            ),
+            "",
+        ]
+    fr = result.get("frontier")
+    if fr:
+        lines += [
+            f"Temperature frontier (untrained policy, counted rate vs diversity) at the trained "
+            f"policy's diversity {fmt(fr.get('diversity'))}: {fmt(fr.get('frontier_rate'))}; "
+            f"trained: {fmt(fr.get('trained_rate'))}.",
+            "",
+        ]
+    return lines
 
 
 def top_questions(

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from contraq.genuine import echo_flags, is_question
 from contraq.models import base_model
 from contraq.sampler import _teacher_forced, sampling_mode
 
@@ -53,6 +54,7 @@ __all__ = [
     "base_logprobs",
     "build_reward",
     "combine_log_reward",
+    "counted_log_c",
     "first_line",
     "question_lengths",
     "reward_temperature",
@@ -158,6 +160,7 @@ def combine_log_reward(
     w_lik: float,
     min_len: int,
     min_log_r: float,
+    beta: float = 1.0,
     log_pa: Tensor | None = None,
     w_ans: float = 0.0,
     step: int = 0,
@@ -167,7 +170,7 @@ def combine_log_reward(
 ) -> tuple[Tensor, Tensor]:
     """The contradiction log-reward from its parts (all ``FloatTensor[N]``).
 
-    ``log R = log C + w_lik * log P_Q (+ w_ans * log P_A)``; during the hybrid warm-up
+    ``log R = log C / beta + w_lik * log P_Q (+ w_ans * log P_A)``; during the hybrid warm-up
     (``step < hybrid_steps``) ``log R = log P_Q - hybrid_penalty * [log C < log hybrid_threshold]``.
     Questions with ``n_tokens < min_len`` get ``min_log_r``; so does any row where a component
     or the result is NaN/inf (never raised).
@@ -182,13 +185,25 @@ def combine_log_reward(
         below = (log_c < math.log(hybrid_threshold)).to(log_pq.dtype)
         log_r = log_pq - hybrid_penalty * below
     else:
-        log_r = log_c + w_lik * log_pq
+        log_r = log_c / beta + w_lik * log_pq
         if log_pa is not None and w_ans != 0.0:
             log_r = log_r + w_ans * log_pa
     floor = torch.full_like(log_r, float(min_log_r))
     log_r = torch.where(n_tokens.to(log_r.device) < min_len, floor, log_r)
     bad = (n_nonfinite > 0) | ~torch.isfinite(log_r)
     return torch.where(bad, floor, log_r), n_nonfinite
+
+
+def counted_log_c(log_c: Tensor, genuine_form: Tensor, floor: float) -> Tensor:
+    """``log C`` as the reward counts it: clamped below at ``floor``, and ``floor`` itself
+    where the text is not a question or its answer is an echo.
+
+    Args:
+        log_c: ``FloatTensor[N]`` log P_NLI(contradiction | edit, answer).
+        genuine_form: ``BoolTensor[N]``: a question whose answer is not an echo.
+    """
+    floor_t = torch.full_like(log_c, float(floor))
+    return torch.where(genuine_form.to(log_c.device), torch.maximum(log_c, floor_t), floor_t)
 
 
 def base_logprobs(
@@ -392,6 +407,14 @@ class ContradictionRewardConfig:
             ``log R = log P_Q - hybrid_penalty * [C < hybrid_threshold]``.
         hybrid_threshold: contradiction probability under which the warm-up penalty applies.
         hybrid_penalty: the warm-up penalty (nats).
+        beta: contradiction sharpness: ``log C`` enters the reward as ``log C / beta``
+            (GFlowNet red-teaming uses 0.1, i.e. a target ``C^10 * P_base``).
+        count_only_genuine: give no contradiction credit (``log C = log_c_floor``) to
+            non-questions and echoes (:mod:`contraq.genuine`).
+        judge_question: also judge the question itself against the edit: a question that
+            already contradicts it is an echo (one more NLI call per distinct question).
+        log_c_floor: lower bound of ``log C`` (and its value for non-questions and echoes):
+            with ``beta < 1`` an unbounded ``log C`` of a clear neutral would swamp the prior.
         answer_prompt: see :class:`AnswerPromptConfig`.
         answer_max_new_tokens: greedy answer length cap.
         batch_size: questions per generation / forward chunk (prefix rewards are flattened
@@ -405,6 +428,10 @@ class ContradictionRewardConfig:
     hybrid_steps: int = 0
     hybrid_threshold: float = 0.5
     hybrid_penalty: float = 10.0
+    beta: float = 1.0
+    count_only_genuine: bool = True
+    judge_question: bool = True
+    log_c_floor: float = -6.907755  # log(0.001)
     answer_prompt: AnswerPromptConfig = field(default_factory=AnswerPromptConfig)
     answer_max_new_tokens: int = 30
     batch_size: int = 16
@@ -419,6 +446,12 @@ class ContradictionRewardConfig:
             (math.isfinite(self.w_lik), "w_lik", "must be finite"),
             (math.isfinite(self.w_ans), "w_ans", "must be finite"),
             (math.isfinite(self.min_log_r), "min_log_r", "must be finite"),
+            (math.isfinite(self.beta) and self.beta > 0, "beta", "must be > 0"),
+            (
+                math.isfinite(self.log_c_floor) and self.log_c_floor < 0,
+                "log_c_floor",
+                "must be finite and < 0",
+            ),
             (self.min_len >= 0, "min_len", "must be >= 0"),
             (self.hybrid_steps >= 0, "hybrid_steps", "must be >= 0"),
             (0.0 < self.hybrid_threshold <= 1.0, "hybrid_threshold", "must be in (0, 1]"),
@@ -488,6 +521,17 @@ class _NewlineStop(StoppingCriteria):
         )
         done = ["\n" in t.lstrip() for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class _Judged:
+    """What :meth:`ContradictionReward._judge` finds for N (fact, question) rows."""
+
+    answers: list[str]
+    log_c: Tensor  # [N] raw judge log P(contradiction | edit, answer)
+    log_pa: Tensor | None  # [N] or None
+    question: Tensor  # [N] bool: the text is a question (contraq.genuine.is_question)
+    echo: Tensor  # [N] bool: the answer's contradicting content was already in the question
 
 
 class ContradictionReward:
@@ -647,33 +691,43 @@ class ContradictionReward:
         tok_lp, _ = base_logprobs(lm, ids, mask, acts, lengths, self.term_id, self.cfg.batch_size)
         return tok_lp.sum(1)
 
-    def _judge(
-        self, edit_facts: Sequence[str], questions: Sequence[str], lm: nn.Module
-    ) -> tuple[list[str], Tensor, Tensor | None]:
-        """Answers, ``log C [N]`` and ``log P_A [N]`` (or None) for (fact, question) pairs,
-        each distinct question answered once and each distinct (fact, answer) judged once."""
+    def _log_contradiction(
+        self, premises: Sequence[str], hyps: Sequence[str], device: Any
+    ) -> Tensor:
+        """``FloatTensor[N]`` judge log P(contradiction), each distinct pair judged once."""
+        pairs = list(dict.fromkeys(zip(premises, hyps, strict=True)))
+        uniq = self.nli.log_contradiction([p for p, _ in pairs], [h for _, h in pairs])
+        idx = {p: i for i, p in enumerate(pairs)}
+        rows = [idx[p] for p in zip(premises, hyps, strict=True)]
+        return uniq.to(device)[torch.tensor(rows, device=device, dtype=torch.long)].float()
+
+    def _judge(self, edit_facts: Sequence[str], questions: Sequence[str], lm: nn.Module) -> _Judged:
+        """Answers, judge scores and the genuine-form flags of (fact, question) pairs, each
+        distinct question answered once and each distinct (fact, text) pair judged once."""
         uniq_q = list(dict.fromkeys(questions))
         ans, ans_ids = self.generate_answers(uniq_q, lm)
         by_q = dict(zip(uniq_q, range(len(uniq_q)), strict=True))
         answers = [ans[by_q[q]] for q in questions]
-        pairs = list(dict.fromkeys(zip(edit_facts, answers, strict=True)))
-        log_c_uniq = self.nli.log_contradiction([p for p, _ in pairs], [h for _, h in pairs])
-        pair_idx = {p: i for i, p in enumerate(pairs)}
         device = _model_device(lm)
-        log_c = log_c_uniq.to(device)[
-            torch.tensor(
-                [pair_idx[p] for p in zip(edit_facts, answers, strict=True)],
-                device=device,
-                dtype=torch.long,
-            )
-        ].float()
+        log_c = self._log_contradiction(edit_facts, answers, device)
+        question = torch.tensor([is_question(q) for q in questions], device=device)
+        echo = torch.tensor(echo_flags(questions, answers, edit_facts), device=device)
+        if self.cfg.judge_question and questions:
+            # A question that already contradicts the edit leads the answer: an echo too.
+            echo |= self._log_contradiction(edit_facts, questions, device) > math.log(0.5)
         log_pa = None
         if self.cfg.w_ans != 0.0:
             uniq_pa = self._answer_logprob(uniq_q, ans_ids, lm)
             log_pa = uniq_pa[
                 torch.tensor([by_q[q] for q in questions], device=device, dtype=torch.long)
             ]
-        return answers, log_c, log_pa
+        return _Judged(answers, log_c, log_pa, question, echo)
+
+    def _counted(self, judged: _Judged) -> Tensor:
+        """``log C`` as the reward counts it (:func:`counted_log_c`)."""
+        if not self.cfg.count_only_genuine:
+            return judged.log_c.clamp(min=self.cfg.log_c_floor)
+        return counted_log_c(judged.log_c, judged.question & ~judged.echo, self.cfg.log_c_floor)
 
     # ------------------------------------------------------------------ rewards
     def _combine(
@@ -687,6 +741,7 @@ class ContradictionReward:
             w_lik=c.w_lik,
             min_len=c.min_len,
             min_log_r=c.min_log_r,
+            beta=c.beta,
             log_pa=log_pa,
             w_ans=c.w_ans,
             step=step,
@@ -714,21 +769,26 @@ class ContradictionReward:
                 self.term_id,
                 self.cfg.batch_size,
             )
-            answers, log_c, log_pa = self._judge([f.edit_fact for f in facts], questions, lm)
+            judged = self._judge([f.edit_fact for f in facts], questions, lm)
+        log_c, log_pa = judged.log_c, judged.log_pa
         log_pq = tok_lp.sum(1)
         n_tok = question_lengths(actions, lengths, self.term_id)
-        log_r, n_nonfinite = self._combine(log_c, log_pq, n_tok, log_pa, step)
+        log_r, n_nonfinite = self._combine(self._counted(judged), log_pq, n_tok, log_pa, step)
         floor = self.cfg.min_log_r
+        log_c = torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor)
         components = {
-            "log_c": torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor),
+            "log_c": log_c,
             "log_pq": torch.nan_to_num(log_pq, nan=floor, posinf=floor, neginf=floor),
             "length": n_tok.float(),
             "n_nonfinite": n_nonfinite,
+            "is_question": judged.question.float(),
+            "is_echo": judged.echo.float(),
+            "genuine": (judged.question & ~judged.echo & (log_c > math.log(0.5))).float(),
         }
         if log_pa is not None:
             components["log_pa"] = torch.nan_to_num(log_pa, nan=floor, posinf=floor, neginf=floor)
         return RewardOutput(
-            log_r=log_r, components=components, answers=answers, questions=questions
+            log_r=log_r, components=components, answers=judged.answers, questions=questions
         )
 
     def prefixes(
@@ -763,14 +823,12 @@ class ContradictionReward:
             )
             questions = [q.strip() for q in texts]
             edit_facts = [facts[b].edit_fact for b in rows.tolist()]
-            _, log_c, log_pa = (
-                self._judge(edit_facts, questions, lm) if questions else ([], None, None)
-            )
+            judged = self._judge(edit_facts, questions, lm) if questions else None
         out = torch.zeros(actions.shape, dtype=torch.float32, device=dev)
-        if not questions:
+        if judged is None:
             return out
         log_pq = _prefix_log_pq(tok_lp, term_lp)[rows, ts]
-        log_r, _ = self._combine(log_c, log_pq, ts, log_pa, step)
+        log_r, _ = self._combine(self._counted(judged), log_pq, ts, judged.log_pa, step)
         out[rows, ts] = log_r
         return out
 

@@ -1,0 +1,156 @@
+"""Where a training step's time goes: sampling, answering, judging, log P_Q, loss + backward.
+
+One Trajectory Balance step of the default experiment (SmolLM2-135M-Instruct + LoRA, the
+offline MiniLM judge from the cache, or MiniLM-L6 with a random head of the same size), split
+into the parts of :meth:`contraq.reward.ContradictionReward.terminal` and
+:meth:`contraq.module.GFlowNetModule.compute_loss`, each timed on its own:
+
+- sampling: the KV-cached sampler, ``facts x n`` questions at T=1;
+- answering: greedy answers of the base LM (adapters disabled);
+- judging: the judge on (edit, answer) and on (edit, question) (the echo check);
+- log P_Q: one teacher-forced base pass over the questions;
+- loss + backward: one teacher-forced policy pass with gradients, the TB loss, backward.
+
+    python bench/bench_step.py [--facts 2] [--n 8] [--repeats 3] [--threads 2]
+
+Prints seconds per part (median of the repeats), their share of the step, and the end-to-end
+``reward.terminal`` time against the sum of its parts (a check that the split is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_reward import judge_dir  # noqa: E402
+from contraq.data import load_facts, split_facts  # noqa: E402
+from contraq.evaluate import decode_questions  # noqa: E402
+from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
+from contraq.nli import NLIScorer  # noqa: E402
+from contraq.reward import _frozen_base, base_logprobs, build_reward  # noqa: E402
+from contraq.sampler import sample, score_actions  # noqa: E402
+from contraq.train import Parts, build_prompts, resolve_path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--facts", type=int, default=2, help="facts per step")
+    ap.add_argument("--n", type=int, default=8, help="questions per fact")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose(config_name="train")
+    parts = Parts(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, what = judge_dir(Path(tmp))
+        nli = NLIScorer(path, device="cpu", batch_size=int(cfg.nli.batch_size))
+        reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
+        facts = split_facts(load_facts(resolve_path(cfg.data.path)), 0.1, 0.1, 0).train
+        facts = facts[: args.facts]
+        rows = [f for f in facts for _ in range(args.n)]
+        prompts = build_prompts(cfg, rows, parts.tokenizer)
+        width = max(len(p) for p in prompts)
+        pad = parts.sampler_cfg.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        gen = torch.Generator().manual_seed(0)
+        policy = parts.policy
+        policy.eval()
+
+        def do_sample():
+            return sample(policy, ids, mask, parts.sampler_cfg, generator=gen)
+
+        t_sample, batch = timed(do_sample, args.repeats)
+        questions = decode_questions(parts.tokenizer, batch)
+        edits = [f.edit_fact for f in rows]
+        with _frozen_base(policy) as lm:
+            t_answer, (answers, _) = timed(
+                lambda: reward.generate_answers(questions, lm), args.repeats
+            )
+            t_judge, _ = timed(
+                lambda: (
+                    nli.log_contradiction(edits, answers),
+                    nli.log_contradiction(edits, questions),
+                ),
+                args.repeats,
+            )
+            t_pq, _ = timed(
+                lambda: base_logprobs(
+                    lm,
+                    ids,
+                    mask,
+                    batch.actions,
+                    batch.lengths,
+                    parts.term_id,
+                    reward.cfg.batch_size,
+                ),
+                args.repeats,
+            )
+        t_terminal, out = timed(lambda: reward.terminal(rows, batch), args.repeats)
+        head = LogZHead(policy.config.hidden_size)
+
+        def loss_backward():
+            policy.train()
+            log_pf, log_pterm, hidden = score_actions(
+                policy, ids, mask, batch.actions, parts.sampler_cfg, return_prompt_hidden=True
+            )
+            log_z = head(hidden.float(), mask)
+            loss = trajectory_balance_loss(
+                log_z, log_pf, log_pterm, out.log_r, batch.generated_text, parts.term_id, width
+            )
+            loss.backward()
+            policy.zero_grad(set_to_none=True)
+            policy.eval()
+
+        t_loss, _ = timed(loss_backward, args.repeats)
+    parts_s = {
+        "sampling": t_sample,
+        "answering": t_answer,
+        "judging": t_judge,
+        "log P_Q": t_pq,
+        "loss + backward": t_loss,
+    }
+    total = sum(parts_s.values())
+    print(f"judge: {what}; {args.facts} facts x {args.n} questions; {args.threads} threads")
+    print(
+        f"mean question length {batch.lengths.float().mean():.1f} tokens; answers e.g. {answers[0]!r}"
+    )
+    for name, sec in parts_s.items():
+        print(f"  {name:16s} {sec:7.2f} s  {100 * sec / total:5.1f}%")
+    print(f"  {'step':16s} {total:7.2f} s")
+    inner = t_answer + t_judge + t_pq
+    print(
+        f"reward.terminal end to end {t_terminal:.2f} s vs answering + judging + log P_Q "
+        f"{inner:.2f} s (ratio {t_terminal / inner:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
