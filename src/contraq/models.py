@@ -354,8 +354,16 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
         tok = AutoTokenizer.from_pretrained(str(path))
     elif cfg.source in ("hub", "local"):
         name = str(cfg.name_or_path)
-        if cfg.source == "local" and not Path(name).expanduser().is_dir():
+        local = Path(name).expanduser()
+        if cfg.source == "local" and not local.is_dir():
             raise FileNotFoundError(f"ModelConfig.name_or_path={name!r}: no such directory")
+        if local.is_dir():  # a local folder, also under source=hub (e.g. the gpu preset)
+            if not (local / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"model.name_or_path={name!r}: a folder without config.json; expected a "
+                    "Hugging Face causal-LM folder (config.json, model.safetensors, tokenizer files)"
+                )
+            name = str(local)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name)
     elif cfg.source == "gguf":
