@@ -123,3 +123,16 @@ def test_bf16_scoring_pass(tiny_dirs: tuple[Path, Path]) -> None:
 def test_local_nli_folder_without_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nli.path"):
         load_scorer({"path": str(tmp_path), "batch_size": 4, "max_length": 64})
+
+
+def test_quantization_key_is_validated_and_refused_without_cuda_or_bitsandbytes(
+    tiny_dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="model.quantization='2bit'"):
+        ModelConfig(quantization="2bit")
+    with pytest.raises(ValueError, match=r"model.quantization='8bit'.*source='tiny'"):
+        load_model_and_tokenizer(ModelConfig(source="tiny", quantization="8bit"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = pc.preset_config(*tiny_dirs, *STEP, "model.quantization=4bit")
+    with pytest.raises(ValueError, match=r"model.quantization='4bit'.*no CUDA device"):
+        Parts(cfg)
