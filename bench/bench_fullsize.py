@@ -99,7 +99,7 @@ def project(counts: dict[str, int], step: pc.StepReport, cfg: Any, gib: float) -
     casts = step.saved_weight_cast_bytes or 2 * counts["base"]
     trainable = counts["lora"] + counts.get("log_z_head", 0)
     fixed = 4 * counts["base"] + judge_bytes * counts["judge"] + 16 * trainable + casts + GIB
-    pp, tt = step.prompt_width, int(cfg["max_len"])
+    pp, tt = int(cfg.get("prompt_width_max", step.prompt_width)), int(cfg["max_len"])
     per_q = per_tok * (pp + tt) + per_act * tt + 2 * 4 * tt * vocab
     preset_b = int(cfg["facts_per_step"]) * int(cfg["n_samples"])
     limit = gib * GIB
@@ -116,6 +116,16 @@ def project(counts: dict[str, int], step: pc.StepReport, cfg: Any, gib: float) -
         "max_batch": max(0, int((limit - fixed) // per_q)),
         "gpu_GiB": gib,
     }
+
+
+def prompt_width_max(cfg: Any, tokenizer: Any) -> int:
+    """The widest question prompt over the training facts: a batch is left-padded to its
+    widest prompt, so this bounds P for any batch of the preset."""
+    from contraq.data import load_facts
+    from contraq.train import build_prompts, resolve_path
+
+    facts = load_facts(resolve_path(cfg.data.path))
+    return max(len(p) for p in build_prompts(cfg, facts, tokenizer))
 
 
 def overrides(args: argparse.Namespace, device: torch.device) -> list[str]:
@@ -162,6 +172,7 @@ def train_steps(
         "max_len": int(preset.sampler.max_len),
         "vocab_size": parts.policy.config.vocab_size,
         "nli_dtype": preset.nli.dtype,
+        "prompt_width_max": prompt_width_max(preset, parts.tokenizer),
     }
     del parts, module
     gc.collect()
@@ -197,7 +208,14 @@ def main() -> None:
     ap.add_argument("--nli-layers", type=int, default=None, help="debug: fewer DeBERTa layers")
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--json", default=None, help="write all figures to this file")
+    ap.add_argument("--from-json", default=None, help="re-project a saved run (no model run)")
     args = ap.parse_args()
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        step = pc.StepReport(**_report(res["tb"]))
+        res["projection"] = project(res["params"], step, res["cfg"], args.gpu_gib)
+        print_report(res, tuple(Path(d) for d in res["dirs"]))
+        return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
@@ -221,6 +239,7 @@ def main() -> None:
         res["params"], pc.StepReport(**_report(res["tb"])), res["cfg"], args.gpu_gib
     )
     res["device"] = str(device)
+    res["dirs"] = [str(d) for d in dirs]
     res["threads"] = torch.get_num_threads()
     print_report(res, dirs)
     if args.json:
@@ -261,7 +280,8 @@ def print_report(res: dict[str, Any], dirs: tuple[Path, Path]) -> None:
             f"|log P_F sampler - teacher-forced| max {b['log_pf_max_abs_diff']:.3f}"
         )
     print(
-        f"RSS after fp32 load: {res['rss_after_load'] / GIB:.2f} GiB; process peak "
+        f"RSS after fp32 load: {res['rss_after_load'] / GIB:.2f} GiB (safetensors are "
+        f"memory-mapped: pages count once touched); process peak "
         f"{res['process_peak'] / GIB:.2f} GiB"
     )
     print(
@@ -272,7 +292,7 @@ def print_report(res: dict[str, Any], dirs: tuple[Path, Path]) -> None:
     print(
         f"projection (bf16-mixed, one GPU): fixed {pr['fixed_GiB']:.1f} GiB + "
         f"{pr['per_question_MiB']:.0f} MiB/question (P={pr['prompt_width']}, "
-        f"T={pr['max_len']}) -> preset batch {pr['preset_batch']}: {pr['preset_GiB']:.1f} GiB "
+        f"T={pr['max_len']}, widest prompt of the data) -> preset batch {pr['preset_batch']}: {pr['preset_GiB']:.1f} GiB "
         f"({'fits' if pr['fits'] else 'does NOT fit'} {pr['gpu_GiB']:.0f} GiB); "
         f"stops fitting above {pr['max_batch']} questions per step"
     )
