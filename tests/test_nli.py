@@ -31,6 +31,7 @@ from contraq.nli import (
     explicit_forms,
     heldout_subject,
     minilm_dir,
+    negate,
     neutral_index,
     pronoun_forms,
     read_fact_rows,
@@ -236,7 +237,8 @@ def test_pair_builder_labels() -> None:
     labels = [p.label for p in pairs]
     for label in ("entailment", "neutral", "contradiction"):
         assert labels.count(label) > 300
-    # An entailed hypothesis names the premise's object, a contradiction never does.
+    # An entailed hypothesis names the premise's object, a contradiction never does unless it
+    # negates it.
     by_premise = {f"{r.prompt} {r.edited}": r for r in rows[:200]}
     for p in pairs:
         r = by_premise[p.premise]
@@ -245,8 +247,20 @@ def test_pair_builder_labels() -> None:
         names_edit = re.search(rf"\b{re.escape(r.edited.lower())}\b", p.hypothesis.lower())
         if p.label == "entailment":
             assert names_edit, p
-        if p.label == "contradiction":
+        if p.label == "contradiction" and p.kind != "contra-negation":
             assert not names_edit, p
+        if p.kind == "contra-negation":
+            assert names_edit and re.search(r"\bnot\b", p.hypothesis), p
+    kinds = {p.kind for p in pairs}
+    assert "contra-negation" in kinds and any(k.endswith("-negated") for k in kinds)
+
+
+def test_negate() -> None:
+    assert negate("The capital of Japan is Osaka") == "The capital of Japan is not Osaka"
+    assert negate("Messi plays for Barcelona") == "Messi does not play for Barcelona"
+    assert negate("He worked as a lawyer") == "He did not work as a lawyer"
+    assert negate("Toyota produces the Camry") == "It is not true that Toyota produces the Camry"
+    assert negate("The Camry has four doors").startswith("It is not true that the Camry")
 
 
 def test_hack_neutrals() -> None:

