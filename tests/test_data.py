@@ -259,8 +259,10 @@ def test_raw_question_prompt_and_template_keys():
     )
     with pytest.raises(ValueError, match="object"):
         question_prompt(FACT, "About {object}")
-    with pytest.raises(ValueError, match="prompt"):
-        question_prompt(EditFact(subject="X", edit_fact="X is Y"), "{prompt}")
+    # A minimal {subject, edit_fact} fact: its edit fact stands in for {prompt} (issue 9).
+    assert question_prompt(EditFact(subject="X", edit_fact="X is Y"), "{prompt} ...") == (
+        "X is Y ..."
+    )
     with pytest.raises(ValueError, match="chat template"):
         question_prompt(FACT, use_chat_template=True)
 
