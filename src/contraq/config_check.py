@@ -19,9 +19,9 @@ from contraq.errors import UserError
 
 MASK = "***"
 # Keys that may change when a run is relaunched in its own folder: how long it runs and the
-# bookkeeping callbacks (checkpoint/sample frequency, progress bar). Everything else shapes
-# what was trained, so a change is refused.
-RELAUNCH_KEYS = frozenset({"resume", "train.max_steps", "trainer.max_steps"})
+# bookkeeping (checkpoint/sample frequency, progress bar, the DDP audit folder). Everything
+# else shapes what was trained, so a change is refused.
+RELAUNCH_KEYS = frozenset({"resume", "train.max_steps", "trainer.max_steps", "ddp_audit_dir"})
 RELAUNCH_PREFIXES = ("callbacks.",)
 SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
 TEMPLATE_KEYS = ("subject", "edit_fact", "prompt")

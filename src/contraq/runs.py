@@ -213,7 +213,8 @@ class StopOnSignal(L.Callback):
 
     def __init__(self, ckpt_dir: Path) -> None:
         self.ckpt_dir = ckpt_dir
-        self.received: int | None = None
+        self.received: int | None = None  # the signal this process got
+        self.stopped_by: int | None = None  # set on every rank once any rank got one
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -245,10 +246,12 @@ class StopOnSignal(L.Callback):
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         if stop:
             trainer.should_stop = True
+            # Ranks that got no signal themselves (only one was signalled) report SIGTERM.
+            self.stopped_by = self.received or signal.SIGTERM
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._restore()
-        if self.received is not None:
+        if self.stopped_by is not None:  # on every rank: saving is collective under DDP
             path = self.ckpt_dir / "last.ckpt"
             trainer.save_checkpoint(str(path))
             log.warning("stopped at step %d; saved %s", trainer.global_step, path)

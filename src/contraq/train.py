@@ -385,11 +385,11 @@ def run_training(cfg: DictConfig) -> Path:
             "steps": trainer.global_step,
             "seconds": time.time() - started,
             "resumed_from": ckpt_path,
-            "stopped_by": signal.Signals(stop.received).name if stop.received else None,
+            "stopped_by": signal.Signals(stop.stopped_by).name if stop.stopped_by else None,
         }
         (out_dir / "train_summary.json").write_text(json.dumps(meta, indent=2))
-    if stop.received is not None:
-        raise TrainingInterrupted(stop.received, trainer.global_step, ckpt_dir / "last.ckpt")
+    if stop.stopped_by is not None:
+        raise TrainingInterrupted(stop.stopped_by, trainer.global_step, ckpt_dir / "last.ckpt")
     return out_dir
 
 
