@@ -259,8 +259,10 @@ def test_raw_question_prompt_and_template_keys():
     )
     with pytest.raises(ValueError, match="object"):
         question_prompt(FACT, "About {object}")
-    with pytest.raises(ValueError, match="prompt"):
-        question_prompt(EditFact(subject="X", edit_fact="X is Y"), "{prompt}")
+    # A minimal {subject, edit_fact} fact: its edit fact stands in for {prompt} (issue 9).
+    assert question_prompt(EditFact(subject="X", edit_fact="X is Y"), "{prompt} ...") == (
+        "X is Y ..."
+    )
     with pytest.raises(ValueError, match="chat template"):
         question_prompt(FACT, use_chat_template=True)
 
@@ -294,3 +296,18 @@ def test_chat_prompt_and_left_padding(smol_tokenizer):
     assert ids[0, -n_raw:].tolist() == tok(raw)["input_ids"]
     with pytest.raises(ValueError, match="no texts"):
         encode_prompts([], tok)
+
+
+def test_overlong_fields_are_refused_at_load_with_file_and_line(tmp_path: Path) -> None:
+    # Issue 9, case 8: a megabyte prompt used to stall `contraq sample` for minutes.
+    path = write_lines(
+        tmp_path / "f.jsonl",
+        [good_record(0), good_record(1, prompt="x" * 2**20), good_record(2), good_record(3)],
+    )
+    report = load_facts_report(path)
+    assert [f.subject for f in report.facts] == ["Country0", "Country2", "Country3"]
+    assert str(report.skipped[0]).startswith(f"{path}:2: prompt: is 1048576 characters long")
+    with pytest.raises(DataError, match=r"f\.jsonl:2: prompt: .*maximum 2000"):
+        load_facts(path, on_error="raise")
+    with pytest.raises(DataError, match=r"f\.jsonl:1: prompt: .*maximum 10"):
+        load_facts(path, on_error="raise", max_chars=10, minimal_ok=True)

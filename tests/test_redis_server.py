@@ -148,6 +148,69 @@ def test_cli_start_status_stop(tmp_path: Path, capsys: pytest.CaptureFixture[str
     finally:
         assert redis_server.cli_main(["stop", "--dir", data]) == 0
     assert redis_server.cli_main(["status", "--port", port, "--dir", data]) == 1
-    assert "nothing answers" in capsys.readouterr().out
+    assert "nothing listens" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         redis_server.cli_main(["restart"])
+
+
+class OtherServer:
+    """A TCP server on a free port that is not Redis: it answers HTTP, or says nothing."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.reply, self.conns = reply, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.reply is not None:
+                conn.recv(1024)
+                conn.sendall(self.reply)
+                conn.close()
+
+    def close(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):  # wakes the accept() of the serving thread
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", None],
+    ids=["http", "silent"],
+)
+def test_status_tells_another_program_from_nothing_listening(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reply: bytes | None
+) -> None:
+    # Issue 9, case 10: "nothing answers" (or an InvalidResponse traceback) when another
+    # program holds the port.
+    other = OtherServer(reply)
+    try:
+        assert (
+            redis_server.cli_main(["status", "--port", str(other.port), "--dir", str(tmp_path)])
+            == 1
+        )
+        out = capsys.readouterr().out.strip()
+        assert (
+            out.startswith(f"something else listens on 127.0.0.1:{other.port}") and "\n" not in out
+        )
+        with pytest.raises(RedisServerError, match="does not answer as Redis"):
+            redis_server.ensure_running("127.0.0.1", other.port, tmp_path / "d")
+    finally:
+        other.close()
+    assert redis_server.cli_main(["status", "--port", str(other.port), "--dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.strip() == f"nothing listens on 127.0.0.1:{other.port}"

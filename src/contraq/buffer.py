@@ -30,12 +30,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from contraq.errors import UserError
+
 if TYPE_CHECKING:  # torch is imported lazily: Redis worker processes and the CLI stay light
     import torch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+EntryCheck = Callable[["BufferEntry"], "str | None"]
 
 #: Default near-duplicate threshold: edit distance < ratio * (len1 + len2).
 NEAR_DUP_RATIO = 0.25
@@ -43,6 +46,9 @@ NEAR_DUP_RATIO = 0.25
 STATE_VERSION = 1
 #: Environment variable holding the Redis password (never put it in a config file or argv).
 PASSWORD_ENV = "CONTRAQ_REDIS_PASSWORD"
+#: A replayed entry's |log_r| above this is corruption: log R sums log-probs of a few dozen
+#: tokens (plus a finite floor), and a huge value makes the squared loss overflow.
+MAX_ABS_LOG_R = 1e6
 #: Optimistic-transaction retries before ``add`` gives up under contention.
 _MAX_CONFLICTS = 1000
 
@@ -51,11 +57,11 @@ class ReplayBufferError(RuntimeError):
     """Base class of replay-buffer errors."""
 
 
-class BufferCorruptError(ReplayBufferError, ValueError):
+class BufferCorruptError(UserError, ReplayBufferError, ValueError):
     """A stored value (JSON, Redis key, state dict) is not a valid buffer entry."""
 
 
-class BufferUnavailableError(ReplayBufferError):
+class BufferUnavailableError(UserError, ReplayBufferError):
     """The buffer's backend (Redis) cannot be reached or refuses us."""
 
 
@@ -319,6 +325,19 @@ def merge_entries(
     return kept
 
 
+def entry_problem(entry: BufferEntry, vocab_size: int, max_len: int) -> str | None:
+    """Why ``entry`` cannot be replayed by a model with ``vocab_size`` tokens and questions of
+    at most ``max_len`` tokens (stored data may come from another model or be tampered)."""
+    top = max(entry.token_ids)
+    if top >= vocab_size:
+        return f"token id {top} >= the vocabulary size {vocab_size}"
+    if len(entry.token_ids) > max_len:
+        return f"{len(entry.token_ids)} tokens > sampler.max_len {max_len}"
+    if abs(entry.log_r) > MAX_ABS_LOG_R:
+        return f"log_r {entry.log_r!r} outside [-{MAX_ABS_LOG_R:g}, {MAX_ABS_LOG_R:g}]"
+    return None
+
+
 def sample_indices(
     log_r: Sequence[float],
     n: int,
@@ -393,6 +412,44 @@ class ReplayBuffer(abc.ABC):
         """Number of entries under ``key``."""
         return len(self.entries(key))
 
+    #: Checks a stored entry against the model that replays it (token ids, length, log_r
+    #: bounds); returns why it is unusable, or None. Set by the training module.
+    entry_check: EntryCheck | None = None
+
+    def set_entry_check(self, check: EntryCheck | None) -> None:
+        """Validate entries on read with ``check``; invalid ones are dropped from sampling,
+        counted in :attr:`dropped` and warned about once, naming where they are stored."""
+        self.entry_check = check
+        self._dropped_ids: set[tuple[str, str]] = set()
+
+    @property
+    def dropped(self) -> int:
+        """How many distinct stored entries :attr:`entry_check` rejected so far."""
+        return len(getattr(self, "_dropped_ids", ()))
+
+    def where(self, key: str) -> str:
+        """Where ``key``'s entries are stored, for messages."""
+        return f"replay buffer key {key!r}"
+
+    def usable_entries(self, key: str) -> list[BufferEntry]:
+        """:meth:`entries` of ``key`` that pass :attr:`entry_check`."""
+        pool = self.entries(key)
+        if self.entry_check is None:
+            return pool
+        good = []
+        for e in pool:
+            problem = self.entry_check(e)
+            if problem is None:
+                good.append(e)
+                continue
+            ident = (key, e.entry_id())
+            if ident not in self._dropped_ids:
+                self._dropped_ids.add(ident)
+                log.warning(
+                    "%s: dropped entry %s from replay: %s", self.where(key), ident[1], problem
+                )
+        return good
+
     def sample(
         self,
         key: str,
@@ -404,9 +461,10 @@ class ReplayBuffer(abc.ABC):
         """``n`` entries of ``key`` drawn with replacement using ONLY ``generator``.
 
         Prioritised: P(entry) = softmax(log_r / temperature) over the key's entries; otherwise
-        uniform. Returns ``[]`` when the key is empty (the caller then samples on-policy).
+        uniform. Returns ``[]`` when the key has no usable entry (the caller then samples
+        on-policy).
         """
-        pool = self.entries(key)
+        pool = self.usable_entries(key)
         idx = sample_indices([e.log_r for e in pool], n, generator, prioritized, temperature)
         return [pool[i] for i in idx]
 
@@ -638,6 +696,9 @@ class RedisBuffer(ReplayBuffer):
 
     def _hkey(self, key: str) -> str:
         return f"{self.namespace}:buf:{key}:h"
+
+    def where(self, key: str) -> str:
+        return f"Redis key {self._hkey(key)!r}"
 
     @property
     def _index_key(self) -> str:

@@ -11,7 +11,8 @@ Error policy (:func:`load_facts`):
   empty (no record), a line that is not JSON at all (a corrupt or non-JSONL file: skipping
   would silently train on part of it), or no valid record.
 - A record is wrong (not a JSON object, a required field missing, not a string, empty,
-  null or ``"nan"``, or a fact ending in the word ``nan``, which is how a missing value was
+  longer than ``max_chars`` characters (a prompt of a megabyte would stall sampling), null or
+  ``"nan"``, or a fact ending in the word ``nan``, which is how a missing value was
   written into zsRE's facts) -> with ``on_error="skip"`` (the default) the row is skipped and
   ONE warning summarises all skipped rows; with ``on_error="raise"`` the first one raises.
   If more than half of the records are bad the file is rejected anyway (wrong schema or wrong
@@ -31,11 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from contraq.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "DEFAULT_CHAT_QUESTION_TEMPLATE",
+    "DEFAULT_MAX_CHARS",
     "DEFAULT_QUESTION_TEMPLATE",
     "FULL_FIELDS",
     "MINIMAL_FIELDS",
@@ -65,6 +69,8 @@ FULL_FIELDS = (
 MINIMAL_FIELDS = ("subject", "edit_fact")
 # A record is rejected as "mostly bad file" above this share of bad records.
 MAX_BAD_SHARE = 0.5
+# Longest accepted field (characters): far above any real fact, far below what stalls the LM.
+DEFAULT_MAX_CHARS = 2000
 # How many skipped rows the summary warning lists.
 WARN_EXAMPLES = 5
 
@@ -75,7 +81,7 @@ DEFAULT_CHAT_QUESTION_TEMPLATE = "Ask one short question about {subject}."
 TEMPLATE_KEYS = ("subject", "edit_fact", "prompt")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, line and field where known."""
 
     def __init__(
@@ -151,12 +157,19 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def _check_string(value: Any, name: str, required: bool) -> tuple[str | None, str | None]:
+def _check_string(
+    value: Any, name: str, required: bool, max_chars: int = DEFAULT_MAX_CHARS
+) -> tuple[str | None, str | None]:
     """(normalised value, None) or (None, reason). Optional fields may be absent or null."""
     if value is None:
         return None, ("is null" if required else None)
     if not isinstance(value, str):
         return None, f"must be a string, got {type(value).__name__}"
+    if len(value) > max_chars:
+        return None, (
+            f"is {len(value)} characters long, more than the maximum {max_chars} "
+            "(data.max_fact_chars)"
+        )
     text = _normalise(value)
     if not text:
         return None, "is empty"
@@ -168,7 +181,7 @@ def _check_string(value: Any, name: str, required: bool) -> tuple[str | None, st
 
 
 def _parse_record(
-    record: Any, source: str, line: int, minimal_ok: bool
+    record: Any, source: str, line: int, minimal_ok: bool, max_chars: int = DEFAULT_MAX_CHARS
 ) -> tuple[EditFact | None, SkippedRow | None]:
     if not isinstance(record, dict):
         return None, SkippedRow(
@@ -183,7 +196,7 @@ def _parse_record(
                 return None, SkippedRow(source, line, name, "missing")
             values[name] = None
             continue
-        value, reason = _check_string(record[name], name, is_required)
+        value, reason = _check_string(record[name], name, is_required, max_chars)
         if reason is not None:
             return None, SkippedRow(source, line, name, reason)
         values[name] = value
@@ -195,6 +208,7 @@ def load_facts_report(
     *,
     on_error: Literal["skip", "raise"] = "skip",
     minimal_ok: bool = False,
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> LoadReport:
     """Load and validate a JSON Lines file of edit facts (error policy: see the module doc).
 
@@ -203,6 +217,7 @@ def load_facts_report(
         on_error: ``skip`` (default: bad records are skipped, one summary warning is logged)
             or ``raise`` (the first bad record raises :class:`DataError`).
         minimal_ok: accept the minimal schema ``{subject, edit_fact}``.
+        max_chars: longest accepted field, in characters (``data.max_fact_chars``).
 
     Returns:
         :class:`LoadReport` with the facts in file order and the skipped rows.
@@ -242,7 +257,7 @@ def load_facts_report(
                     source,
                     line_no,
                 ) from exc
-            fact, bad = _parse_record(record, source, line_no, minimal_ok)
+            fact, bad = _parse_record(record, source, line_no, minimal_ok, max_chars)
             if bad is not None:
                 if on_error == "raise":
                     raise DataError(str(bad), source, line_no, bad.field)
@@ -276,9 +291,12 @@ def load_facts(
     *,
     on_error: Literal["skip", "raise"] = "skip",
     minimal_ok: bool = False,
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> list[EditFact]:
     """The valid facts of ``path`` (see :func:`load_facts_report` for the skipped rows)."""
-    return load_facts_report(path, on_error=on_error, minimal_ok=minimal_ok).facts
+    return load_facts_report(
+        path, on_error=on_error, minimal_ok=minimal_ok, max_chars=max_chars
+    ).facts
 
 
 def _subject_unit(subject: str, seed: int) -> float:
@@ -356,9 +374,10 @@ def _template_values(fact: EditFact, template: str) -> dict[str, str]:
             f"prompt template {template!r} uses {unknown}; allowed: {{subject}}, {{edit_fact}}, "
             "{prompt}"
         )
-    values = {"subject": fact.subject, "edit_fact": fact.edit_fact, "prompt": fact.prompt}
-    if "prompt" in keys and fact.prompt is None:
-        raise ValueError(f"{fact.where}: prompt: template uses {{prompt}} but the fact has none")
+    # A minimal {subject, edit_fact} fact has no cloze prompt: its edit fact names the same
+    # subject and relation, so it stands in for {prompt}.
+    prompt = fact.prompt if fact.prompt is not None else fact.edit_fact
+    values = {"subject": fact.subject, "edit_fact": fact.edit_fact, "prompt": prompt}
     return {k: v for k, v in values.items() if k in keys}  # type: ignore[misc]
 
 
@@ -373,10 +392,11 @@ def question_prompt(
     Raw LMs get ``template`` filled in (default :data:`DEFAULT_QUESTION_TEMPLATE`); instruct LMs
     get it as one user turn through ``tokenizer.apply_chat_template(...,
     add_generation_prompt=True, tokenize=False)`` (default :data:`DEFAULT_CHAT_QUESTION_TEMPLATE`).
-    The template may use ``{subject}``, ``{edit_fact}`` and ``{prompt}``.
+    The template may use ``{subject}``, ``{edit_fact}`` and ``{prompt}`` (a fact without a
+    prompt, the minimal schema, fills ``{prompt}`` with its ``edit_fact``).
 
     Raises:
-        ValueError: unknown template key, ``{prompt}`` without a prompt, or a chat template
+        ValueError: unknown template key, or a chat template
             requested from a tokenizer that has none.
     """
     if template is None:

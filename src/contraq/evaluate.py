@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from contraq.errors import UserError
 from contraq.genuine import normalize_text
 from contraq.stats import bootstrap_rate, frontier_value, paired_bootstrap, per_fact_counts
 
@@ -333,7 +334,7 @@ def summarize(
 # --------------------------------------------------------------------------- run folders
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A run folder, checkpoint or facts file cannot be used (the message names the path)."""
 
 
@@ -1057,7 +1058,7 @@ def write_questions(records: Sequence[dict[str, Any]], path: Path, as_csv: bool)
 
 def sample_main(argv: Sequence[str]) -> int:
     """``contraq sample``: questions for new edit facts from a trained run."""
-    from contraq.data import DataError, load_facts
+    from contraq.data import DEFAULT_MAX_CHARS, DataError, load_facts
 
     ap = argparse.ArgumentParser(
         prog="contraq sample",
@@ -1090,8 +1091,10 @@ def sample_main(argv: Sequence[str]) -> int:
         ap.error("--n, --batch-size and --max-rounds must be >= 1 and --temperature > 0")
     _setup_env()
     try:
-        facts = load_facts(args.facts, minimal_ok=True, on_error="raise")
         ref = resolve_run(args.checkpoint)
+        data_cfg = load_run_config(ref.run_dir).get("data") or {}
+        max_chars = int(data_cfg.get("max_fact_chars", DEFAULT_MAX_CHARS))
+        facts = load_facts(args.facts, minimal_ok=True, on_error="raise", max_chars=max_chars)
         parts = load_parts(ref, plain=args.plain, device=pick_device(args.device))
     except (DataError, RunError) as exc:
         print(f"contraq sample: {exc}", file=sys.stderr)

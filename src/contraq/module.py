@@ -15,6 +15,7 @@ training step together:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from contraq import distributed
-from contraq.buffer import BufferEntry, ReplayBuffer, prompt_key
+from contraq.buffer import BufferEntry, ReplayBuffer, entry_problem, prompt_key
 from contraq.data import EditFact
 from contraq.evaluate import distinct_n, grouped_diversity
 from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss
@@ -138,6 +139,13 @@ class GFlowNetModule(L.LightningModule):
         # Only the LoRA adapters and the log Z head go into checkpoints (see on_save_checkpoint).
         self.strict_loading = False
         self.last_batch: dict[str, Any] | None = None
+        # Replayed entries must fit this model: ids inside its vocabulary, at most max_len
+        # tokens, a bounded log R (a stored entry may come from another model or be tampered).
+        vocab = min(len(tokenizer), policy.get_input_embeddings().num_embeddings)
+        if hasattr(buffer, "set_entry_check"):
+            buffer.set_entry_check(
+                functools.partial(entry_problem, vocab_size=vocab, max_len=sampler_cfg.max_len)
+            )
         self.log_z_ready = False  # set by init_log_z on the first TB step (or a resume)
 
     # ------------------------------------------------------------------ helpers
@@ -211,11 +219,12 @@ class GFlowNetModule(L.LightningModule):
         """A batch of buffer entries for the facts, or None when a fact has no entry yet."""
         entries: list[BufferEntry] = []
         for i in fact_ids:
-            if self.buffer.size(self.prompt_keys[i]) == 0:
-                return None
-            entries += self.buffer.sample(
+            got = self.buffer.sample(
                 self.prompt_keys[i], n_per_fact, generator, prioritized=self.cfg.buffer_prioritized
             )
+            if not got:  # no entry yet, or none that this model can replay
+                return None
+            entries += got
         rows = [i for i in fact_ids for _ in range(n_per_fact)]
         ids, mask = self._prompt_batch(rows)
         actions = pad_actions([e.token_ids for e in entries], self.pad_id, self.device)
@@ -383,6 +392,7 @@ class GFlowNetModule(L.LightningModule):
         if self.global_rank == 0:  # only rank 0 logs (and, with rank0 sampling, has a buffer)
             total = sum(self.buffer.size(k) for k in set(self.prompt_keys))
             metrics["train/buffer_entries"] = float(total)
+            metrics["train/replay_dropped"] = float(getattr(self.buffer, "dropped", 0))
         self.log_dict(metrics, on_step=True, prog_bar=False, sync_dist=False, rank_zero_only=True)
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
         self.log("log_r", metrics["train/log_r"], prog_bar=True, logger=False)

@@ -18,11 +18,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from contraq.errors import UserError
 
 #: Default data directory (relative to the working directory; ``.cache/`` is git-ignored).
 DEFAULT_DATA_DIR = ".cache/redis"
@@ -41,7 +44,7 @@ _CONF_FILE = "redis.conf"
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-class RedisServerError(RuntimeError):
+class RedisServerError(UserError, RuntimeError):
     """A local redis-server could not be found, started, reached or stopped."""
 
 
@@ -88,9 +91,19 @@ def redis_server_binary() -> str:
     )
 
 
+def _listening(host: str, port: int, timeout: float) -> bool:
+    """Whether anything accepts a TCP connection on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _ping(host: str, port: int, password: str | None, timeout: float = 0.5) -> str:
     """``"ok"`` if PING answers, ``"auth"`` if a server answers but refuses our credentials,
-    ``"down"`` if nothing speaks Redis there."""
+    ``"other"`` if something listens that does not answer as Redis, ``"down"`` if nothing
+    listens there."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -106,9 +119,12 @@ def _ping(host: str, port: int, password: str | None, timeout: float = 0.5) -> s
     except (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError):
         return "auth"
     except redis.exceptions.ResponseError as e:
-        return "auth" if "NOAUTH" in str(e) or "WRONGPASS" in str(e) else "down"
+        return "auth" if "NOAUTH" in str(e) or "WRONGPASS" in str(e) else "other"
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-        return "down"
+        # Refused: nothing there. Accepted, then closed or silent: another program holds it.
+        return "other" if _listening(host, port, timeout) else "down"
+    except redis.exceptions.RedisError:  # e.g. InvalidResponse: a non-Redis protocol answered
+        return "other"
     finally:
         client.close()
 
@@ -199,7 +215,8 @@ def start(
             f"a redis-server (pid {info['pid']}, port {info.get('port')}) already uses {data}; "
             f"stop it with `contraq redis stop --dir {data}` or pick another --dir"
         )
-    if _ping("127.0.0.1", port, None) != "down":
+    # "other" (a non-Redis program holds the port) is left to redis-server's own bind error.
+    if _ping("127.0.0.1", port, None) in ("ok", "auth"):
         raise RedisServerError(
             f"port {port} on 127.0.0.1 is already served by another Redis; use it "
             f"(buffer.autostart=false) or pick another port"
@@ -347,11 +364,13 @@ def status(
     msg = {
         "ok": f"redis answers on {where}",
         "auth": f"redis answers on {where} but refuses the given credentials",
-        "down": f"nothing answers on {where}",
+        "other": f"something else listens on {where}: it does not answer as Redis "
+        f"(another program holds the port; choose another --port / buffer.port)",
+        "down": f"nothing listens on {where}",
     }[state]
     if pid is not None:
         msg += f" (pid {pid}, data {data})"
-    return ServerStatus(state != "down", port, pid, data, msg)
+    return ServerStatus(state in ("ok", "auth"), port, pid, data, msg)
 
 
 def ensure_running(
@@ -372,6 +391,11 @@ def ensure_running(
         raise RedisServerError(
             f"Redis on {host}:{port} refuses the credentials "
             f"({'a' if password else 'no'} password given); set {PASSWORD_ENV}"
+        )
+    if state == "other":
+        raise RedisServerError(
+            f"something else listens on {host}:{port} and does not answer as Redis; "
+            "choose another buffer.port"
         )
     if host not in LOCAL_HOSTS:
         raise RedisServerError(

@@ -17,13 +17,15 @@ from typing import Any
 
 import matplotlib
 
+from contraq.errors import UserError
+
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 Series = list[tuple[int, float]]
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A run folder or one of its files is missing or malformed (the message names it)."""
 
 

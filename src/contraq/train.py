@@ -2,10 +2,12 @@
 
 The run folder (``output_dir``) holds everything a later command needs::
 
-    config.yaml            the resolved config (what `sample`/`eval`/`report` rebuild from)
-    checkpoints/last.ckpt  resume point (LoRA + log Z + optimizer + schedules + step + buffer)
+    config.yaml            the resolved config, passwords masked (what `sample`/`eval`/`report`
+                           rebuild from); written once the new config has been validated
+    checkpoints/last.ckpt  resume point (LoRA + log Z + optimizer + schedules + step + buffer),
+                           written atomically (contraq.runs)
     adapter/               the LoRA adapter (peft format) + log_z_head.safetensors
-    logs/metrics.csv       every logged number
+    logs/metrics.csv       every logged number, of every launch (appended)
     samples.jsonl          questions sampled during training, with answers and reward parts
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,8 +27,17 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from contraq import distributed
-from contraq.data import EditFact, encode_prompts, load_facts, question_prompt, split_facts
+from contraq import distributed, runs
+from contraq.config_check import ConfigError, check_relaunch, masked, validate
+from contraq.data import (
+    DEFAULT_MAX_CHARS,
+    EditFact,
+    encode_prompts,
+    load_facts,
+    question_prompt,
+    split_facts,
+)
+from contraq.errors import TrainingInterrupted
 from contraq.models import ModelConfig, attach_lora, load_model_and_tokenizer, termination_token_id
 from contraq.module import GFlowNetModule, TrainConfig, save_adapter
 from contraq.reward import build_reward
@@ -76,6 +88,8 @@ def use_chat(cfg: DictConfig, tokenizer: Any) -> bool:
 
 def build_prompts(cfg: DictConfig, facts: Sequence[EditFact], tokenizer: Any) -> list[list[int]]:
     """Prompt token ids (unpadded) for each fact."""
+    if not facts:
+        return []
     chat = use_chat(cfg, tokenizer)
     template = cfg.prompt.template if chat else cfg.prompt.raw_template
     texts = [question_prompt(f, template, tokenizer, chat) for f in facts]
@@ -124,7 +138,10 @@ class Parts:
             model = attach_lora(model, mcfg)
         self.policy = model
         self.tokenizer = tokenizer
-        self.term_id = termination_token_id(tokenizer, mcfg.termination_token)
+        try:
+            self.term_id = termination_token_id(tokenizer, mcfg.termination_token)
+        except ValueError as e:
+            raise ConfigError("model.termination_token", str(e)) from None
         self.sampler_cfg = sampler_config(cfg, tokenizer, self.term_id)
         self._reward = None
 
@@ -228,15 +245,6 @@ class FreshSampleEval(L.Callback):
         self._run(trainer, pl_module)
 
 
-def find_resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
-    if cfg.resume == "never":
-        return None
-    if cfg.resume not in (None, "auto"):
-        return str(resolve_path(cfg.resume))
-    last = out_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
-
-
 def build_progress_bar(kind: str) -> list[L.Callback]:
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
@@ -247,55 +255,44 @@ def build_progress_bar(kind: str) -> list[L.Callback]:
     return []
 
 
-def run_training(cfg: DictConfig) -> Path:
-    """Train as configured; returns the run folder."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
-    out_dir = (
-        resolve_path(cfg.output_dir)
-        if not Path(cfg.output_dir).is_absolute()
-        else Path(cfg.output_dir)
-    )
-    out_dir = Path(cfg.output_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    distributed.prepare(cfg)
-    ckpt_path = find_resume_checkpoint(cfg, out_dir)
-    if distributed.env_rank() == 0:
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
-    facts = load_facts(resolve_path(cfg.data.path))
+def load_split(cfg: DictConfig) -> Any:
+    """The run's facts split by subject; a split that leaves no training fact is a
+    ConfigError, an empty validation split only skips the `val/` metrics."""
+    path = resolve_path(cfg.data.path)
+    facts = load_facts(path, max_chars=int(cfg.data.get("max_fact_chars", DEFAULT_MAX_CHARS)))
     split = split_facts(
         facts,
         val_fraction=float(cfg.data.val_fraction),
         test_fraction=float(cfg.data.test_fraction),
         seed=int(cfg.data.split_seed),
     )
+    if not split.train:
+        raise ConfigError(
+            "data.val_fraction",
+            f"the split of {path} leaves no training fact ({len(facts)} facts); lower "
+            "data.val_fraction / data.test_fraction or use more subjects",
+        )
+    if not split.val and int(cfg.eval.n_facts) > 0:
+        log.warning(
+            "the validation split of %s is empty (data.val_fraction=%s): no val/ metrics; "
+            "raise data.val_fraction, or set eval.n_facts=0 to silence this",
+            path,
+            cfg.data.val_fraction,
+        )
     log.info(
         "facts: %d train, %d val, %d test (held out)",
         len(split.train),
         len(split.val),
         len(split.test),
     )
+    return split
 
-    parts = Parts(cfg)
-    # train.sampling=rank0: only rank 0 scores, the others never load the reward models.
-    reward = parts.reward() if distributed.rank_scores(cfg) else distributed.RankZeroReward()
-    buffer = distributed.build_run_buffer(cfg.buffer)  # Redis autostart by rank 0 only
-    module = GFlowNetModule(
-        policy=parts.policy,
-        tokenizer=parts.tokenizer,
-        facts=split.train,
-        prompts=build_prompts(cfg, split.train, parts.tokenizer),
-        reward=reward,
-        buffer=buffer,
-        sampler_cfg=parts.sampler_cfg,
-        cfg=train_config(cfg),
-        eval_facts=split.val[: int(cfg.eval.n_facts)],
-        eval_prompts=build_prompts(cfg, split.val[: int(cfg.eval.n_facts)], parts.tokenizer),
-    )
+
+def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[L.Callback]:
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
     cb = cfg.callbacks
-    callbacks: list[L.Callback] = [
+    return [
         ModelCheckpoint(
             dirpath=str(out_dir / "checkpoints"),
             filename="step={step}",
@@ -315,9 +312,13 @@ def run_training(cfg: DictConfig) -> Path:
             diversity=bool(cfg.eval.get("diversity", True)),
         ),
         LearningRateMonitor(logging_interval="step"),
+        runs.StopOnSignal(out_dir / "checkpoints"),
         *build_progress_bar(str(cb.progress_bar)),
         *distributed.extra_callbacks(cfg),
     ]
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     loggers = [instantiate(v) for v in cfg.logger.values()] if cfg.logger else False
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
@@ -325,24 +326,70 @@ def run_training(cfg: DictConfig) -> Path:
     strategy = trainer_kwargs.pop("strategy", "auto")
     if isinstance(strategy, dict):
         strategy = instantiate(strategy)
-    trainer = L.Trainer(
+    return L.Trainer(
         **trainer_kwargs,
         strategy=strategy,
         logger=loggers,
         callbacks=callbacks,
+        plugins=[runs.AtomicCheckpointIO()],
         default_root_dir=str(out_dir),
-        enable_progress_bar=str(cb.progress_bar) != "none",
+        enable_progress_bar=str(cfg.callbacks.progress_bar) != "none",
     )
+
+
+def run_training(cfg: DictConfig) -> Path:
+    """Train as configured; returns the run folder.
+
+    Order matters for the run folder: the config is validated and every part built (facts,
+    model, termination token, buffer) before ``config.yaml`` is written, so a relaunch that
+    fails leaves the run as it was; a relaunch whose config differs is refused.
+    """
+    validate(cfg)
+    out_dir = Path(cfg.output_dir).resolve()
+    distributed.prepare(cfg)
+    ckpt_dir = out_dir / "checkpoints"
+    saved = masked(OmegaConf.to_container(cfg, resolve=True))
+    check_relaunch(out_dir, saved, cfg.resume)
+    ckpt_path = runs.find_resume_checkpoint(cfg.resume, ckpt_dir, resolve_path)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    split = load_split(cfg)
+    parts = Parts(cfg)
+    # train.sampling=rank0: only rank 0 scores, the others never load the reward models.
+    reward = parts.reward() if distributed.rank_scores(cfg) else distributed.RankZeroReward()
+    buffer = distributed.build_run_buffer(cfg.buffer)  # Redis autostart by rank 0 only
+    eval_facts = split.val[: int(cfg.eval.n_facts)]
+    module = GFlowNetModule(
+        policy=parts.policy,
+        tokenizer=parts.tokenizer,
+        facts=split.train,
+        prompts=build_prompts(cfg, split.train, parts.tokenizer),
+        reward=reward,
+        buffer=buffer,
+        sampler_cfg=parts.sampler_cfg,
+        cfg=train_config(cfg),
+        eval_facts=eval_facts,
+        eval_prompts=build_prompts(cfg, eval_facts, parts.tokenizer),
+    )
+    callbacks = build_callbacks(cfg, out_dir)
+    trainer = build_trainer(cfg, out_dir, callbacks)
+    if distributed.env_rank() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_run_config(out_dir, OmegaConf.to_yaml(saved), cfg.resume == "never")
+        runs.remove_stale_temp_files(ckpt_dir)
     started = time.time()
     with distributed.lightning_relaunch(trainer):
         trainer.fit(module, train_dataloaders=step_loader(), ckpt_path=ckpt_path)
+    stop = next(c for c in callbacks if isinstance(c, runs.StopOnSignal))
     if trainer.is_global_zero:
         meta = {
             "steps": trainer.global_step,
             "seconds": time.time() - started,
             "resumed_from": ckpt_path,
+            "stopped_by": signal.Signals(stop.stopped_by).name if stop.stopped_by else None,
         }
         (out_dir / "train_summary.json").write_text(json.dumps(meta, indent=2))
+    if stop.stopped_by is not None:
+        raise TrainingInterrupted(stop.stopped_by, trainer.global_step, ckpt_dir / "last.ckpt")
     return out_dir
 
 

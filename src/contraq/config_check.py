@@ -1,0 +1,312 @@
+"""Checks of a run config before anything is loaded or written, and the run folder's config.
+
+- :func:`validate` checks every value the code reads, once, up front: a bad value raises
+  :class:`ConfigError` naming the key and what it accepts (the CLI prints that one line).
+- :func:`masked` hides secrets (``*password*``) so the saved ``config.yaml`` never holds them.
+- :func:`config_diff` lists the keys in which a relaunch differs from the run folder's config;
+  :func:`check_relaunch` refuses such a relaunch (unless ``resume=never``).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from contraq.errors import UserError
+
+MASK = "***"
+# Keys that may change when a run is relaunched in its own folder: how long it runs and the
+# bookkeeping (checkpoint/sample frequency, progress bar, the DDP audit folder). Everything
+# else shapes what was trained, so a change is refused.
+RELAUNCH_KEYS = frozenset({"resume", "train.max_steps", "trainer.max_steps", "ddp_audit_dir"})
+RELAUNCH_PREFIXES = ("callbacks.",)
+SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
+TEMPLATE_KEYS = ("subject", "edit_fact", "prompt")
+
+
+class ConfigError(UserError, ValueError):
+    """A config value is invalid; the message names the key and what it accepts."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+Check = Callable[[Any], str | None]  # None when the value is fine, else what is expected
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Check:
+    def check(v: Any) -> str | None:
+        ok = _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+        if ok:
+            return None
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
+        rng = rng or (f" >= {lo}" if lo is not None else "")
+        return f"an integer{rng}"
+
+    return check
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        ok = _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo))
+        ok = ok and (hi is None or v <= hi)
+        if ok:
+            return None
+        left = "(" if lo_open else "["
+        if lo is not None and hi is not None:
+            return f"a number in {left}{lo}, {hi}]"
+        if lo is not None:
+            return f"a number {'>' if lo_open else '>='} {lo}"
+        return "a finite number"
+
+    return check
+
+
+def choice(*allowed: Any) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in allowed else "one of " + ", ".join(repr(a) for a in allowed)
+
+    return check
+
+
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def text(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else "a non-empty string"
+
+
+def optional(inner: Check) -> Check:
+    def check(v: Any) -> str | None:
+        if v is None:
+            return None
+        expected = inner(v)
+        return expected and f"null or {expected}"
+
+    return check
+
+
+def template(v: Any) -> str | None:
+    if not isinstance(v, str) or not v.strip():
+        return "a non-empty template string"
+    try:
+        keys = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+    except ValueError as e:
+        return f"a valid format string ({e})"
+    if keys - set(TEMPLATE_KEYS):
+        return "a template using only {subject}, {edit_fact} and {prompt}"
+    return None
+
+
+def string_list(v: Any) -> str | None:
+    ok = isinstance(v, list | tuple) and all(isinstance(s, str) for s in v)
+    return None if ok else "a list of strings"
+
+
+# Every key the training code reads, with what it accepts. A key that is absent from the
+# config (an older run folder, a reduced test config) is not checked.
+RULES: dict[str, Check] = {
+    "name": text,
+    "output_dir": text,
+    "seed": integer(0),
+    "prompt.template": template,
+    "prompt.raw_template": template,
+    "prompt.use_chat_template": choice("auto", True, False),
+    "train.max_steps": integer(1),
+    "train.facts_per_step": integer(1),
+    "train.n_samples": integer(1),
+    "train.lr": number(0, lo_open=True),
+    "train.logz_lr": number(0, lo_open=True),
+    "train.weight_decay": number(0),
+    "train.lr_warmup_steps": integer(0),
+    "train.grad_clip": optional(number(0)),
+    "train.pf_temp_prob": number(0, 1),
+    "train.pf_temp_low": number(0, lo_open=True),
+    "train.pf_temp_high": number(0, lo_open=True),
+    "train.sampling": choice("per_rank", "rank0", "rank0_broadcast"),
+    "eval.n_facts": integer(0),
+    "eval.n_samples": integer(1),
+    "eval.every_n_steps": integer(1),
+    "eval.diversity": boolean,
+    "sampler.min_len": integer(0),
+    "sampler.max_len": integer(1),
+    "sampler.top_k": integer(0),
+    "sampler.top_p": number(0, 1, lo_open=True),
+    "sampler.ban_penalty": number(0, lo_open=True),
+    "sampler.extra_banned_tokens": string_list,
+    "loss.name": choice("tb", "subtb"),
+    "loss.subtb_lambda": number(0, lo_open=True),
+    "buffer.backend": choice("memory", "redis"),
+    "buffer.max_size": integer(1),
+    "buffer.near_dup_ratio": number(0, 1),
+    "buffer.prioritized": boolean,
+    "buffer.use_buffer_prob": number(0, 1),
+    "buffer.port": integer(1, 65535),
+    "buffer.db": integer(0),
+    "buffer.ssl": boolean,
+    "buffer.autostart": boolean,
+    "buffer.socket_timeout": number(0, lo_open=True),
+    "buffer.retries": integer(0),
+    "buffer.backoff": number(0),
+    "reward.name": choice("contradiction", "likelihood"),
+    "reward.min_len": integer(0),
+    "reward.min_log_r": number(),
+    "reward.reward_temp_start": number(0, lo_open=True),
+    "reward.reward_temp_end": number(0, lo_open=True),
+    "reward.reward_temp_horizon": integer(1),
+    "reward.w_lik": number(),
+    "reward.w_ans": number(),
+    "reward.batch_size": integer(0),
+    "reward.answer_max_new_tokens": integer(1),
+    "reward.hybrid_steps": integer(0),
+    "reward.hybrid_threshold": number(0, 1),
+    "reward.beta": number(0, lo_open=True),
+    "reward.count_only_genuine": boolean,
+    "reward.judge_question": boolean,
+    "reward.log_c_floor": number(-1e6, 0),
+    "callbacks.checkpoint_every_n_steps": integer(1),
+    "callbacks.keep_step_checkpoints": integer(-1),
+    "callbacks.samples_every_n_steps": integer(1),
+    "callbacks.progress_bar": choice("rich", "tqdm", "none"),
+    "data.path": text,
+    "data.val_fraction": number(0, 1),
+    "data.test_fraction": number(0, 1),
+    "data.split_seed": integer(0),
+    "data.max_fact_chars": integer(1),
+    "model.source": choice(*SOURCES),
+    "model.dtype": choice("float32", "bfloat16", "float16"),
+    "model.termination_token": text,
+    "model.lora_r": integer(1),
+    "model.lora_alpha": number(0, lo_open=True),
+    "nli.batch_size": integer(1),
+    "nli.max_length": integer(1),
+    "trainer.max_steps": integer(1),
+}
+
+
+def _get(cfg: Any, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key in a plain (resolved) container."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
+    """Rules that tie several keys together."""
+    get = lambda k: _get(cfg, k)[1]  # noqa: E731
+    lo, hi = get("sampler.min_len"), get("sampler.max_len")
+    if _is_int(lo) and _is_int(hi) and lo >= hi:
+        yield ConfigError("sampler.min_len", f"must be < sampler.max_len ({hi}), got {lo}")
+    lo, hi = get("train.pf_temp_low"), get("train.pf_temp_high")
+    if _is_num(lo) and _is_num(hi) and lo > hi:
+        yield ConfigError("train.pf_temp_low", f"must be <= train.pf_temp_high ({hi}), got {lo}")
+    v, t = get("data.val_fraction"), get("data.test_fraction")
+    if _is_num(v) and _is_num(t) and (v >= 1 or t >= 1 or v + t >= 1):
+        yield ConfigError(
+            "data.val_fraction",
+            f"data.val_fraction + data.test_fraction must be < 1 (else no training facts), "
+            f"got {v} + {t}",
+        )
+    resume = get("resume")
+    if not (resume is None or resume in ("auto", "never") or isinstance(resume, str)):
+        yield ConfigError("resume", f"must be auto, never or a checkpoint path, got {resume!r}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for the first invalid value (key, value, what is accepted)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if OmegaConf.is_config(cfg):
+        try:  # every interpolation resolves and no mandatory (???) value is missing
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "config"
+            first = (str(e).splitlines() or [""])[0]
+            raise ConfigError(str(key), f"cannot be resolved: {first}") from None
+    for key, check in RULES.items():
+        present, value = _get(cfg, key)
+        if not present:
+            continue
+        expected = check(value)
+        if expected:
+            raise ConfigError(key, f"must be {expected}, got {value!r}")
+    for err in _cross_checks(cfg):
+        raise err
+
+
+def masked(container: Any) -> Any:
+    """A copy of a plain config container with every non-null ``*password*`` value masked."""
+    if isinstance(container, Mapping):
+        return {
+            k: (MASK if "password" in str(k).lower() and v is not None else masked(v))
+            for k, v in container.items()
+        }
+    if isinstance(container, list):
+        return [masked(v) for v in container]
+    return container
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): node}
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key that differs, except :data:`RELAUNCH_KEYS`,
+    ``callbacks.*`` and a reward-temperature horizon that follows ``train.max_steps``."""
+    a, b = _flatten(old), _flatten(new)
+    follows = "reward.reward_temp_horizon"
+    skip = set(RELAUNCH_KEYS)
+    if a.get(follows) == a.get("train.max_steps") and b.get(follows) == b.get("train.max_steps"):
+        skip.add(follows)  # the default horizon is ${train.max_steps}: it moves with it
+    keys = sorted(k for k in (set(a) | set(b)) - skip if not k.startswith(RELAUNCH_PREFIXES))
+    missing = "<absent>"
+    return [
+        f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+        for k in keys
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def check_relaunch(run_dir: Path, new: Mapping[str, Any], resume: Any) -> None:
+    """Refuse a relaunch whose config differs from ``run_dir/config.yaml`` (masked, resolved)
+    in any key outside :data:`RELAUNCH_KEYS`, unless ``resume`` is ``never``."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    if resume == "never" or not path.is_file():
+        return
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # yaml/omegaconf raise many types: name the file instead
+        raise ConfigError("output_dir", f"{path} exists but cannot be read ({e})") from None
+    assert isinstance(old, dict)
+    diff = config_diff(masked(old), new)
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise ConfigError(
+            "output_dir",
+            f"{run_dir} holds a run with another config ({shown}). Relaunch with its values, "
+            "pick another name=, or pass resume=never to start over in this folder",
+        )

@@ -1,0 +1,277 @@
+"""What keeps a run folder safe: nothing the user cannot regenerate is lost or overwritten.
+
+- :class:`AtomicCheckpointIO`: checkpoints are written to a temp file in the destination folder,
+  fsynced and renamed over the old file (Lightning's own save stages the bytes through fsspec
+  in ``$TMPDIR`` and copies them when that is another filesystem: a kill during the copy
+  leaves a truncated ``last.ckpt``). Every load uses ``weights_only=True`` explicitly, which
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot override.
+- :func:`find_resume_checkpoint`: verifies ``last.ckpt`` and falls back to the newest intact
+  ``step=N.ckpt`` with a warning.
+- :class:`AppendingCSVLogger`: ``logs/metrics.csv`` keeps the rows of earlier launches.
+- :class:`StopOnSignal`: SIGINT/SIGTERM finish the current step, save ``last.ckpt`` and stop.
+- :func:`write_run_config`: the run's ``config.yaml`` (secrets masked), written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import os
+import re
+import signal
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from contraq.config_check import ConfigError
+
+log = logging.getLogger(__name__)
+
+STEP_CKPT = re.compile(r"^step=(\d+)\.ckpt$")
+# Keys every Lightning training checkpoint has; a file without them cannot resume a run.
+CKPT_KEYS = ("global_step", "state_dict", "loops", "optimizer_states")
+
+
+# ------------------------------------------------------------------------------ atomic files
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename: the directory entry is data too (no-op where dirs cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, fsync, then rename it over
+    ``path``: readers and a later launch see the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete the temp files that a killed :func:`atomic_write` left in ``folder``."""
+    n = 0
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            n += 1
+    return n
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` passed explicitly: tensors and plain data
+    only, never code, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plugin with atomic same-folder saves and safe loads."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_write(Path(path), lambda fh: torch.save(checkpoint, fh))
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        return load_checkpoint_file(path, map_location or (lambda storage, loc: storage))
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot resume a run (empty, truncated, not loadable without running
+    code, not a training checkpoint), or None when it is intact."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        ckpt = load_checkpoint_file(path)
+    except Exception as e:  # torch raises many types for a bad file: report, never execute
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return f"unreadable with weights_only=True ({type(e).__name__}: {first})"
+    if not isinstance(ckpt, Mapping):
+        return f"holds a {type(ckpt).__name__}, not a training checkpoint"
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    return f"not a training checkpoint (no {', '.join(missing)})" if missing else None
+
+
+def step_checkpoints(folder: Path) -> list[Path]:
+    """``step=N.ckpt`` files of ``folder``, newest step first."""
+    found = [
+        (int(m.group(1)), p) for p in folder.glob("step=*.ckpt") if (m := STEP_CKPT.match(p.name))
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(
+    resume: Any, ckpt_dir: Path, resolve: Callable[[str], Path]
+) -> str | None:
+    """The checkpoint to resume from (``resume``: ``auto``, ``never`` or a path).
+
+    ``auto``: ``last.ckpt`` when intact, else the newest intact ``step=N.ckpt`` (warning
+    naming the broken files), else None when there is no checkpoint at all. A named path must
+    be intact. Raises :class:`ConfigError` when checkpoints exist but none is usable.
+    """
+    if resume == "never":
+        return None
+    if resume not in (None, "auto"):
+        path = resolve(str(resume))
+        problem = "no such file" if not path.is_file() else checkpoint_problem(path)
+        if problem:
+            raise ConfigError("resume", f"{path}: {problem}")
+        return str(path)
+    last = ckpt_dir / "last.ckpt"
+    candidates = ([last] if last.exists() else []) + step_checkpoints(ckpt_dir)
+    broken: list[str] = []
+    for cand in candidates:
+        problem = checkpoint_problem(cand)
+        if problem is None:
+            if broken:
+                log.warning("resuming from %s instead: %s", cand, "; ".join(broken))
+            return str(cand)
+        broken.append(f"{cand} is unusable ({problem})")
+    if broken:
+        raise ConfigError(
+            "resume",
+            f"no intact checkpoint in {ckpt_dir}: {'; '.join(broken)}. Pass resume=never to "
+            "start over in this folder, or resume=PATH",
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+class AppendingWriter(ExperimentWriter):
+    """CSVLogger's writer that appends to an existing ``metrics.csv`` instead of deleting it
+    (Lightning deletes it when the folder exists, so a relaunch lost the earlier rows)."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+        self.metrics_keys = list(header)
+        if header != sorted(header):  # appends use the sorted key order: align the file first
+            self.metrics_keys.sort()
+            self._rewrite_with_new_header(self.metrics_keys)
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``lightning.pytorch.loggers.CSVLogger`` whose ``metrics.csv`` survives relaunches."""
+
+    @property
+    def experiment(self) -> AppendingWriter:  # type: ignore[override]
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ signals
+
+
+class StopOnSignal(L.Callback):
+    """SIGINT/SIGTERM: finish the running step, save ``last.ckpt``, stop the fit cleanly.
+
+    A second signal aborts at once (the previous handler runs). Under DDP the stop flag is
+    reduced over ranks at every step, so all ranks stop at the same step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, ckpt_dir: Path) -> None:
+        self.ckpt_dir = ckpt_dir
+        self.received: int | None = None  # the signal this process got
+        self.stopped_by: int | None = None  # set on every rank once any rank got one
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:  # second signal: give up on the clean stop
+            self._restore()
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning(
+            "%s: finishing this step, then saving %s (send it again to abort)",
+            signal.Signals(signum).name,
+            self.ckpt_dir / "last.ckpt",
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if stop:
+            trainer.should_stop = True
+            # Ranks that got no signal themselves (only one was signalled) report SIGTERM.
+            self.stopped_by = self.received or signal.SIGTERM
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._restore()
+        if self.stopped_by is not None:  # on every rank: saving is collective under DDP
+            path = self.ckpt_dir / "last.ckpt"
+            trainer.save_checkpoint(str(path))
+            log.warning("stopped at step %d; saved %s", trainer.global_step, path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self._restore()
+
+
+# ------------------------------------------------------------------------------ config file
+
+
+def write_run_config(run_dir: Path, yaml_text: str, keep_previous: bool) -> None:
+    """Write ``run_dir/config.yaml`` atomically. With ``keep_previous`` (a ``resume=never``
+    restart) a different config already there is kept as ``config.prev-N.yaml``: it
+    describes the earlier rows of ``logs/metrics.csv``."""
+    path = run_dir / "config.yaml"
+    if keep_previous and path.is_file() and path.read_text() != yaml_text:
+        n = 1
+        while (run_dir / f"config.prev-{n}.yaml").exists():
+            n += 1
+        os.replace(path, run_dir / f"config.prev-{n}.yaml")
+        log.warning("kept the previous config of %s as config.prev-%d.yaml", run_dir, n)
+    atomic_write(path, lambda fh: fh.write(yaml_text.encode()))
