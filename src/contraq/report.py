@@ -196,6 +196,16 @@ def plot_curves(
 # --------------------------------------------------------------------------- eval plots
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write as PNG (parent folders made) and close ``fig``."""
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_reward_distributions(log_r: Mapping[str, Sequence[float]], path: str | Path) -> Path:
     """Violin plot (with the individual points) of unscaled log R per method.
 
@@ -223,12 +233,7 @@ def plot_reward_distributions(log_r: Mapping[str, Sequence[float]], path: str | 
     ax.set_ylabel("log R (unscaled)")
     ax.set_title("Reward per method")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_rate_vs_diversity(
@@ -259,12 +264,7 @@ def plot_rate_vs_diversity(
     ax.set_ylabel("counted contradiction rate")
     ax.set_title("Counted contradictions vs diversity (95% CI over facts)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
@@ -280,12 +280,7 @@ def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: s
     ax.set_ylabel("mean log R")
     ax.set_title("Reward vs diversity")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- Markdown
