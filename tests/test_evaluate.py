@@ -12,26 +12,28 @@ import torch
 
 from conftest import randomize_lora_b
 from contraq.evaluate import (
-    Embedder,
     EvalConfig,
     RunError,
-    answer_hit,
     compare_to_trained,
+    evaluate_run,
+    resolve_run,
+    sample_main,
+)
+from contraq.genuine import normalize_text
+from contraq.metrics import (
+    Embedder,
+    answer_hit,
     contradiction_rate,
     distinct_n,
-    evaluate_run,
     fluency,
     grouped_diversity,
     hit_rate,
     independent_hit,
-    minilm_dir,
-    normalize_text,
     pairwise_diversity,
     rate_summary,
-    resolve_run,
-    sample_main,
     summarize,
 )
+from contraq.nli import minilm_dir
 
 # --------------------------------------------------------------------------- metrics
 

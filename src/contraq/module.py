@@ -32,8 +32,8 @@ from torch import Tensor
 from contraq import distributed
 from contraq.buffer import BufferEntry, ReplayBuffer, entry_problem, prompt_key
 from contraq.data import EditFact
-from contraq.evaluate import distinct_n, grouped_diversity
 from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss
+from contraq.metrics import distinct_n, grouped_diversity
 from contraq.reward import Reward, RewardOutput, reward_temperature
 from contraq.sampler import SampleBatch, SamplerConfig, sample, score_actions
 

@@ -221,7 +221,7 @@ class FreshSampleEval(L.Callback):
             return
         self._last_step = step
         if self.diversity and self._embedder is None:
-            from contraq.evaluate import Embedder
+            from contraq.metrics import Embedder
 
             self._embedder = Embedder(device=pl_module.device)
         metrics = pl_module.evaluate_fresh(self.n, self._embedder)

@@ -1,0 +1,304 @@
+"""Metrics of a method's questions: pure functions on lists and tensors, and the embedder.
+
+- counted (genuine) rate: a question, not an echo, judged a contradiction (:mod:`contraq.genuine`);
+  raw judge rate (P(contradiction) > 0.5), question rate and echo rate beside it;
+- independent rate: a question whose answer names the original (pre-edit) object while the
+  question does not (a judge-free measure, :func:`independent_hit`);
+- 95% bootstrap intervals over facts for the counted, raw and independent rates
+  (:mod:`contraq.stats`);
+- mean log C, mean log R (unscaled); answer hit rate (:func:`answer_hit`);
+- diversity: 1 - mean pairwise cosine similarity of MiniLM sentence embeddings, per fact, then
+  averaged over facts (:class:`Embedder`, :func:`pairwise_diversity`);
+- distinct-1/2: distinct word n-grams / all word n-grams (:func:`distinct_n`);
+- mean length (tokens, termination included) and fluency (mean log P_Q per token).
+
+Imported by training (fresh-sample metrics) and by evaluation alike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from contraq.genuine import normalize_text
+from contraq.nli import minilm_dir
+from contraq.stats import bootstrap_rate, per_fact_counts
+
+LOG_HALF = math.log(0.5)
+
+# --------------------------------------------------------------------------- text metrics
+
+
+def answer_hit(answer: str | None, original: str | None) -> bool:
+    """Whether ``answer`` mentions ``original`` as whole words, both normalised.
+
+    "The capital is Paris." hits "paris"; "Parisian" does not hit "Paris". An empty or missing
+    original never hits.
+    """
+    if not answer or not original:
+        return False
+    target = normalize_text(original)
+    if not target:
+        return False
+    # Both strings are single-space separated words, so padding with spaces is a word-boundary
+    # match that also works for non-ASCII words.
+    return f" {target} " in f" {normalize_text(answer)} "
+
+
+def hit_rate(answers: Sequence[str | None], originals: Sequence[str | None]) -> float:
+    """Share of answers that mention their original answer; NaN when no pair has an original."""
+    if len(answers) != len(originals):
+        raise ValueError(f"hit_rate: {len(answers)} answers but {len(originals)} originals")
+    pairs = [(a, o) for a, o in zip(answers, originals, strict=True) if o]
+    if not pairs:
+        return float("nan")
+    return sum(answer_hit(a, o) for a, o in pairs) / len(pairs)
+
+
+def contradiction_rate(log_c: Sequence[float] | Tensor) -> float:
+    """Share of questions whose answer contradicts the fact: P(contradiction) > 0.5.
+
+    Args:
+        log_c: ``[N]`` log P_NLI(contradiction).
+    """
+    t = torch.as_tensor(log_c, dtype=torch.float64).flatten()
+    if t.numel() == 0:
+        return float("nan")
+    return float((t > LOG_HALF).double().mean())
+
+
+def mean(values: Iterable[float]) -> float:
+    """Mean of the finite values; NaN if there are none."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def words(text: str) -> list[str]:
+    """The normalised words of ``text`` (see :func:`normalize_text`)."""
+    return normalize_text(text).split()
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams / all word n-grams over ``texts`` (n-grams never cross texts).
+
+    Words are normalised (:func:`words`), so "Who?" and "who" are the same unigram. 0.0 when
+    no text has n words.
+    """
+    if n < 1:
+        raise ValueError(f"distinct_n: n must be >= 1, got {n}")
+    grams = [tuple(w[i : i + n]) for t in texts for w in [words(t)] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def pairwise_diversity(embeddings: Tensor) -> float:
+    """1 - mean cosine similarity over all unordered pairs of rows.
+
+    Args:
+        embeddings: ``[N, D]`` (normalised here, so any scale works).
+
+    Returns:
+        a float in [0, 2] (0 for identical rows); NaN when N < 2.
+    """
+    n = embeddings.shape[0]
+    if n < 2:
+        return float("nan")
+    e = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    sim = e @ e.T  # [N, N]
+    off_diag = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+    return float(1.0 - off_diag)
+
+
+def fluency(log_pq: Sequence[float], lengths: Sequence[int]) -> float:
+    """Mean over questions of log P_Q / length (nats per token, termination included)."""
+    if len(log_pq) != len(lengths):
+        raise ValueError(f"fluency: {len(log_pq)} log P_Q values but {len(lengths)} lengths")
+    return mean(lp / n for lp, n in zip(log_pq, lengths, strict=True) if n > 0)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+class Embedder:
+    """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2:
+    mean of the last hidden states over real tokens, L2-normalised.
+
+    Args:
+        path: a BERT-like HF directory; ``None`` = :func:`minilm_dir`.
+        device: ``None`` = CUDA when available, else CPU.
+        batch_size: texts per forward pass.
+        max_length: tokens per text (MiniLM was trained with 256).
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        max_length: int = 256,
+    ) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = Path(path) if path is not None else minilm_dir()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self.model = AutoModel.from_pretrained(str(self.path)).to(self.device).eval()
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        """``[N, D]`` float32 unit vectors on the CPU (``[0, D]`` for no text)."""
+        out: list[Tensor] = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start : start + self.batch_size])
+            enc = self.tokenizer(
+                chunk,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**enc).last_hidden_state  # [b, L, D]
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, L, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # [b, D]
+            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
+        if not out:
+            return torch.zeros(0, int(self.model.config.hidden_size))
+        return torch.cat(out)
+
+    def diversity(self, texts: Sequence[str]) -> float:
+        """:func:`pairwise_diversity` of the texts' embeddings (NaN for fewer than two)."""
+        return pairwise_diversity(self.encode(texts)) if len(texts) >= 2 else float("nan")
+
+
+def grouped_diversity(groups: Sequence[Sequence[str]], embedder: Embedder) -> float:
+    """Diversity within each group (one group = the questions of one fact), averaged over the
+    groups that have at least two texts. All texts are embedded in one batched pass."""
+    flat = [t for g in groups for t in g]
+    emb = embedder.encode(flat)
+    values: list[float] = []
+    start = 0
+    for g in groups:
+        if len(g) >= 2:
+            values.append(pairwise_diversity(emb[start : start + len(g)]))
+        start += len(g)
+    return mean(values)
+
+
+# --------------------------------------------------------------------------- summaries
+
+SUMMARY_KEYS = (
+    "n_questions",
+    "n_facts",
+    "genuine_rate",
+    "contradiction_rate",
+    "question_rate",
+    "echo_rate",
+    "independent_rate",
+    "mean_log_c",
+    "mean_log_r",
+    "hit_rate",
+    "diversity",
+    "distinct_1",
+    "distinct_2",
+    "mean_length",
+    "fluency",
+)
+
+
+# Rates that get a 95% bootstrap interval over facts (``<key>_low``, ``<key>_high``).
+CI_KEYS = ("genuine_rate", "contradiction_rate", "independent_rate")
+
+
+def independent_hit(rec: dict[str, Any]) -> bool | None:
+    """The judge-free measure of a genuine contradiction: a question whose answer names the
+    original (pre-edit) object while the question does not. ``None`` without an original."""
+    original, answer = rec.get("original_answer"), rec.get("answer")
+    if not original or answer is None:
+        return None
+    asked = answer_hit(str(rec.get("question", "")), original)
+    return bool(rec.get("is_question")) and answer_hit(answer, original) and not asked
+
+
+_COMPONENT_OF = {"genuine_rate": "genuine", "question_rate": "is_question", "echo_rate": "is_echo"}
+
+
+def rate_flags(rec: dict[str, Any], key: str) -> bool | None:
+    """Whether question ``rec`` counts for the rate ``key``; ``None`` where it is not
+    measurable (no judge score, no original answer)."""
+    if key == "contradiction_rate":
+        return None if rec.get("log_c") is None else float(rec["log_c"]) > LOG_HALF
+    if key == "independent_rate":
+        return independent_hit(rec)
+    value = rec.get(_COMPONENT_OF[key])
+    return None if value is None else bool(value)
+
+
+def rate_summary(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, float]:
+    """The rates of :data:`SUMMARY_KEYS` from ``genuine_rate`` to ``independent_rate``, each over
+    the questions where it is measurable, and for :data:`CI_KEYS` their 95% bootstrap
+    intervals over facts (``<key>_low``, ``<key>_high``)."""
+    out: dict[str, float] = {}
+    keys = ("genuine_rate", "contradiction_rate", "question_rate", "echo_rate", "independent_rate")
+    for key in keys:
+        rows = [(int(r["fact_index"]), rate_flags(r, key)) for r in records]
+        rows = [(f, x) for f, x in rows if x is not None]
+        nan = float("nan")
+        if not rows:
+            out[key] = nan
+            if key in CI_KEYS:
+                out[f"{key}_low"] = out[f"{key}_high"] = nan
+            continue
+        out[key] = sum(x for _, x in rows) / len(rows)
+        if key in CI_KEYS:
+            counts = per_fact_counts([f for f, _ in rows], [x for _, x in rows])
+            _, out[f"{key}_low"], out[f"{key}_high"] = bootstrap_rate(counts, seed=seed)
+    return out
+
+
+def summarize(
+    records: Sequence[dict[str, Any]], embedder: Embedder | None = None
+) -> dict[str, float]:
+    """Every metric of one method's questions.
+
+    Args:
+        records: one dict per question with ``fact_index``, ``question``, ``log_r``,
+            ``log_pq``, ``length`` (tokens before termination), ``n_actions`` (termination
+            included) and, for the contradiction reward, ``log_c``, ``is_question``,
+            ``is_echo``, ``genuine``, ``answer`` and ``original_answer``.
+        embedder: for the diversity; ``None`` leaves it NaN.
+
+    Returns:
+        ``{key: value}`` for :data:`SUMMARY_KEYS` plus ``<key>_low``/``<key>_high`` for
+        :data:`CI_KEYS` (NaN where a metric does not apply, e.g. ``log_c`` under the
+        likelihood reward). ``genuine_rate`` is the counted rate: a question, not an echo,
+        judged a contradiction (:mod:`contraq.genuine`).
+    """
+    by_fact: dict[int, list[str]] = {}
+    for r in records:
+        by_fact.setdefault(int(r["fact_index"]), []).append(str(r["question"]))
+    log_c = [float(r["log_c"]) for r in records if r.get("log_c") is not None]
+    answers = [r.get("answer") for r in records if r.get("answer") is not None]
+    originals = [r.get("original_answer") for r in records if r.get("answer") is not None]
+    return {
+        "n_questions": float(len(records)),
+        "n_facts": float(len(by_fact)),
+        **rate_summary(records),
+        "mean_log_c": mean(log_c),
+        "mean_log_r": mean(float(r["log_r"]) for r in records),
+        "hit_rate": hit_rate(answers, originals) if answers else float("nan"),
+        "diversity": grouped_diversity(list(by_fact.values()), embedder)
+        if embedder
+        else float("nan"),
+        "distinct_1": distinct_n([str(r["question"]) for r in records], 1),
+        "distinct_2": distinct_n([str(r["question"]) for r in records], 2),
+        "mean_length": mean(float(r["length"]) for r in records),
+        "fluency": fluency(
+            [float(r["log_pq"]) for r in records], [int(r["n_actions"]) for r in records]
+        ),
+    }
