@@ -463,10 +463,24 @@ def test_sample_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str
 @pytest.mark.slow
 def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
+    # --judge: the same tiny judge copied elsewhere replaces the run's for every method.
+    import shutil
+
+    judge = tmp_path / "other_judge"
+    shutil.copytree(tiny_run.parent / "nli", judge)
     ecfg = EvalConfig(
-        n=4, temperatures=[1.5], beam_groups=2, batch_size=8, max_facts=2, device="cpu"
+        n=4,
+        temperatures=[1.5],
+        beam_groups=2,
+        batch_size=8,
+        max_facts=2,
+        device="cpu",
+        judge=str(judge),
     )
     result = evaluate_run(tiny_run, out, None, ecfg)
+    assert result["settings"]["judge"] == str(judge)
+    assert set(result["comparisons"]) == set(result["summary"]) - {"trained"}
+    assert result["frontier"]["diversity"] == result["summary"]["trained"]["diversity"]
     summary = result["summary"]
     assert list(summary)[:3] == ["trained", "untrained", "untrained_T1.5"]
     beam = [m for m in summary if "beam" in m]
@@ -476,6 +490,9 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
         assert 0.0 <= m["contradiction_rate"] <= 1.0 and m["mean_log_c"] <= 0.0
         assert 0.0 <= m["distinct_2"] <= 1.0 and m["mean_length"] >= 2.0
         assert math.isfinite(m["diversity"])
+        for key in ("genuine_rate", "question_rate", "echo_rate"):
+            assert 0.0 <= m[key] <= 1.0, (name, key)
+        assert m["genuine_rate_low"] <= m["genuine_rate"] <= m["genuine_rate_high"]
     # Beam search returns n distinct beams per fact.
     qs = read_jsonl(out / "questions.jsonl")
     assert len(qs) == 8 * len(summary)
@@ -491,7 +508,7 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     assert saved["summary"]["trained"]["n_questions"] == 8
     md = (out / "eval.md").read_text()
     assert "| trained | 8 |" in md and "reward_distribution.png" in md
-    for png in ("reward_distribution.png", "reward_vs_diversity.png"):
+    for png in ("reward_distribution.png", "reward_vs_diversity.png", "rate_vs_diversity.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 

