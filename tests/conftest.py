@@ -10,6 +10,7 @@ a model (train mode, gradient checkpointing, weights) must restore it.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,6 +27,23 @@ from contraq.models import (  # noqa: E402
 )
 
 torch.manual_seed(0)
+
+
+def smoke_train_cmd(out: os.PathLike[str] | str, *overrides: str) -> list[str]:
+    """``contraq train experiment=smoke`` into ``out`` as a subprocess command: checkpoints every
+    2 steps, samples every step, no progress bar; ``overrides`` are appended (they win)."""
+    return [
+        sys.executable,
+        "-m",
+        "contraq.cli",
+        "train",
+        "experiment=smoke",
+        f"output_dir={out}",
+        "callbacks.checkpoint_every_n_steps=2",
+        "callbacks.samples_every_n_steps=1",
+        "callbacks.progress_bar=none",
+        *overrides,
+    ]
 
 
 def randomize_lora_b(policy: torch.nn.Module, seed: int = 0, std: float = 0.5) -> None:

@@ -17,26 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import smoke_train_cmd
 from redis_fixtures import start_server
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _cmd(out: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "contraq.cli",
-        "train",
-        "experiment=smoke",
-        f"output_dir={out}",
-        "callbacks.checkpoint_every_n_steps=2",
-        "callbacks.samples_every_n_steps=1",
-        "callbacks.progress_bar=none",
-        "eval.every_n_steps=1000",
-        "eval.n_samples=2",
-        *overrides,
-    ]
+    return smoke_train_cmd(out, "eval.every_n_steps=1000", "eval.n_samples=2", *overrides)
 
 
 def _env(**extra: str) -> dict[str, str]:

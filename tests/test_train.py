@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,25 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import smoke_train_cmd
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_cmd(out: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "contraq.cli",
-        "train",
-        "experiment=smoke",
-        f"output_dir={out}",
-        "train.max_steps=6",
-        "callbacks.checkpoint_every_n_steps=2",
-        "callbacks.samples_every_n_steps=1",
-        "callbacks.progress_bar=none",
-        "eval.every_n_steps=3",
-        "buffer.use_buffer_prob=0.5",
-        *overrides,
-    ]
+    return smoke_train_cmd(
+        out, "train.max_steps=6", "eval.every_n_steps=3", "buffer.use_buffer_prob=0.5", *overrides
+    )
 
 
 def _env() -> dict[str, str]:
