@@ -37,7 +37,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reward import judge_dir  # noqa: E402
 from contraq.data import load_facts, split_facts  # noqa: E402
-from contraq.evaluate import decode_questions  # noqa: E402
+from contraq.evaluate import decode_questions, left_pad  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
 from contraq.nli import NLIScorer  # noqa: E402
 from contraq.reward import _frozen_base, base_logprobs, build_reward  # noqa: E402
@@ -76,10 +76,8 @@ def main() -> None:
         facts = facts[: args.facts]
         rows = [f for f in facts for _ in range(args.n)]
         prompts = build_prompts(cfg, rows, parts.tokenizer)
-        width = max(len(p) for p in prompts)
-        pad = parts.sampler_cfg.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, torch.device("cpu"))
+        width = ids.shape[1]
         gen = torch.Generator().manual_seed(0)
         policy = parts.policy
         policy.eval()

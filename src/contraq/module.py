@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from contraq import distributed
 from contraq.buffer import BufferEntry, ReplayBuffer, entry_problem, prompt_key
 from contraq.data import EditFact
 from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss
-from contraq.metrics import distinct_n, grouped_diversity
+from contraq.metrics import contradiction_rate, distinct_n, grouped_diversity
 from contraq.reward import Reward, RewardOutput, reward_temperature
 from contraq.sampler import SampleBatch, SamplerConfig, sample, score_actions
 
@@ -385,9 +384,7 @@ class GFlowNetModule(L.LightningModule):
                 elif isinstance(v, (int, float)):
                     metrics[f"train/{k}"] = float(v)
             if "log_c" in out.components:
-                metrics["train/contradiction_rate"] = float(
-                    (out.components["log_c"] > math.log(0.5)).float().mean()
-                )
+                metrics["train/contradiction_rate"] = contradiction_rate(out.components["log_c"])
             metrics["train/distinct_2"] = distinct_n(out.questions, 2)
         if self.global_rank == 0:  # only rank 0 logs (and, with rank0 sampling, has a buffer)
             total = sum(self.buffer.size(k) for k in set(self.prompt_keys))
@@ -424,9 +421,7 @@ class GFlowNetModule(L.LightningModule):
             if torch.is_tensor(v) and v.dim() == 1 and v.numel():
                 metrics[f"val/{k}"] = float(v.float().mean())
         if "log_c" in out.components:
-            metrics["val/contradiction_rate"] = float(
-                (out.components["log_c"] > math.log(0.5)).float().mean()
-            )
+            metrics["val/contradiction_rate"] = contradiction_rate(out.components["log_c"])
         groups = [
             out.questions[i * n_samples : (i + 1) * n_samples] for i in range(len(self.eval_facts))
         ]

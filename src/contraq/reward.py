@@ -535,7 +535,9 @@ class _Judged:
 
 
 class ContradictionReward:
-    """``log R(x) = log C(x) + w_lik * log P_Q(x) [+ w_ans * log P_A(x)]`` (DESIGN.md section 2).
+    """``log R(x) = log C(x) / beta + w_lik * log P_Q(x) [+ w_ans * log P_A(x)]`` (DESIGN.md
+    section 2), with ``log C`` as :func:`counted_log_c` counts it (non-questions and echoes get
+    ``log_c_floor``; ``count_only_genuine: false`` only clamps).
 
     - answer ``a(x)``: the frozen base LM, greedy, batched with LEFT padding, cut at the first
       newline (:func:`first_line`);
