@@ -199,8 +199,6 @@ def test_build_buffer_memory_and_config_errors() -> None:
     assert isinstance(buf, MemoryBuffer) and buf.max_size == 50
     with pytest.raises(ValueError, match="backend"):
         build_buffer({"backend": "disk"})
-    with pytest.raises(ValueError, match="max_sise"):
-        build_buffer({"backend": "memory", "max_sise": 3})
     with pytest.raises(ValueError, match="max_size"):
         build_buffer({"backend": "memory", "max_size": 0})
 

@@ -208,19 +208,54 @@ def test_unavailable_at_start_up_names_host_port_and_the_fix() -> None:
 def test_retries_with_backoff_during_training(tmp_path: Path) -> None:
     info = start_server(tmp_path / "data")
     try:
-        buf = RedisBuffer(port=info.port, namespace="retry", retries=2, backoff=0.01)
-        buf.add("k", [entry(0, -1.0)])
+        brief = RedisBuffer(port=info.port, namespace="retry", retries=2, backoff=0.01)
+        # Waits up to ~0.1 * (2**8 - 1) s in all before giving up.
+        patient = RedisBuffer(port=info.port, namespace="retry", retries=8, backoff=0.1)
+        brief.add("k", [entry(0, -1.0)])
         redis_server.stop(info.data_dir)
         # Server gone for good: the same clean error after the retries.
         with pytest.raises(BufferUnavailableError, match=f"contraq redis start --port {info.port}"):
-            buf.add("k", [entry(1, -2.0)])
+            brief.add("k", [entry(1, -2.0)])
         # Server back while we back off: the operation goes through.
-        buf.retries, buf.backoff = 8, 0.1  # waits up to ~0.1 * (2**8 - 1) s in all
         restarter = threading.Timer(0.3, redis_server.start, args=(info.port, info.data_dir))
         restarter.start()
-        assert buf.add("k", [entry(1, -2.0)]) == 1
+        assert patient.add("k", [entry(1, -2.0)]) == 1
         restarter.join()
-        assert [e.text for e in buf.entries("k")] == ["q0", "q1"]  # the AOF kept q0
+        assert [e.text for e in patient.entries("k")] == ["q0", "q1"]  # the AOF kept q0
+    finally:
+        redis_server.stop(info.data_dir)
+
+
+def test_redis_py_retry_rides_out_a_server_restart(tmp_path: Path) -> None:
+    """Every operation waits, through redis-py's exponential back-off, for a server that
+    comes back after a delay; without retries the same outage is an immediate clean error."""
+    info = start_server(tmp_path / "data")
+    try:
+        buffers = {
+            n: RedisBuffer(port=info.port, namespace="ride", retries=n, backoff=0.05)
+            for n in (0, 8)
+        }
+        buffers[8].add("k", [entry(0, -1.0)])
+        operations = {
+            "add": lambda buf: buf.add("k", [entry(1, -2.0)]),
+            "entries": lambda buf: [e.text for e in buf.entries("k")],
+            "size": lambda buf: buf.size("k"),
+            "keys": lambda buf: buf.keys(),
+        }
+        expected = {"add": 1, "entries": ["q0", "q1"], "size": 2, "keys": ["k"]}
+        for name, op in operations.items():
+            redis_server.stop(info.data_dir)
+            t0 = time.monotonic()
+            with pytest.raises(BufferUnavailableError, match="unavailable"):
+                op(buffers[0])
+            assert time.monotonic() - t0 < 1.0, name  # no retries: no waiting
+            # Back-off 0.05, 0.1, 0.2, ... s (12.75 s in all): the restart lands inside it.
+            restarter = threading.Timer(0.4, redis_server.start, args=(info.port, info.data_dir))
+            t0 = time.monotonic()
+            restarter.start()
+            assert op(buffers[8]) == expected[name], name
+            assert time.monotonic() - t0 >= 0.4, name  # it really waited for the server
+            restarter.join()
     finally:
         redis_server.stop(info.data_dir)
 
