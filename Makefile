@@ -28,7 +28,7 @@ redis:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
 
 demo: setup
-	$(VENV)/bin/contraq demo
+	$(VENV)/bin/contraq nli-train && $(VENV)/bin/contraq demo
 
 test: setup redis
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -39,7 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from contraq import preset_check as pc  # noqa: E402
-from contraq.models import default_cache_dir  # noqa: E402
+from contraq.files import default_cache_dir  # noqa: E402
 from contraq.train import Parts  # noqa: E402
 
 GIB = 2**30
@@ -122,7 +122,8 @@ def prompt_width_max(cfg: Any, tokenizer: Any) -> int:
     """The widest question prompt over the training facts: a batch is left-padded to its
     widest prompt, so this bounds P for any batch of the preset."""
     from contraq.data import load_facts
-    from contraq.train import build_prompts, resolve_path
+    from contraq.files import resolve_path
+    from contraq.train import build_prompts
 
     facts = load_facts(resolve_path(cfg.data.path))
     return max(len(p) for p in build_prompts(cfg, facts, tokenizer))

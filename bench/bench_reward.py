@@ -27,13 +27,15 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
 
 from contraq.data import EditFact, load_facts  # noqa: E402
+from contraq.judge.config import NLITrainConfig  # noqa: E402
+from contraq.judge.scorer import NLIScorer  # noqa: E402
 from contraq.models import (  # noqa: E402
     ModelConfig,
     attach_lora,
     load_model_and_tokenizer,
+    minilm_dir,
     termination_token_id,
 )
-from contraq.nli import NLIScorer, NLITrainConfig, minilm_dir  # noqa: E402
 from contraq.reward import ContradictionReward  # noqa: E402
 from contraq.sampler import SampleBatch  # noqa: E402
 

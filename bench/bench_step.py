@@ -38,11 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reward import judge_dir  # noqa: E402
 from contraq.data import load_facts, split_facts  # noqa: E402
 from contraq.evaluate import decode_questions, left_pad  # noqa: E402
+from contraq.files import resolve_path  # noqa: E402
+from contraq.judge.scorer import NLIScorer  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
-from contraq.nli import NLIScorer  # noqa: E402
 from contraq.reward import _frozen_base, base_logprobs, build_reward  # noqa: E402
 from contraq.sampler import sample, score_actions  # noqa: E402
-from contraq.train import Parts, build_prompts, resolve_path  # noqa: E402
+from contraq.train import Parts, build_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

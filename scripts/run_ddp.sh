@@ -108,6 +108,20 @@ PY
 mkdir -p "$output_dir"
 launch_log="$output_dir/launch.log"
 
+# The contradiction reward's offline judge is trained here, once per node, never by the ranks
+# (reward loading does not train): a no-op when it is cached or nli.path is set.
+"$PYTHON" - "${overrides[@]}" <<'PY' 2>&1 | tee -a "$launch_log"
+import sys
+from hydra import compose, initialize_config_dir
+from contraq.cli import config_dir
+with initialize_config_dir(str(config_dir()), version_base="1.3"):
+    cfg = compose("train", overrides=sys.argv[1:])
+if cfg.reward.name == "contradiction":
+    from contraq.judge.training import ensure_judge
+
+    print(f"== NLI judge: {ensure_judge(cfg.nli)}")
+PY
+
 if [[ $backend == redis ]]; then
 	if "$PYTHON" -m contraq.cli redis status --port "$port" --dir "$data_dir" >/dev/null 2>&1; then
 		echo "== using the Redis on $host:$port" | tee -a "$launch_log"

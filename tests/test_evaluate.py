@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import randomize_lora_b
+from conftest import randomize_lora_b, save_tiny_nli
 from contraq.evaluate import (
     EvalConfig,
     RunError,
@@ -33,7 +33,7 @@ from contraq.metrics import (
     rate_summary,
     summarize,
 )
-from contraq.nli import minilm_dir
+from contraq.models import minilm_dir
 
 # --------------------------------------------------------------------------- metrics
 
@@ -295,27 +295,12 @@ FACTS = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder as training leaves it: config.yaml + adapter/ (LoRA with random B)."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
     from contraq.train import Parts
 
     root = tmp_path_factory.mktemp("tiny_run")
     nli_dir = root / "nli"
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    labels = {0: "entailment", 1: "neutral", 2: "contradiction"}
-    bert_cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(bert_cfg).save_pretrained(nli_dir)
-    tok.save_pretrained(nli_dir)
+    torch.manual_seed(0)  # Parts below draws LoRA A from the global generator
+    save_tiny_nli(nli_dir, {0: "entailment", 1: "neutral", 2: "contradiction"}, num_layers=1)
 
     data = root / "facts.jsonl"
     data.write_text("".join(json.dumps(f) + "\n" for f in FACTS * 4))

@@ -15,10 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from contraq.data import EditFact
 from contraq.genuine import echo_flags
+from contraq.judge.scorer import NLIScorer
 from contraq.models import (
     ModelConfig,
     attach_lora,
@@ -26,7 +26,6 @@ from contraq.models import (
     build_tiny_model,
     termination_token_id,
 )
-from contraq.nli import NLIScorer, minilm_dir
 from contraq.reward import (
     ContradictionReward,
     ContradictionRewardConfig,
@@ -120,32 +119,10 @@ def term(smol_tokenizer) -> int:
     return termination_token_id(smol_tokenizer, "?")
 
 
-@pytest.fixture(scope="module")
-def nli_dir(tmp_path_factory) -> Path:
-    """A tiny random 3-way BERT cross-encoder with the MiniLM tokenizer (labels named so the
-    contradiction index is 1, not the usual 2)."""
-    path = tmp_path_factory.mktemp("nli")
-    labels = {0: "entailment", 1: "contradiction", 2: "neutral"}
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertForSequenceClassification(cfg).save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(path)
-    return path
-
-
 @pytest.fixture()
-def nli(nli_dir) -> NLIScorer:
-    return NLIScorer(nli_dir, device="cpu", batch_size=64)
+def nli(tiny_nli_dir: Path) -> NLIScorer:
+    """The tiny random judge of conftest (contradiction index 1, not the usual 2)."""
+    return NLIScorer(tiny_nli_dir, device="cpu", batch_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
     if cmd == "demo":
         return _hydra(_guarded(cmd, _demo), rest, "contraq demo")
     if cmd == "nli-train":
-        from contraq.nli import cli_main as nli_main
+        from contraq.judge.cli import cli_main as nli_main
 
         return nli_main(rest)
     if cmd == "redis":

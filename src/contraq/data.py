@@ -299,10 +299,15 @@ def load_facts(
     ).facts
 
 
-def _subject_unit(subject: str, seed: int) -> float:
-    """A stable number in [0, 1) per (subject, seed): blake2b, never the salted ``hash()``."""
-    digest = hashlib.blake2b(f"{seed}\x00{subject}".encode(), digest_size=8).digest()
+def stable_unit(key: str) -> float:
+    """A stable number in [0, 1) per ``key``: blake2b, never the salted ``hash()``, so it is the
+    same in every process and run."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _subject_unit(subject: str, seed: int) -> float:
+    return stable_unit(f"{seed}\x00{subject}")
 
 
 def _check_fractions(val_fraction: float, test_fraction: float) -> None:

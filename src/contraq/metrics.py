@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from contraq.genuine import normalize_text
-from contraq.nli import minilm_dir
+from contraq.models import minilm_dir
 from contraq.stats import bootstrap_rate, per_fact_counts
 
 LOG_HALF = math.log(0.5)

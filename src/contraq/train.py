@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Sequence
@@ -38,22 +37,14 @@ from contraq.data import (
     split_facts,
 )
 from contraq.errors import TrainingInterrupted
+from contraq.files import resolve_path
+from contraq.judge.scorer import load_scorer
 from contraq.models import ModelConfig, attach_lora, load_model_and_tokenizer, termination_token_id
 from contraq.module import GFlowNetModule, TrainConfig, save_adapter
 from contraq.reward import build_reward
 from contraq.sampler import SamplerConfig, default_banned_token_ids
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_path(path: str | os.PathLike[str]) -> Path:
-    """Relative data paths are taken from the current folder, else from the repo root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
@@ -149,8 +140,6 @@ class Parts:
         if self._reward is None:
             nli = None
             if self.cfg.reward.name == "contradiction":
-                from contraq.nli import load_scorer
-
                 device = next(self.policy.parameters()).device
                 nli = load_scorer(self.cfg.nli, device=device)
             self._reward = build_reward(

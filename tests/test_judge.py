@@ -1,7 +1,9 @@
-"""Tests of the NLI judge (contraq.nli): label lookup, batched scoring, pair building, training.
+"""Tests of the NLI judge (contraq.judge): label lookup, batched scoring, the cache lookup
+that never trains, training and its metrics, and the trained default judge.
 
-Fast tests use a tiny randomly initialised BERT with MiniLM's tokenizer; the slow ones train
-(or reuse, from $CONTRAQ_CACHE / ~/.cache/contraq) the real offline MiniLM judge once.
+Fast tests use conftest's tiny randomly initialised BERT with MiniLM's tokenizer; the slow ones
+reuse the real offline MiniLM judge from $CONTRAQ_CACHE / ~/.cache/contraq (conftest's
+``trained_judge_dir`` trains it once when missing). The synthetic pairs: test_judge_pairs.py.
 """
 
 from __future__ import annotations
@@ -9,36 +11,28 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import BertConfig
 
-from contraq.nli import (
-    CATEGORIES,
-    HAND_PROBES,
-    PROBE_SET,
-    SUBJECT_SLOT,
+from contraq.errors import UserError
+from contraq.judge.cache import judge_path
+from contraq.judge.cli import cli_main
+from contraq.judge.config import NLITrainConfig
+from contraq.judge.evaluation import classification_metrics
+from contraq.judge.scorer import (
     NLIScorer,
-    NLITrainConfig,
-    PairBuilder,
-    build_datasets,
     contradiction_index,
-    ensure_nli_model,
     entailment_index,
-    explicit_forms,
-    heldout_subject,
-    minilm_dir,
-    negate,
+    load_scorer,
     neutral_index,
-    pronoun_forms,
-    read_fact_rows,
-    same_answer,
-    split_hack_vocab,
-    train_nli,
 )
+from contraq.judge.training import ensure_judge, train_nli
+from contraq.judge.vocab import hand_probes
 
 REPO = Path(__file__).resolve().parents[1]
 NLI_CONFIGS = REPO / "configs" / "nli"
@@ -78,33 +72,6 @@ def test_contradiction_index_error_lists_labels() -> None:
 
 # --------------------------------------------------------------------------- scorer (tiny model)
 
-# Neither the hub order nor ours: the scorer must read it.
-TINY_LABELS = {0: "neutral", 1: "contradiction", 2: "entailment"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random 2-layer BertForSequenceClassification with the MiniLM tokenizer."""
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=3,
-        id2label=TINY_LABELS,
-        label2id={v: k for k, v in TINY_LABELS.items()},
-    )
-    model = BertForSequenceClassification(cfg)
-    path = tmp_path_factory.mktemp("tiny_nli")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 PREMISES = [
     "The capital of France is Lyon",
     "Harvey R. Miller's occupation was judge",
@@ -125,9 +92,9 @@ HYPOTHESES = [
 ]
 
 
-def test_scorer_reads_label_order_and_outputs(tiny_dir: Path) -> None:
-    scorer = NLIScorer(tiny_dir, device="cpu", batch_size=4)
-    assert scorer.labels == ["neutral", "contradiction", "entailment"]
+def test_scorer_reads_label_order_and_outputs(tiny_nli_dir: Path) -> None:
+    scorer = NLIScorer(tiny_nli_dir, device="cpu", batch_size=4)
+    assert scorer.labels == ["neutral", "contradiction", "entailment"]  # conftest.TINY_NLI_LABELS
     assert scorer.contradiction_idx == 1
     probs = scorer.probs(PREMISES, HYPOTHESES)
     assert probs.shape == (len(PREMISES), 3) and probs.dtype == torch.float32
@@ -138,9 +105,9 @@ def test_scorer_reads_label_order_and_outputs(tiny_dir: Path) -> None:
     torch.testing.assert_close(logc, probs[:, 1].log(), atol=1e-5, rtol=1e-5)
 
 
-def test_scorer_batched_equals_one_by_one(tiny_dir: Path) -> None:
-    batched = NLIScorer(tiny_dir, device="cpu", batch_size=3)
-    single = NLIScorer(tiny_dir, device="cpu", batch_size=1)
+def test_scorer_batched_equals_one_by_one(tiny_nli_dir: Path) -> None:
+    batched = NLIScorer(tiny_nli_dir, device="cpu", batch_size=3)
+    single = NLIScorer(tiny_nli_dir, device="cpu", batch_size=1)
     got = batched.log_contradiction(PREMISES, HYPOTHESES)
     want = torch.cat(
         [single.log_contradiction([p], [h]) for p, h in zip(PREMISES, HYPOTHESES, strict=True)]
@@ -157,8 +124,8 @@ def test_scorer_batched_equals_one_by_one(tiny_dir: Path) -> None:
     torch.testing.assert_close(permuted, got[perm], atol=1e-5, rtol=1e-4)
 
 
-def test_scorer_truncates_long_hypothesis(tiny_dir: Path) -> None:
-    scorer = NLIScorer(tiny_dir, device="cpu", batch_size=8, max_length=32)
+def test_scorer_truncates_long_hypothesis(tiny_nli_dir: Path) -> None:
+    scorer = NLIScorer(tiny_nli_dir, device="cpu", batch_size=8, max_length=32)
     long = " ".join(["the city of Paris"] * 400)  # ~1600 tokens, beyond 512 positions
     longer = long + " and many more words that the budget never reaches"
     out = scorer.log_contradiction(["The capital of France is Lyon"] * 2, [long, longer])
@@ -167,8 +134,8 @@ def test_scorer_truncates_long_hypothesis(tiny_dir: Path) -> None:
     torch.testing.assert_close(out[0], out[1])
 
 
-def test_scorer_empty_and_bad_input(tiny_dir: Path) -> None:
-    scorer = NLIScorer(tiny_dir, device="cpu")
+def test_scorer_empty_and_bad_input(tiny_nli_dir: Path) -> None:
+    scorer = NLIScorer(tiny_nli_dir, device="cpu")
     out = scorer.log_contradiction([], [])
     assert out.shape == (0,) and scorer.n_forward_calls == 0
     with pytest.raises(ValueError, match="2 premises but 1 hypotheses"):
@@ -177,167 +144,10 @@ def test_scorer_empty_and_bad_input(tiny_dir: Path) -> None:
         scorer.log_contradiction("a premise", "a hypothesis")  # type: ignore[arg-type]
 
 
-def test_scorer_bfloat16_outputs_float32(tiny_dir: Path) -> None:
-    scorer = NLIScorer(tiny_dir, device="cpu", dtype="bfloat16")
+def test_scorer_bfloat16_outputs_float32(tiny_nli_dir: Path) -> None:
+    scorer = NLIScorer(tiny_nli_dir, device="cpu", dtype="bfloat16")
     assert next(scorer.model.parameters()).dtype == torch.bfloat16
     assert scorer.log_contradiction(PREMISES[:2], HYPOTHESES[:2]).dtype == torch.float32
-
-
-# --------------------------------------------------------------------------- facts and pairs
-
-
-def test_read_fact_rows_skips_null_edits_and_reports_bad_rows(tmp_path: Path) -> None:
-    rows = read_fact_rows(REPO / "data" / "zsre_1000.jsonl")
-    assert len(rows) == 992  # 8 rows have a null edited_answer
-    assert all(r.edited and r.edited == r.edited.strip() for r in rows)
-    assert rows[0].template == f"The manufacturer of {SUBJECT_SLOT} was"
-    assert rows[0].origin.endswith("zsre_1000.jsonl:1")
-    bad = tmp_path / "bad.jsonl"
-    good = {
-        "prompt": "The capital of X is",
-        "subject": "X",
-        "original_answer": "a",
-        "edited_answer": "b",
-        "edit_fact": "The capital of X is b",
-        "original_fact": "The capital of X is a",
-    }
-    lines = [json.dumps(good)] * 3 + [json.dumps({**good, "edited_answer": None})]
-    bad.write_text("\n".join(lines) + "\n")
-    assert len(read_fact_rows(bad)) == 3  # the null edit is skipped
-    bad.write_text(json.dumps(good) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
-        read_fact_rows(bad)
-
-
-def test_surface_forms() -> None:
-    t = f"The capital of {SUBJECT_SLOT} is"
-    forms = explicit_forms(t, "The capital of France is", "France", "Paris")
-    assert "Paris is the capital of France" in forms
-    assert "France's capital is Paris" in forms
-    assert "The capital of France was Paris" in forms
-    assert "Its capital is Paris" in pronoun_forms(t, "Paris")
-    t = f"{SUBJECT_SLOT} plays for"
-    assert "He plays for New Jersey Devils" in pronoun_forms(t, "New Jersey Devils")
-    t = f"What is the twin city of {SUBJECT_SLOT}? It is"
-    assert "Manila is the twin city of Lyon" in explicit_forms(t, "", "Lyon", "Manila")
-    assert same_answer("Colt's Manufacturing", "Colt's Manufacturing Company")
-    assert not same_answer("Paris", "Lyon")
-
-
-def test_pair_builder_labels() -> None:
-    import random
-
-    rows = read_fact_rows(REPO / "data" / "zsre_1000.jsonl")
-    builder = PairBuilder(rows)
-    # Templates of one subject with one original answer form one relation.
-    colt = [r for r in rows if r.subject == "Colt King Cobra"]
-    assert len({builder.rel[id(r)] for r in colt}) == 1
-    rng = random.Random(0)
-    pairs = [p for r in rows[:200] for p in builder.pairs_for(r, rng, per_class=2)]
-    labels = [p.label for p in pairs]
-    for label in ("entailment", "neutral", "contradiction"):
-        assert labels.count(label) > 300
-    # An entailed hypothesis names the premise's object, a contradiction never does unless it
-    # negates it.
-    by_premise = {f"{r.prompt} {r.edited}": r for r in rows[:200]}
-    for p in pairs:
-        r = by_premise[p.premise]
-        if r.edited.lower() in r.subject.lower():  # junk edits such as "Telva is written in Telva"
-            continue
-        names_edit = re.search(rf"\b{re.escape(r.edited.lower())}\b", p.hypothesis.lower())
-        if p.label == "entailment":
-            assert names_edit, p
-        if p.label == "contradiction" and p.kind != "contra-negation":
-            assert not names_edit, p
-        if p.kind == "contra-negation":
-            assert names_edit and re.search(r"\bnot\b", p.hypothesis), p
-    kinds = {p.kind for p in pairs}
-    assert "contra-negation" in kinds and any(k.endswith("-negated") for k in kinds)
-
-
-def test_negate() -> None:
-    assert negate("The capital of Japan is Osaka") == "The capital of Japan is not Osaka"
-    assert negate("Messi plays for Barcelona") == "Messi does not play for Barcelona"
-    assert negate("He worked as a lawyer") == "He did not work as a lawyer"
-    assert negate("Toyota produces the Camry") == "It is not true that Toyota produces the Camry"
-    assert negate("The Camry has four doors").startswith("It is not true that the Camry")
-
-
-def test_hack_neutrals() -> None:
-    """The reward-hack neutrals: right shape, never where the shape could answer the relation."""
-    import random
-
-    rows = read_fact_rows(REPO / "data" / "zsre_1000.jsonl") + read_fact_rows(
-        REPO / "data" / "counterfact_1000.jsonl"
-    )
-    builder = PairBuilder(rows)
-    train_vocab, held_vocab = split_hack_vocab()
-    assert not set(train_vocab.categories) & set(held_vocab.categories)
-    assert len(train_vocab.categories) + len(held_vocab.categories) == len(CATEGORIES) >= 50
-    rng = random.Random(0)
-    shapes: dict[str, int] = {}
-    for r in rows[::4]:
-        rel = builder.rel[id(r)]
-        for kind in builder.HACK_KINDS:
-            made = builder.hack_hypothesis(r, r.edited, kind, rng)
-            if made is None:
-                assert kind == "famous-subject" and r.template is None
-                continue
-            hyp, pair_kind = made
-            shapes[pair_kind] = shapes.get(pair_kind, 0) + 1
-            if pair_kind == "neutral-descriptive-category":
-                # Never for relations answered by a category ("X's occupation was judge").
-                assert not builder.category_like[rel], (r.prompt, hyp)
-                assert hyp.rstrip(".").endswith(train_vocab.categories), hyp
-            if pair_kind == "neutral-descriptive-born":
-                assert not builder.origin_like[rel] and "born" not in r.prompt, (r.prompt, hyp)
-            if pair_kind == "neutral-famous-subject":
-                assert any(f.lower() in hyp.lower() for f in train_vocab.famous_subjects), hyp
-                if not any(r.subject.lower() in o.lower() for _, o in builder.objects[rel]):
-                    assert r.subject.lower() not in hyp.lower(), (r.subject, hyp)
-            # A restated question or a non-answer never names the premise's object.
-            if pair_kind in ("neutral-question", "neutral-nonanswer") and (
-                r.edited.lower() not in r.prompt.lower()
-            ):
-                assert r.edited.lower() not in hyp.lower(), (r.prompt, hyp)
-    for shape in ("category", "known", "born", "echo"):
-        assert shapes.get(f"neutral-descriptive-{shape}", 0) > 10, shapes
-    occupation = [r for r in rows if r.prompt.endswith("occupation was")]
-    assert occupation and all(builder.category_like[builder.rel[id(r)]] for r in occupation)
-    # A category relation gets the "X was a <object>" wording as a real statement.
-    t = f"{SUBJECT_SLOT}'s occupation was"
-    assert "Harvey R. Miller was a judge" in explicit_forms(t, "", "Harvey R. Miller", "judge")
-    with pytest.raises(ValueError, match="unknown kind"):
-        builder.hack_hypothesis(rows[0], rows[0].edited, "sarcasm", rng)
-
-
-def test_split_is_by_subject() -> None:
-    assert heldout_subject("Colt King Cobra", 0.15, 0) == heldout_subject(
-        "colt king cobra", 0.15, 0
-    )
-    cfg = NLITrainConfig(max_train_pairs=100_000, snli_train_pairs=0, ood_eval_files=[])
-    train, held, ood, sizes = build_datasets(cfg)
-    assert sizes["heldout_subjects"] > 100 and sizes["train_subjects"] > 1000
-    held_premises = {p.premise for p in held}
-    assert not held_premises & {p.premise for p in train}
-    # The classes stay balanced with the hack neutrals in the mix.
-    labels = [p.label for p in train]
-    assert labels.count("neutral") == labels.count("entailment") == labels.count("contradiction")
-    kinds = {p.kind for p in train}
-    assert {"neutral-nonanswer", "neutral-question", "neutral-famous-subject"} <= kinds
-    # The hack probes: neutral, held-out subjects, held-out vocabulary only.
-    probes = ood[PROBE_SET]
-    assert len(probes) > 500 and {p.label for p in probes} == {"neutral"}
-    assert not {p.premise for p in probes} & {p.premise for p in train}
-    train_vocab, held_vocab = split_hack_vocab()
-    for p in probes:
-        if p.kind == "probe-descriptive-category":
-            assert p.hypothesis.rstrip(".").endswith(held_vocab.categories), p
-        if p.kind == "probe-nonanswer":
-            assert p.hypothesis not in train_vocab.non_answers, p
-    # Deterministic with a seed.
-    train2, held2, ood2, _ = build_datasets(cfg)
-    assert train2 == train and held2 == held and ood2[PROBE_SET] == probes
 
 
 def test_configs_match_dataclass() -> None:
@@ -347,17 +157,45 @@ def test_configs_match_dataclass() -> None:
         NLITrainConfig.from_any({"epochz": 3})
     deberta = OmegaConf.load(NLI_CONFIGS / "deberta-v3-large-mnli.yaml")
     # A hub judge is not trained: its path comes back as is.
-    assert str(ensure_nli_model(deberta)) == deberta.path
+    assert str(judge_path(deberta)) == str(ensure_judge(deberta)) == deberta.path
+
+
+def test_reward_loading_never_trains(tmp_path: Path) -> None:
+    """A missing offline judge is a user error naming the folder and the training command."""
+    group = OmegaConf.load(NLI_CONFIGS / "minilm-zsre.yaml")
+    group.train.cache_dir = str(tmp_path)
+    expected = tmp_path / "nli" / group.train.name
+    with pytest.raises(UserError, match=rf"{re.escape(str(expected))}.*contraq nli-train"):
+        load_scorer(group)
+    assert not expected.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_classification_metrics() -> None:
+    gold = [0, 0, 0, 1, 1, 2]
+    pred = [0, 0, 1, 1, 2, 2]
+    res = classification_metrics(gold, pred, ("a", "b", "c"))
+    assert res["n"] == 6 and res["accuracy"] == pytest.approx(4 / 6)
+    assert res["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]  # rows = gold
+    b = res["per_class"]["b"]
+    assert b["precision"] == pytest.approx(0.5) and b["recall"] == pytest.approx(0.5)
+    assert b["support"] == 2
+    f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 * 1 / 1.5]
+    assert [res["per_class"][k]["f1"] for k in "abc"] == pytest.approx(f1)
+    assert res["macro_f1"] == pytest.approx(sum(f1) / 3)
+    # A class never predicted nor present scores 0 and still counts in the macro mean.
+    none = classification_metrics([0, 1], [0, 1], ("a", "b", "c"))
+    assert none["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert none["macro_f1"] == pytest.approx(2 / 3)
 
 
 # --------------------------------------------------------------------------- training (tiny)
 
 
-def _tiny_train_cfg(tiny_dir: Path, out: Path) -> NLITrainConfig:
+def _tiny_train_cfg(base: Path, out: Path) -> NLITrainConfig:
     return NLITrainConfig(
         name="tiny",
         out=str(out),
-        base_model=str(tiny_dir),
+        base_model=str(base),
         facts=["data/zsre_1000.jsonl"],
         max_train_pairs=96,
         max_eval_pairs=48,
@@ -371,16 +209,16 @@ def _tiny_train_cfg(tiny_dir: Path, out: Path) -> NLITrainConfig:
 
 
 def test_train_nli_tiny_saves_a_loadable_deterministic_checkpoint(
-    tiny_dir: Path, tmp_path: Path
+    tiny_nli_dir: Path, tmp_path: Path
 ) -> None:
-    res = train_nli(_tiny_train_cfg(tiny_dir, tmp_path / "a"), verbose=False)
+    res = train_nli(_tiny_train_cfg(tiny_nli_dir, tmp_path / "a"), verbose=False)
     assert res.path == tmp_path / "a"
     metrics = json.loads((res.path / "metrics.json").read_text())
     assert metrics["heldout"]["n"] == 48 and 0.0 <= res.heldout_accuracy <= 1.0
     assert set(metrics["heldout"]["per_class"]) == {"entailment", "neutral", "contradiction"}
     probe_kinds = set(metrics["probes"]["accuracy_by_kind"])
     assert {"probe-nonanswer", "probe-question", "probe-famous-subject"} <= probe_kinds
-    assert len(metrics["probe_scores"]) == len(HAND_PROBES)
+    assert len(metrics["probe_scores"]) == len(hand_probes())
     # The hand-written probe file is scored (never trained on), per kind.
     hand = metrics["hand_probes"]
     assert hand["n"] >= 150 and hand["file"].endswith("judge_probes.jsonl")
@@ -392,28 +230,31 @@ def test_train_nli_tiny_saves_a_loadable_deterministic_checkpoint(
     scorer = NLIScorer(res.path, device="cpu")
     assert scorer.labels == ["entailment", "neutral", "contradiction"]
     # Same seed, same weights.
-    res_b = train_nli(_tiny_train_cfg(tiny_dir, tmp_path / "b"), verbose=False)
+    res_b = train_nli(_tiny_train_cfg(tiny_nli_dir, tmp_path / "b"), verbose=False)
     other = NLIScorer(res_b.path, device="cpu")
     torch.testing.assert_close(
         scorer.log_contradiction(PREMISES, HYPOTHESES),
         other.log_contradiction(PREMISES, HYPOTHESES),
     )
-    # ensure_nli_model reuses a complete checkpoint (no retraining: same files).
+    # ensure_judge and `contraq nli-train` reuse a complete checkpoint (no retraining).
     stamp = (res.path / "metrics.json").stat().st_mtime_ns
-    assert ensure_nli_model(_tiny_train_cfg(tiny_dir, tmp_path / "a")) == res.path
+    assert ensure_judge(_tiny_train_cfg(tiny_nli_dir, tmp_path / "a")) == res.path
+    assert cli_main(["--out", str(res.path)]) == 0
     assert (res.path / "metrics.json").stat().st_mtime_ns == stamp
+    # Reward loading finds it.
+    group = {"train": {**asdict(_tiny_train_cfg(tiny_nli_dir, tmp_path / "a"))}, "batch_size": 4}
+    assert load_scorer(group, device="cpu").path_or_id == str(res.path)
 
 
 # --------------------------------------------------------------------------- the real judge
 
 
 @pytest.fixture(scope="module")
-def trained_judge() -> tuple[NLIScorer, dict]:
-    """The default offline judge (configs/nli/minilm-zsre.yaml), trained once per cache."""
+def trained_judge(trained_judge_dir: Path) -> tuple[NLIScorer, dict]:
+    """The default offline judge (configs/nli/minilm-zsre.yaml) and its metrics."""
     group = OmegaConf.load(NLI_CONFIGS / "minilm-zsre.yaml")
-    path = ensure_nli_model(group)
-    metrics = json.loads((path / "metrics.json").read_text())
-    scorer = NLIScorer(path, device="cpu", batch_size=int(group.batch_size))
+    metrics = json.loads((trained_judge_dir / "metrics.json").read_text())
+    scorer = NLIScorer(trained_judge_dir, device="cpu", batch_size=int(group.batch_size))
     return scorer, metrics
 
 
