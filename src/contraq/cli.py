@@ -5,6 +5,7 @@ contraq demo [hydra overrides]      train on the embedded default, then eval + r
 contraq sample --checkpoint RUN ... questions for new edit facts
 contraq eval --checkpoint RUN ...   trained policy vs baselines on held-out facts
 contraq report RUN                  curves + Markdown summary of a run
+contraq smooth RUN --out DIR        maximum likelihood on a run's best buffer questions
 contraq nli-train ...               train the offline MiniLM NLI judge
 contraq redis start|stop|status     a local redis-server for buffer=redis
 
@@ -142,6 +143,10 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         from contraq.judge.cli import cli_main as nli_main
 
         return nli_main(rest)
+    if cmd == "smooth":
+        from contraq.smooth import smooth_main
+
+        return smooth_main(rest)
     if cmd == "redis":
         from contraq.redis_server import cli_main as redis_main
 
