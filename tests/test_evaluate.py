@@ -1,5 +1,6 @@
-"""Metrics on hand-made inputs, and `contraq sample` / `contraq eval` on a tiny run folder
-(random 2-layer LM + saved LoRA adapter, random tiny BERT as the NLI judge)."""
+"""Metrics on hand-made inputs, the commands' settings, and `contraq sample` / `contraq eval`
+on a tiny run folder (random 2-layer LM + saved LoRA adapter, random tiny BERT as the NLI
+judge)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ import pytest
 import torch
 
 from conftest import randomize_lora_b
-from contraq.evaluate import (
-    EvalConfig,
-    RunError,
-    compare_to_trained,
-    evaluate_run,
-    resolve_run,
-    sample_main,
-)
+from contraq.cli import compose, main
+from contraq.config_check import ConfigError
+from contraq.evaluate import EvalConfig, compare_to_trained
 from contraq.genuine import normalize_text
 from contraq.metrics import (
     Embedder,
@@ -34,6 +30,8 @@ from contraq.metrics import (
     summarize,
 )
 from contraq.nli import minilm_dir
+from contraq.runload import RunError, load_parts, resolve_run
+from contraq.settings import typed
 
 # --------------------------------------------------------------------------- metrics
 
@@ -136,6 +134,25 @@ def test_embedder_matches_sentence_transformers_pooling(embedder: Embedder) -> N
     assert minilm_dir().name == "model"
 
 
+@pytest.mark.slow
+def test_embedder_is_mean_pooled_minilm(embedder: Embedder) -> None:
+    """The sentence-transformers pipeline gives all-MiniLM-L6-v2's embedding: the mean of the
+    encoder's last hidden states over real tokens, L2-normalised (computed here by hand)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["Where is the Eiffel Tower?", "hello", "Who wrote Hamlet, and when was it staged?"]
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    model = AutoModel.from_pretrained(str(minilm_dir())).eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state  # [B, L, D]
+    mask = enc["attention_mask"].unsqueeze(-1).float()  # [B, L, 1]
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    got = embedder.encode(texts)
+    assert torch.allclose((got * expected).sum(-1), torch.ones(len(texts)), atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def _rec(fact: int, question: str, answer: str, p_contra: float, **flags: float) -> dict:
     return {
         "fact_index": fact,
@@ -219,6 +236,58 @@ def test_summarize_known_values() -> None:
         del r["log_c"], r["answer"]
     s = summarize(recs)
     assert math.isnan(s["contradiction_rate"]) and math.isnan(s["hit_rate"])
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_eval_and_demo_read_one_set_of_defaults() -> None:
+    """configs/evaluation/ is the one place of the comparison's defaults: `contraq eval` has
+    them at its top level, `contraq demo` under ``evaluation.`` with the run's seed."""
+    ecfg = typed(EvalConfig, compose("eval", ["checkpoint=RUN"]))
+    demo = compose("demo", ["seed=3", "evaluation.n=2"])
+    from_demo = typed(EvalConfig, demo.evaluation, prefix="evaluation.")
+    assert from_demo == EvalConfig(**{**vars(ecfg), "seed": 3, "n": 2})
+    assert "demo" not in demo and "evaluation" not in compose("train", [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["n=0"], "n"),
+        (["temperatures=[0.5,0]"], "temperatures"),
+        (["batch_size=x"], "batch_size"),
+        (["judge=???"], "judge"),
+    ],
+)
+def test_eval_settings_name_the_bad_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^evaluation.{key}: "):
+        typed(
+            EvalConfig,
+            compose("demo", [f"evaluation.{o}" for o in overrides]).evaluation,
+            prefix="evaluation.",
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["eval"], "checkpoint: missing"),
+        (["eval", "checkpoint=RUN", "nn=3"], "Could not override 'nn'"),
+        (["eval", "checkpoint=RUN", "n=0"], "n: must be >= 1"),
+        (
+            ["sample", "checkpoint=RUN", "facts=F", "out=O", "temperature=0"],
+            "temperature: must be > 0",
+        ),
+        (["sample", "checkpoint=RUN", "facts=F"], "out: missing"),
+    ],
+)
+def test_command_settings_errors_are_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"contraq {argv[0]}: ") and says in err and err.count("\n") == 1, err
 
 
 # --------------------------------------------------------------------------- a tiny run folder
@@ -365,9 +434,9 @@ def test_resolve_run(tiny_run: Path, tmp_path: Path) -> None:
 def test_sample_writes_scored_distinct_questions(tiny_run: Path, tmp_path: Path) -> None:
     facts = write_minimal_facts(tmp_path / "facts.jsonl")
     out = tmp_path / "q.jsonl"
-    argv = ["--checkpoint", str(tiny_run), "--facts", str(facts), "--n", "5", "--out", str(out)]
-    opts = ["--device", "cpu", "--batch-size", "4"]
-    assert sample_main([*argv, *opts]) == 0
+    argv = ["sample", f"checkpoint={tiny_run}", f"facts={facts}", "n=5"]
+    opts = ["device=cpu", "batch_size=4"]
+    assert main([*argv, f"out={out}", *opts]) == 0
     rows = read_jsonl(out)
     assert len(rows) == 10
     for r in rows:
@@ -381,7 +450,7 @@ def test_sample_writes_scored_distinct_questions(tiny_run: Path, tmp_path: Path)
     assert {r["original_answer"] for r in rows} == {"Paris", None}
     # Same seed -> same questions (the sampler's generator is seeded).
     out2 = tmp_path / "q2.csv"
-    assert sample_main([*argv[:-1], str(out2), *opts, "--csv"]) == 0
+    assert main([*argv, f"out={out2}", *opts, "csv=true"]) == 0
     import csv
 
     with out2.open() as fh:
@@ -396,10 +465,8 @@ def test_sample_dedup_when_the_policy_repeats(
     is all that resampling can find, and the shortfall is reported."""
     facts = write_minimal_facts(tmp_path / "facts.jsonl")
     out = tmp_path / "q.jsonl"
-    argv = ["--checkpoint", str(tiny_run / "adapter"), "--facts", str(facts), "--out", str(out)]
-    code = sample_main(
-        [*argv, "--n", "3", "--temperature", "1e-4", "--max-rounds", "2", "--device", "cpu"]
-    )
+    argv = ["sample", f"checkpoint={tiny_run / 'adapter'}", f"facts={facts}", "device=cpu"]
+    code = main([*argv, f"out={out}", "n=3", "temperature=1e-4", "max_rounds=2"])
     assert code == 0
     rows = read_jsonl(out)
     assert sorted(r["subject"] for r in rows) == ["France", "Hamlet"]
@@ -407,19 +474,7 @@ def test_sample_dedup_when_the_policy_repeats(
     assert "only 1 distinct questions of 3 after 2 rounds" in err
     # --plain gives the base LM's (different) greedy question.
     out_plain = tmp_path / "plain.jsonl"
-    code = sample_main(
-        [
-            *argv[:-1],
-            str(out_plain),
-            "--n",
-            "1",
-            "--temperature",
-            "1e-4",
-            "--plain",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = main([*argv, f"out={out_plain}", "n=1", "temperature=1e-4", "plain=true"])
     assert code == 0
     plain = read_jsonl(out_plain)
     assert [r["question"] for r in plain] != [r["question"] for r in rows]
@@ -440,44 +495,31 @@ def test_sample_bad_facts_name_the_line(
 ) -> None:
     facts = tmp_path / "facts.jsonl"
     facts.write_text(content)
-    argv = [
-        "--checkpoint",
-        str(tiny_run),
-        "--facts",
-        str(facts),
-        "--out",
-        str(tmp_path / "q.jsonl"),
-    ]
-    assert sample_main(argv) == 2
+    argv = ["sample", f"checkpoint={tiny_run}", f"facts={facts}", f"out={tmp_path / 'q.jsonl'}"]
+    assert main(argv) == 2
     assert where in capsys.readouterr().err
     assert not (tmp_path / "q.jsonl").exists()
 
 
 def test_sample_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     facts = write_minimal_facts(tmp_path / "facts.jsonl")
-    argv = ["--checkpoint", str(tmp_path), "--facts", str(facts), "--out", str(tmp_path / "q")]
-    assert sample_main(argv) == 2
+    argv = ["sample", f"checkpoint={tmp_path}", f"facts={facts}", f"out={tmp_path / 'q'}"]
+    assert main(argv) == 2
     assert "no config.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    # --judge: the same tiny judge copied elsewhere replaces the run's for every method.
+    # judge=: the same tiny judge copied elsewhere replaces the run's for every method.
     import shutil
 
     judge = tmp_path / "other_judge"
     shutil.copytree(tiny_run.parent / "nli", judge)
-    ecfg = EvalConfig(
-        n=4,
-        temperatures=[1.5],
-        beam_groups=2,
-        batch_size=8,
-        max_facts=2,
-        device="cpu",
-        judge=str(judge),
-    )
-    result = evaluate_run(tiny_run, out, None, ecfg)
+    settings = ["n=4", "temperatures=[1.5]", "beam_groups=2", "batch_size=8", "max_facts=2"]
+    argv = ["eval", f"checkpoint={tiny_run}", f"out={out}", f"judge={judge}", "device=cpu"]
+    assert main([*argv, *settings]) == 0
+    result = json.loads((out / "eval.json").read_text())
     assert result["settings"]["judge"] == str(judge)
     assert set(result["comparisons"]) == set(result["summary"]) - {"trained"}
     assert result["frontier"]["diversity"] == result["summary"]["trained"]["diversity"]
@@ -504,8 +546,6 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
 
     test = split_facts(load_facts(tiny_run.parent / "facts.jsonl"), 0.2, 0.4, 0).test
     assert {r["subject"] for r in qs} <= {f.subject for f in test}
-    saved = json.loads((out / "eval.json").read_text())
-    assert saved["summary"]["trained"]["n_questions"] == 8
     md = (out / "eval.md").read_text()
     assert "| trained | 8 |" in md and "reward_distribution.png" in md
     for png in ("reward_distribution.png", "reward_vs_diversity.png", "rate_vs_diversity.png"):
@@ -516,8 +556,6 @@ def test_lora_from_a_lightning_checkpoint(tiny_run: Path, tmp_path: Path) -> Non
     """A .ckpt holds the trainable tensors under ``policy.`` (GFlowNetModule.on_save_checkpoint);
     loading it must give exactly those LoRA weights, and a foreign checkpoint must be refused."""
     from safetensors.torch import load_file
-
-    from contraq.evaluate import load_parts
 
     adapter = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
     ref = load_parts(resolve_run(tiny_run), device=torch.device("cpu"))
