@@ -316,6 +316,82 @@ def _config_summary(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [(k, get(k)) for k in keys if get(k) is not None]
 
 
+def _header_lines(run: Path) -> list[str]:
+    """Title, steps and wall time (``train_summary.json``) and the key config values."""
+    cfg: Mapping[str, Any] = {}
+    if (run / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        loaded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
+        cfg = loaded if isinstance(loaded, dict) else {}
+    summary: Mapping[str, Any] = {}
+    if (run / "train_summary.json").is_file():
+        summary = json.loads((run / "train_summary.json").read_text())
+    lines = [f"# contraq run `{run.name}`", ""]
+    lines += [
+        f"- steps: {summary.get('steps', 'n/a')}",
+        f"- wall time: {_seconds(summary.get('seconds'))}",
+    ]
+    if summary.get("resumed_from"):
+        lines.append(f"- resumed from: `{summary['resumed_from']}`")
+    lines.append("")
+    if cfg:
+        lines += ["## Config", "", markdown_table(["key", "value"], _config_summary(cfg)), ""]
+        lines += ["Full config: `config.yaml` in the run folder.", ""]
+    return lines
+
+
+def _metrics_lines(metrics: Mapping[str, Series], pngs: Sequence[Path], out: Path) -> list[str]:
+    """The last value and tail mean of every train/ and val/ metric, then the curves."""
+    rows = []
+    for name, series in metrics.items():
+        if not series or not (name.startswith(("train/", "val/"))):
+            continue
+        step, last, tail = _last_and_tail_mean(series)
+        rows.append([name, step, fmt(last, "{:.4g}"), fmt(tail, "{:.4g}")])
+    lines = ["## Final metrics", ""]
+    lines += [markdown_table(["metric", "last step", "last value", "mean of last 10"], rows), ""]
+    lines += ["## Curves", ""]
+    for p in pngs:
+        rel = p.relative_to(out) if p.is_relative_to(out) else p
+        lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+    return lines
+
+
+def _samples_lines(samples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The best questions per fact of ``samples.jsonl``."""
+    lines = ["## Top questions per fact (samples.jsonl, by log R)", ""]
+    for subject, fact, rows in top_questions(samples):
+        lines += [f"**{md_cell(subject)}**: {md_cell(fact)}", ""]
+        table = [
+            [
+                r.get("step", ""),
+                r.get("question", ""),
+                r.get("answer") or "",
+                fmt(r.get("log_c"), "{:.2f}"),
+                fmt(r.get("log_pq"), "{:.2f}"),
+                fmt(r.get("log_r"), "{:.2f}"),
+            ]
+            for r in rows
+        ]
+        headers = ["step", "question", "answer", "log C", "log P_Q", "log R"]
+        lines += [markdown_table(headers, table), ""]
+    return lines
+
+
+def _eval_lines(run: Path, out: Path) -> list[str]:
+    """A link to the run's ``eval/eval.md`` and its metrics table, when it has been evaluated."""
+    eval_md = run / "eval" / "eval.md"
+    if not eval_md.is_file():
+        return []
+    rel = Path("..") / "eval" / "eval.md" if out == run / "report" else eval_md.resolve()
+    lines = ["## Evaluation", "", f"See [eval.md]({rel.as_posix()}).", ""]
+    eval_json = run / "eval" / "eval.json"
+    if eval_json.is_file():
+        lines += [eval_table(json.loads(eval_json.read_text()).get("summary", {})), ""]
+    return lines
+
+
 def write_report(
     run_dir: str | Path, out_dir: str | Path | None = None, smoothing: float | None = None
 ) -> Path:
@@ -349,75 +425,12 @@ def write_report(
     samples = read_jsonl(samples_path) if samples_path.is_file() else []
     pngs = plot_curves(metrics, out, smoothing) if metrics else []
 
-    cfg: Mapping[str, Any] = {}
-    if (run / "config.yaml").is_file():
-        from omegaconf import OmegaConf
-
-        loaded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
-        cfg = loaded if isinstance(loaded, dict) else {}
-    summary: Mapping[str, Any] = {}
-    if (run / "train_summary.json").is_file():
-        summary = json.loads((run / "train_summary.json").read_text())
-
-    lines = [f"# contraq run `{run.name}`", ""]
-    lines += [
-        f"- steps: {summary.get('steps', 'n/a')}",
-        f"- wall time: {_seconds(summary.get('seconds'))}",
-    ]
-    if summary.get("resumed_from"):
-        lines.append(f"- resumed from: `{summary['resumed_from']}`")
-    lines.append("")
-    if cfg:
-        lines += ["## Config", "", markdown_table(["key", "value"], _config_summary(cfg)), ""]
-        lines += ["Full config: `config.yaml` in the run folder.", ""]
-
+    lines = _header_lines(run)
     if metrics:
-        rows = []
-        for name, series in metrics.items():
-            if not series or not (name.startswith(("train/", "val/"))):
-                continue
-            step, last, tail = _last_and_tail_mean(series)
-            rows.append([name, step, fmt(last, "{:.4g}"), fmt(tail, "{:.4g}")])
-        lines += ["## Final metrics", ""]
-        lines += [
-            markdown_table(["metric", "last step", "last value", "mean of last 10"], rows),
-            "",
-        ]
-        lines += ["## Curves", ""]
-        for p in pngs:
-            rel = p.relative_to(out) if p.is_relative_to(out) else p
-            lines += [f"![{p.stem}]({rel.as_posix()})", ""]
-
+        lines += _metrics_lines(metrics, pngs, out)
     if samples:
-        lines += ["## Top questions per fact (samples.jsonl, by log R)", ""]
-        for subject, fact, rows in top_questions(samples):
-            lines += [f"**{md_cell(subject)}**: {md_cell(fact)}", ""]
-            lines.append(
-                markdown_table(
-                    ["step", "question", "answer", "log C", "log P_Q", "log R"],
-                    [
-                        [
-                            r.get("step", ""),
-                            r.get("question", ""),
-                            r.get("answer") or "",
-                            fmt(r.get("log_c"), "{:.2f}"),
-                            fmt(r.get("log_pq"), "{:.2f}"),
-                            fmt(r.get("log_r"), "{:.2f}"),
-                        ]
-                        for r in rows
-                    ],
-                )
-            )
-            lines.append("")
-
-    eval_md = run / "eval" / "eval.md"
-    if eval_md.is_file():
-        rel = Path("..") / "eval" / "eval.md" if out == run / "report" else eval_md.resolve()
-        lines += ["## Evaluation", "", f"See [eval.md]({rel.as_posix()}).", ""]
-        eval_json = run / "eval" / "eval.json"
-        if eval_json.is_file():
-            lines += [eval_table(json.loads(eval_json.read_text()).get("summary", {})), ""]
-
+        lines += _samples_lines(samples)
+    lines += _eval_lines(run, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
