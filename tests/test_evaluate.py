@@ -387,7 +387,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save_pretrained(nli_dir)
 
     data = root / "facts.jsonl"
-    data.write_text("".join(json.dumps(f) + "\n" for f in FACTS * 4))
+    # 12 subjects: the split by subject leaves facts for training, validation and test.
+    rows = [{**f, "subject": f"{f['subject']} {k}"} for k in range(4) for f in FACTS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = root / "run"
     run.mkdir()
     cfg = tiny_config(nli_dir, data)

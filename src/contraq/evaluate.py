@@ -91,7 +91,6 @@ def _method_records(
     records: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     notes: list[str] = []
-    budget = {"n": ecfg.n, "batch_size": ecfg.batch_size}
     with progress_bar() as progress:
         for name, temp, base in methods:
             t0 = time.time()
@@ -102,9 +101,10 @@ def _method_records(
                 name,
                 temp,
                 base,
+                n=ecfg.n,
+                batch_size=ecfg.batch_size,
                 seed=ecfg.seed,
                 progress=progress,
-                **budget,
             )
             seconds[name] = time.time() - t0
         if ecfg.beam:
@@ -115,8 +115,9 @@ def _method_records(
                 prompts,
                 groups=ecfg.beam_groups,
                 diversity_penalty=ecfg.diversity_penalty,
+                n=ecfg.n,
+                batch_size=ecfg.batch_size,
                 progress=progress,
-                **budget,
             )
             seconds[name] = time.time() - t0
             if ecfg.beam_groups > 1 and name == "beam":
@@ -127,7 +128,9 @@ def _method_records(
     return records, seconds, notes
 
 
-def _facts(parts: Parts, facts_path: str | Path | None, max_facts: int) -> tuple[list, str]:
+def _facts(
+    parts: Parts, facts_path: str | Path | None, max_facts: int
+) -> tuple[list[EditFact], str]:
     """The facts to evaluate on and how to name them: a file, else the run's held-out split."""
     if facts_path is not None:
         facts, label = load_facts(facts_path, minimal_ok=True, on_error="raise"), str(facts_path)
