@@ -36,14 +36,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reward import judge_dir  # noqa: E402
-from contraq.data import load_facts, split_facts  # noqa: E402
-from contraq.evaluate import decode_questions, left_pad  # noqa: E402
-from contraq.files import resolve_path  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
 from contraq.reward import _frozen_base, base_logprobs, build_reward  # noqa: E402
 from contraq.sampler import sample, score_actions  # noqa: E402
-from contraq.train import Parts, build_prompts  # noqa: E402
+from contraq.tokens import decode_questions, left_pad  # noqa: E402
+from contraq.train import Parts, build_prompts, load_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +71,7 @@ def main() -> None:
         path, what = judge_dir(Path(tmp))
         nli = NLIScorer(path, device="cpu", batch_size=int(cfg.nli.batch_size))
         reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
-        facts = split_facts(load_facts(resolve_path(cfg.data.path)), 0.1, 0.1, 0).train
+        facts = load_split(cfg).train  # the training facts of the default config
         facts = facts[: args.facts]
         rows = [f for f in facts for _ in range(args.n)]
         prompts = build_prompts(cfg, rows, parts.tokenizer)
@@ -87,7 +85,7 @@ def main() -> None:
             return sample(policy, ids, mask, parts.sampler_cfg, generator=gen)
 
         t_sample, batch = timed(do_sample, args.repeats)
-        questions = decode_questions(parts.tokenizer, batch)
+        questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
         edits = [f.edit_fact for f in rows]
         with _frozen_base(policy) as lm:
             t_answer, (answers, _) = timed(

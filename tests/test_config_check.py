@@ -20,14 +20,14 @@ CHOICES = [
 ]
 
 
-def _compose(*overrides: str):
+def _compose(*overrides: str, config: str = "train"):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose(config, overrides=list(overrides))
 
 
 @pytest.mark.parametrize("override", CHOICES)
 def test_every_shipped_choice_validates(override: str) -> None:
-    cfg = _compose(override)
+    cfg = _compose(override, config="demo")  # demo = train + the evaluation group
     if override == "model=local":  # name_or_path: ??? must come from the user
         with pytest.raises(ConfigError, match=r"^model\.name_or_path: cannot be resolved"):
             validate(cfg)

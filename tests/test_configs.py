@@ -12,9 +12,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
 
 
-def _compose(*overrides: str):
+def _compose(*overrides: str, config: str = "train"):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        return compose(config, overrides=list(overrides))
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def _compose(*overrides: str):
     ],
 )
 def test_every_choice_composes_and_resolves(override: str) -> None:
-    cfg = _compose(override)
+    cfg = _compose(override, config="demo")  # demo = train + the evaluation group
     # Resolving catches broken interpolations (the trainer reads ${train.max_steps}, ...).
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert container["trainer"]["max_steps"] == cfg.train.max_steps

@@ -1,5 +1,6 @@
-"""Metrics on hand-made inputs, and `contraq sample` / `contraq eval` on a tiny run folder
-(random 2-layer LM + saved LoRA adapter, random tiny BERT as the NLI judge)."""
+"""Counted rates and the paired comparison, the commands' settings, and `contraq sample` /
+`contraq eval` on a tiny run folder (random 2-layer LM + saved LoRA adapter, random tiny BERT
+as the NLI judge). The other metrics: test_metrics.py."""
 
 from __future__ import annotations
 
@@ -11,129 +12,14 @@ import pytest
 import torch
 
 from conftest import randomize_lora_b, save_tiny_nli
-from contraq.evaluate import (
-    EvalConfig,
-    RunError,
-    compare_to_trained,
-    evaluate_run,
-    resolve_run,
-    sample_main,
-)
-from contraq.genuine import normalize_text
-from contraq.metrics import (
-    Embedder,
-    answer_hit,
-    contradiction_rate,
-    distinct_n,
-    fluency,
-    grouped_diversity,
-    hit_rate,
-    independent_hit,
-    pairwise_diversity,
-    rate_summary,
-    summarize,
-)
-from contraq.models import minilm_dir
+from contraq.cli import compose, main
+from contraq.config_check import ConfigError
+from contraq.evaluate import EvalConfig, compare_to_trained
+from contraq.metrics import independent_hit, rate_summary
+from contraq.runload import RunError, load_parts, resolve_run
+from contraq.settings import typed
 
-# --------------------------------------------------------------------------- metrics
-
-
-def test_normalize_text() -> None:
-    assert normalize_text("  The  CAPITAL,  is\tParis!! ") == "the capital is paris"
-    assert normalize_text("New-York") == "new york"
-
-
-@pytest.mark.parametrize(
-    ("answer", "original", "hit"),
-    [
-        ("The capital of France is Paris.", "Paris", True),
-        ("the capital of france is PARIS", "paris", True),
-        ("It is in paris, France", "Paris!", True),
-        ("It was made by Colt's Manufacturing Company.", "Colt's Manufacturing Company", True),
-        ("It is in New-York", "New York", True),
-        ("The Parisian style", "Paris", False),  # near-miss: not a whole word
-        ("Parisian", "Paris", False),
-        ("It is in Lyon", "Paris", False),
-        ("The company is Colt", "Colt's Manufacturing Company", False),
-        ("", "Paris", False),
-        ("Paris", None, False),
-        ("Paris", "", False),
-        (None, "Paris", False),
-    ],
-)
-def test_answer_hit(answer: str | None, original: str | None, hit: bool) -> None:
-    assert answer_hit(answer, original) is hit
-
-
-def test_hit_rate() -> None:
-    assert hit_rate(["Paris is it", "Lyon", "x"], ["paris", "Paris", None]) == 0.5
-    assert math.isnan(hit_rate(["a"], [None]))
-    with pytest.raises(ValueError):
-        hit_rate(["a"], [])
-
-
-def test_contradiction_rate() -> None:
-    log_c = [math.log(0.9), math.log(0.51), math.log(0.5), math.log(0.1), -math.inf]
-    assert contradiction_rate(log_c) == pytest.approx(2 / 5)  # 0.5 itself is not > 0.5
-    assert contradiction_rate(torch.tensor([0.0, -0.1])) == 1.0
-    assert math.isnan(contradiction_rate([]))
-
-
-def test_distinct_n() -> None:
-    texts = ["Who is A?", "who is B?"]
-    # unigrams: who, is, a, who, is, b -> 4 distinct of 6
-    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
-    # bigrams: (who is) (is a) (who is) (is b) -> 3 of 4
-    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
-    assert distinct_n(["a b c"], 2) == 1.0
-    assert distinct_n(["same", "same"], 1) == 0.5
-    assert distinct_n(["one"], 2) == 0.0
-    with pytest.raises(ValueError):
-        distinct_n(texts, 0)
-
-
-def test_pairwise_diversity_and_fluency() -> None:
-    e = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
-    # cosines: (0,1)=0, (0,2)=-1, (1,2)=0 -> mean -1/3 -> diversity 4/3
-    assert pairwise_diversity(e) == pytest.approx(4 / 3)
-    assert pairwise_diversity(torch.ones(4, 3)) == pytest.approx(0.0, abs=1e-12)
-    assert math.isnan(pairwise_diversity(torch.ones(1, 3)))
-    assert fluency([-10.0, -4.0], [5, 2]) == pytest.approx(-2.0)
-
-
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return Embedder(device="cpu")
-
-
-@pytest.mark.slow
-def test_embedder_diversity(embedder: Embedder) -> None:
-    emb = embedder.encode(["Where is the Eiffel Tower?", "hello"])
-    assert emb.shape == (2, 384)
-    assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
-    same = ["Who founded the company?"] * 4
-    assert abs(embedder.diversity(same)) < 1e-5
-    different = [
-        "Who founded the company?",
-        "What is the boiling point of water in Kelvin?",
-        "Which river flows through Cairo?",
-    ]
-    d = embedder.diversity(different)
-    assert d > 0.5
-    # Per fact, then averaged: a fact of duplicates (0) and a diverse fact (d); a one-question
-    # fact is left out.
-    assert grouped_diversity([same, different, ["alone"]], embedder) == pytest.approx(d / 2)
-
-
-@pytest.mark.slow
-def test_embedder_matches_sentence_transformers_pooling(embedder: Embedder) -> None:
-    """Mean pooling over real tokens: padding a text in a batch must not change it."""
-    alone = embedder.encode(["A short one."])
-    batched = embedder.encode(
-        ["A short one.", "A much longer sentence with many more tokens in it."]
-    )
-    assert torch.allclose(alone[0], batched[0], atol=1e-5)
-    assert minilm_dir().name == "model"
+# --------------------------------------------------------------------------- rates and comparisons
 
 
 def _rec(fact: int, question: str, answer: str, p_contra: float, **flags: float) -> dict:
@@ -181,44 +67,56 @@ def test_counted_rates_and_independent_measure() -> None:
     assert compare_to_trained({"other": worse}) == {}
 
 
-def test_summarize_known_values() -> None:
-    recs = [
-        {
-            "fact_index": 0,
-            "question": "Who is A?",
-            "log_r": -1.0,
-            "log_c": math.log(0.9),
-            "answer": "A is Paris.",
-            "original_answer": "Paris",
-            "log_pq": -8.0,
-            "length": 3.0,
-            "n_actions": 4,
-        },
-        {
-            "fact_index": 1,
-            "question": "who is B?",
-            "log_r": -3.0,
-            "log_c": math.log(0.2),
-            "answer": "B is Lyon.",
-            "original_answer": "Paris",
-            "log_pq": -2.0,
-            "length": 1.0,
-            "n_actions": 2,
-        },
-    ]
-    s = summarize(recs)
-    assert s["n_questions"] == 2 and s["n_facts"] == 2
-    assert s["contradiction_rate"] == 0.5
-    assert s["mean_log_c"] == pytest.approx((math.log(0.9) + math.log(0.2)) / 2)
-    assert s["mean_log_r"] == -2.0 and s["hit_rate"] == 0.5
-    assert s["distinct_1"] == pytest.approx(4 / 6) and s["distinct_2"] == pytest.approx(3 / 4)
-    assert s["mean_length"] == 2.0 and s["fluency"] == pytest.approx(-1.5)
-    assert math.isnan(s["diversity"])  # no embedder
-    # The likelihood reward has no log C and no answers.
-    for r in recs:
-        del r["log_c"], r["answer"]
-    s = summarize(recs)
-    assert math.isnan(s["contradiction_rate"]) and math.isnan(s["hit_rate"])
+# --------------------------------------------------------------------------- settings
+
+
+def test_eval_and_demo_read_one_set_of_defaults() -> None:
+    """configs/evaluation/ is the one place of the comparison's defaults: `contraq eval` has
+    them at its top level, `contraq demo` under ``evaluation.`` with the run's seed."""
+    ecfg = typed(EvalConfig, compose("eval", ["checkpoint=RUN"]))
+    demo = compose("demo", ["seed=3", "evaluation.n=2"])
+    from_demo = typed(EvalConfig, demo.evaluation, prefix="evaluation.")
+    assert from_demo == EvalConfig(**{**vars(ecfg), "seed": 3, "n": 2})
+    assert "demo" not in demo and "evaluation" not in compose("train", [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["n=0"], "n"),
+        (["temperatures=[0.5,0]"], "temperatures"),
+        (["batch_size=x"], "batch_size"),
+        (["judge=???"], "judge"),
+    ],
+)
+def test_eval_settings_name_the_bad_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^evaluation.{key}: "):
+        typed(
+            EvalConfig,
+            compose("demo", [f"evaluation.{o}" for o in overrides]).evaluation,
+            prefix="evaluation.",
+        )
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["eval"], "checkpoint: missing"),
+        (["eval", "checkpoint=RUN", "nn=3"], "Could not override 'nn'"),
+        (["eval", "checkpoint=RUN", "n=0"], "n: must be >= 1"),
+        (
+            ["sample", "checkpoint=RUN", "facts=F", "out=O", "temperature=0"],
+            "temperature: must be > 0",
+        ),
+        (["sample", "checkpoint=RUN", "facts=F"], "out: missing"),
+    ],
+)
+def test_command_settings_errors_are_one_line(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"contraq {argv[0]}: ") and says in err and err.count("\n") == 1, err
 
 
 # --------------------------------------------------------------------------- a tiny run folder
@@ -303,7 +201,9 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_tiny_nli(nli_dir, {0: "entailment", 1: "neutral", 2: "contradiction"}, num_layers=1)
 
     data = root / "facts.jsonl"
-    data.write_text("".join(json.dumps(f) + "\n" for f in FACTS * 4))
+    # 12 subjects: the split by subject leaves facts for training, validation and test.
+    rows = [{**f, "subject": f"{f['subject']} {k}"} for k in range(4) for f in FACTS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = root / "run"
     run.mkdir()
     cfg = tiny_config(nli_dir, data)
@@ -350,9 +250,9 @@ def test_resolve_run(tiny_run: Path, tmp_path: Path) -> None:
 def test_sample_writes_scored_distinct_questions(tiny_run: Path, tmp_path: Path) -> None:
     facts = write_minimal_facts(tmp_path / "facts.jsonl")
     out = tmp_path / "q.jsonl"
-    argv = ["--checkpoint", str(tiny_run), "--facts", str(facts), "--n", "5", "--out", str(out)]
-    opts = ["--device", "cpu", "--batch-size", "4"]
-    assert sample_main([*argv, *opts]) == 0
+    argv = ["sample", f"checkpoint={tiny_run}", f"facts={facts}", "n=5"]
+    opts = ["device=cpu", "batch_size=4"]
+    assert main([*argv, f"out={out}", *opts]) == 0
     rows = read_jsonl(out)
     assert len(rows) == 10
     for r in rows:
@@ -366,7 +266,7 @@ def test_sample_writes_scored_distinct_questions(tiny_run: Path, tmp_path: Path)
     assert {r["original_answer"] for r in rows} == {"Paris", None}
     # Same seed -> same questions (the sampler's generator is seeded).
     out2 = tmp_path / "q2.csv"
-    assert sample_main([*argv[:-1], str(out2), *opts, "--csv"]) == 0
+    assert main([*argv, f"out={out2}", *opts, "csv=true"]) == 0
     import csv
 
     with out2.open() as fh:
@@ -381,10 +281,8 @@ def test_sample_dedup_when_the_policy_repeats(
     is all that resampling can find, and the shortfall is reported."""
     facts = write_minimal_facts(tmp_path / "facts.jsonl")
     out = tmp_path / "q.jsonl"
-    argv = ["--checkpoint", str(tiny_run / "adapter"), "--facts", str(facts), "--out", str(out)]
-    code = sample_main(
-        [*argv, "--n", "3", "--temperature", "1e-4", "--max-rounds", "2", "--device", "cpu"]
-    )
+    argv = ["sample", f"checkpoint={tiny_run / 'adapter'}", f"facts={facts}", "device=cpu"]
+    code = main([*argv, f"out={out}", "n=3", "temperature=1e-4", "max_rounds=2"])
     assert code == 0
     rows = read_jsonl(out)
     assert sorted(r["subject"] for r in rows) == ["France", "Hamlet"]
@@ -392,19 +290,7 @@ def test_sample_dedup_when_the_policy_repeats(
     assert "only 1 distinct questions of 3 after 2 rounds" in err
     # --plain gives the base LM's (different) greedy question.
     out_plain = tmp_path / "plain.jsonl"
-    code = sample_main(
-        [
-            *argv[:-1],
-            str(out_plain),
-            "--n",
-            "1",
-            "--temperature",
-            "1e-4",
-            "--plain",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = main([*argv, f"out={out_plain}", "n=1", "temperature=1e-4", "plain=true"])
     assert code == 0
     plain = read_jsonl(out_plain)
     assert [r["question"] for r in plain] != [r["question"] for r in rows]
@@ -425,44 +311,31 @@ def test_sample_bad_facts_name_the_line(
 ) -> None:
     facts = tmp_path / "facts.jsonl"
     facts.write_text(content)
-    argv = [
-        "--checkpoint",
-        str(tiny_run),
-        "--facts",
-        str(facts),
-        "--out",
-        str(tmp_path / "q.jsonl"),
-    ]
-    assert sample_main(argv) == 2
+    argv = ["sample", f"checkpoint={tiny_run}", f"facts={facts}", f"out={tmp_path / 'q.jsonl'}"]
+    assert main(argv) == 2
     assert where in capsys.readouterr().err
     assert not (tmp_path / "q.jsonl").exists()
 
 
 def test_sample_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     facts = write_minimal_facts(tmp_path / "facts.jsonl")
-    argv = ["--checkpoint", str(tmp_path), "--facts", str(facts), "--out", str(tmp_path / "q")]
-    assert sample_main(argv) == 2
+    argv = ["sample", f"checkpoint={tmp_path}", f"facts={facts}", f"out={tmp_path / 'q'}"]
+    assert main(argv) == 2
     assert "no config.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    # --judge: the same tiny judge copied elsewhere replaces the run's for every method.
+    # judge=: the same tiny judge copied elsewhere replaces the run's for every method.
     import shutil
 
     judge = tmp_path / "other_judge"
     shutil.copytree(tiny_run.parent / "nli", judge)
-    ecfg = EvalConfig(
-        n=4,
-        temperatures=[1.5],
-        beam_groups=2,
-        batch_size=8,
-        max_facts=2,
-        device="cpu",
-        judge=str(judge),
-    )
-    result = evaluate_run(tiny_run, out, None, ecfg)
+    settings = ["n=4", "temperatures=[1.5]", "beam_groups=2", "batch_size=8", "max_facts=2"]
+    argv = ["eval", f"checkpoint={tiny_run}", f"out={out}", f"judge={judge}", "device=cpu"]
+    assert main([*argv, *settings]) == 0
+    result = json.loads((out / "eval.json").read_text())
     assert result["settings"]["judge"] == str(judge)
     assert set(result["comparisons"]) == set(result["summary"]) - {"trained"}
     assert result["frontier"]["diversity"] == result["summary"]["trained"]["diversity"]
@@ -489,8 +362,6 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
 
     test = split_facts(load_facts(tiny_run.parent / "facts.jsonl"), 0.2, 0.4, 0).test
     assert {r["subject"] for r in qs} <= {f.subject for f in test}
-    saved = json.loads((out / "eval.json").read_text())
-    assert saved["summary"]["trained"]["n_questions"] == 8
     md = (out / "eval.md").read_text()
     assert "| trained | 8 |" in md and "reward_distribution.png" in md
     for png in ("reward_distribution.png", "reward_vs_diversity.png", "rate_vs_diversity.png"):
@@ -501,8 +372,6 @@ def test_lora_from_a_lightning_checkpoint(tiny_run: Path, tmp_path: Path) -> Non
     """A .ckpt holds the trainable tensors under ``policy.`` (GFlowNetModule.on_save_checkpoint);
     loading it must give exactly those LoRA weights, and a foreign checkpoint must be refused."""
     from safetensors.torch import load_file
-
-    from contraq.evaluate import load_parts
 
     adapter = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
     ref = load_parts(resolve_run(tiny_run), device=torch.device("cpu"))

@@ -9,19 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from contraq.evaluate import report_main
-from contraq.report import (
+from contraq.cli import main
+from contraq.plots import (
     PANELS,
-    ReportError,
-    eval_markdown,
     plot_rate_vs_diversity,
     plot_reward_distributions,
     plot_reward_vs_diversity,
-    read_metrics,
     smooth,
-    top_questions,
-    write_report,
 )
+from contraq.report import ReportError, eval_markdown, read_metrics, top_questions, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -204,13 +200,25 @@ def test_report_links_eval(run_dir: Path) -> None:
     assert "| trained | 16 | 0.125 [0.050, 0.200] | 0.250 |" in text
 
 
-def test_report_main(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert report_main([str(run_dir), "--out", str(tmp_path / "r"), "--smoothing", "0.5"]) == 0
+def test_report_command(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", f"run={run_dir}", f"out={tmp_path / 'r'}", "smoothing=0.5"]) == 0
     assert (tmp_path / "r" / "report.md").is_file()
-    assert report_main([str(tmp_path / "nope")]) == 2
+    assert main(["report", f"run={tmp_path / 'nope'}"]) == 2
     assert "run folder not found" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert report_main([str(tmp_path / "empty")]) == 2
+    assert main(["report", f"run={tmp_path / 'empty'}"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    # Bad settings: one line each, exit 2.
+    for argv, says in (
+        ([], "run: missing"),
+        ([f"run={run_dir}", "smoothing=1.5"], "smoothing: must lie in [0, 1)"),
+        ([f"run={run_dir}", "smothing=0.5"], "Could not override 'smothing'"),
+    ):
+        assert main(["report", *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert main(["report", "--help"]) == 0
+    assert "smoothing:" in capsys.readouterr().out
 
 
 def test_eval_plots_and_markdown(tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def test_relaunches_keep_metrics_config_and_checkpoints(tmp_path: Path) -> None:
     assert all(row in metric_rows(out) for row in first)
     train(out, "train.max_steps=4")
     assert loss_steps(out) == [0, 1, 2, 3]
-    assert contraq("report", str(out)).returncode == 0
+    assert contraq("report", f"run={out}").returncode == 0
 
     # Case 2: relaunches that fail validation or differ leave config.yaml as it was.
     config = (out / "config.yaml").read_bytes()
@@ -126,8 +126,8 @@ def test_relaunches_keep_metrics_config_and_checkpoints(tmp_path: Path) -> None:
     facts = tmp_path / "minimal.jsonl"
     facts.write_text(json.dumps({"subject": "Paris", "edit_fact": "Paris is in Italy"}) + "\n")
     q = tmp_path / "q.jsonl"
-    args = ["sample", "--checkpoint", str(out), "--n", "2", "--max-rounds", "2"]
-    proc = contraq(*args, "--facts", str(facts), "--out", str(q), "--device", "cpu")
+    args = ["sample", f"checkpoint={out}", "n=2", "max_rounds=2", f"out={q}", "device=cpu"]
+    proc = contraq(*args, f"facts={facts}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert q.read_text().count("\n") >= 1
 
@@ -135,7 +135,7 @@ def test_relaunches_keep_metrics_config_and_checkpoints(tmp_path: Path) -> None:
     huge = tmp_path / "huge.jsonl"
     huge.write_text(json.dumps({"subject": "X", "edit_fact": "X is Y", "prompt": "a" * 2**20}))
     started = time.time()
-    proc = contraq(*args, "--facts", str(huge), "--out", str(q), "--device", "cpu")
+    proc = contraq(*args, f"facts={huge}")
     assert proc.returncode == 2 and time.time() - started < 60
     one_line_error(proc.stderr, f"{huge}:1: prompt", "characters")
 

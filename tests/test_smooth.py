@@ -15,9 +15,14 @@ import torch
 
 from conftest import smoke_train_cmd
 from contraq.sampler import SamplerConfig
-from contraq.smooth import SmoothConfig, SmoothError, question_nll, select_questions
+from contraq.smooth import SmoothConfig, question_nll, select_questions
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _settings(**kw: float) -> SmoothConfig:
+    base = dict(run="r", out="o", min_contradiction=0.5, max_per_fact=4, epochs=1, batch_size=8)
+    return SmoothConfig(**{**base, "lr": 1e-4, "seed": 0, **kw})
 
 
 def _entry(text: str, log_r: float, genuine: float = 1.0, c: float = 0.9) -> dict:
@@ -37,7 +42,7 @@ def test_select_keeps_counted_contradictions_best_first_one_per_text():
         "k1": [_entry(f"Q{i}?", -float(i)) for i in range(6)],
         "other": [_entry("Not a training fact?", 0.0)],
     }
-    kept = select_questions(entries, ["k0", "k1"], SmoothConfig(max_per_fact=3))
+    kept = select_questions(entries, ["k0", "k1"], _settings(max_per_fact=3))
     assert [(k.fact, k.text) for k in kept] == [
         (0, "where is it ?"),
         (0, "Who made it?"),
@@ -45,13 +50,16 @@ def test_select_keeps_counted_contradictions_best_first_one_per_text():
         (1, "Q1?"),
         (1, "Q2?"),
     ]
-    strict = select_questions(entries, ["k0"], SmoothConfig(min_contradiction=0.95))
+    strict = select_questions(entries, ["k0"], _settings(min_contradiction=0.95))
     assert strict == []
 
 
-def test_smooth_config_rejects_out_of_range_values():
-    with pytest.raises(SmoothError, match="min_contradiction=1.5"):
-        SmoothConfig(min_contradiction=1.5)
+def test_smooth_settings_reject_out_of_range_values():
+    done = _contraq("smooth", "run=x", "out=y", "min_contradiction=1.5")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "contraq smooth: min_contradiction: must be in (0, 1], got 1.5"
+    ]
 
 
 def test_question_nll_is_minus_the_sum_of_token_logprobs(tiny_llama, smol_tokenizer):
@@ -94,7 +102,7 @@ def test_smooth_fits_a_runs_buffer_questions_and_writes_a_loadable_run(tmp_path)
     from omegaconf import OmegaConf
 
     from contraq.buffer import prompt_key
-    from contraq.evaluate import load_parts, resolve_run
+    from contraq.runload import load_parts, resolve_run
     from contraq.runs import load_checkpoint_file
     from contraq.train import Parts, build_prompts, load_split
 
@@ -132,7 +140,7 @@ def test_smooth_fits_a_runs_buffer_questions_and_writes_a_loadable_run(tmp_path)
     torch.save(ckpt, ckpt_path)
 
     out = tmp_path / "smoothed"
-    done = _contraq("smooth", str(run), "--out", str(out), "--epochs", "3", "--lr", "0.01")
+    done = _contraq("smooth", f"run={run}", f"out={out}", "epochs=3", "lr=0.01")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "smooth.json").read_text())
     assert summary["kept"] == 2 and summary["facts"] == 2
@@ -151,16 +159,16 @@ def test_smooth_fits_a_runs_buffer_questions_and_writes_a_loadable_run(tmp_path)
         ]
     assert nll[0] < nll[1]
 
-    again = _contraq("smooth", str(run), "--out", str(out))
+    again = _contraq("smooth", f"run={run}", f"out={out}")
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
-        f"contraq smooth: {out}: already a run folder; choose another --out"
+        f"contraq smooth: {out}: already a run folder; choose another out="
     ]
 
 
 def test_smooth_without_a_checkpoint_is_one_line(tmp_path):
     (tmp_path / "config.yaml").write_text("name: x\n")
-    done = _contraq("smooth", str(tmp_path), "--out", str(tmp_path / "o"))
+    done = _contraq("smooth", f"run={tmp_path}", f"out={tmp_path / 'o'}")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"contraq smooth: {tmp_path / 'checkpoints'}: no checkpoint (train the run first)"

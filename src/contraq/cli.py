@@ -1,16 +1,22 @@
 """The `contraq` command: one sub-command per job.
 
-contraq train [hydra overrides]     train a sampler (configs/train.yaml)
-contraq demo [hydra overrides]      train on the embedded default, then eval + report
-contraq sample --checkpoint RUN ... questions for new edit facts
-contraq eval --checkpoint RUN ...   trained policy vs baselines on held-out facts
-contraq report RUN                  curves + Markdown summary of a run
-contraq smooth RUN --out DIR        maximum likelihood on a run's best buffer questions
+contraq train [overrides]           train a sampler (configs/train.yaml)
+contraq demo [overrides]            train, then eval + report (configs/demo.yaml)
+contraq sample checkpoint=RUN facts=FILE out=FILE [overrides]
+                                    questions for new edit facts (configs/sample.yaml)
+contraq eval checkpoint=RUN [overrides]
+                                    trained policy vs baselines on held-out facts
+                                    (configs/eval.yaml, configs/evaluation/)
+contraq report run=RUN [overrides]  curves + Markdown summary of a run (configs/report.yaml)
+contraq smooth run=RUN out=DIR [overrides]
+                                    maximum likelihood on a run's best buffer questions
+                                    (configs/smooth.yaml)
 contraq nli-train ...               train the offline MiniLM NLI judge
 contraq redis start|stop|status     a local redis-server for buffer=redis
 
-A bad input (config value, file, run folder, server) prints one line and exits with code 2;
-`contraq --debug CMD ...` or CONTRAQ_DEBUG=1 shows the traceback instead.
+Overrides are Hydra's key=value; `contraq CMD --help` lists a command's settings and their
+defaults. A bad input (config value, file, run folder, server) prints one line and exits with
+code 2; `contraq --debug CMD ...` or CONTRAQ_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from contraq.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEBUG_ENV = "CONTRAQ_DEBUG"
@@ -49,15 +57,22 @@ def config_dir() -> Path:
     return path
 
 
-def _hydra(job: Callable[..., object], overrides: list[str], prog: str) -> int:
-    """Run `job(cfg)` under hydra.main so users get Hydra's whole command line."""
-    import hydra
-
+def _offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    wrapped = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(
-        job
-    )
+
+
+class OverrideError(UserError):
+    """A command-line override Hydra cannot apply (unknown key, bad syntax, unknown option)."""
+
+
+def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: str) -> int:
+    """Run `job(cfg)` under hydra.main (config ``configs/<config>.yaml``) so users get
+    Hydra's whole command line: run folder, multirun, job logging."""
+    import hydra
+
+    _offline_env()
+    wrapped = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config)(job)
     rank = int(os.environ.get("RANK", "0") or 0)
     if rank > 0:
         # Under torchrun every rank runs this: only rank 0 writes Hydra's files and job log.
@@ -76,7 +91,7 @@ def _guarded(cmd: str, job: Callable[[Any], object]) -> Callable[[Any], None]:
     signal leave it as SystemExit with one line instead."""
 
     def run(cfg: Any) -> None:
-        from contraq.errors import TrainingInterrupted, UserError
+        from contraq.errors import TrainingInterrupted
 
         try:
             job(cfg)
@@ -99,12 +114,83 @@ def _train(cfg: Any) -> None:
 
 
 def _demo(cfg: Any) -> None:
+    """Train as configured, evaluate on the held-out test facts (``cfg.evaluation``), write
+    the report; prints where everything is."""
+    from omegaconf import open_dict
+
     from contraq.config_check import validate
+    from contraq.evaluate import EvalConfig, evaluate_run
+    from contraq.report import eval_table, write_report
+    from contraq.settings import typed
+    from contraq.train import run_training
 
-    validate(cfg)
-    from contraq.evaluate import run_demo
+    validate(cfg)  # both before training: a bad value is reported at once
+    ecfg = typed(EvalConfig, cfg.evaluation, prefix="evaluation.")
+    train_cfg = cfg.copy()
+    with open_dict(train_cfg):  # the run folder's config is a training config
+        del train_cfg["evaluation"]
+    run_dir = Path(run_training(train_cfg))
+    result = evaluate_run(run_dir, ecfg, run_dir / "eval")
+    report = write_report(run_dir)
+    print(eval_table(result["summary"]))
+    print(
+        f"\nrun folder:  {run_dir}\n"
+        f"adapter:     {run_dir / 'adapter'}\n"
+        f"metrics:     {run_dir / 'logs' / 'metrics.csv'}\n"
+        f"eval:        {run_dir / 'eval' / 'eval.md'}\n"
+        f"report:      {report}\n"
+        f"sample more: contraq sample checkpoint={run_dir} facts=FACTS.jsonl n=32 out=q.jsonl"
+    )
 
-    run_demo(cfg)
+
+def compose(name: str, overrides: list[str]) -> Any:
+    """``configs/<name>.yaml`` with the overrides applied (Hydra's compose API: no run folder,
+    no logging setup). Raises :class:`OverrideError` for an override Hydra refuses."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return hydra_compose(config_name=name, overrides=overrides)
+    except HydraException as e:
+        lines = [x.strip() for x in str(e).splitlines() if not x.startswith("See https")]
+        raise OverrideError(" ".join(lines[:2])) from None
+
+
+# What `contraq CMD --help` prints: the command's config files (settings, defaults, comments).
+HELP_FILES = {
+    "sample": ("sample.yaml",),
+    "eval": ("eval.yaml", "evaluation/default.yaml"),
+    "report": ("report.yaml",),
+    "smooth": ("smooth.yaml",),
+}
+
+
+def _command(cmd: str, rest: list[str]) -> int:
+    """`contraq sample|eval|report|smooth`: compose ``configs/<cmd>.yaml`` and run the command."""
+    if any(a in ("-h", "--help") for a in rest):
+        print("\n".join((config_dir() / f).read_text() for f in HELP_FILES[cmd]))
+        return 0
+    cfg = compose(cmd, rest)
+    _offline_env()
+    if cmd == "sample":
+        from contraq.sample import run_sample
+
+        run_sample(cfg)
+    elif cmd == "eval":
+        from contraq.evaluate import run_eval
+
+        run_eval(cfg)
+    elif cmd == "smooth":
+        from contraq.smooth import run_smooth
+
+        run_smooth(cfg)
+    else:
+        from contraq.report import run_report
+
+        run_report(cfg)
+    return 0
 
 
 USAGE = __doc__ or ""
@@ -121,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
-    from contraq.errors import UserError
-
     try:
         return _dispatch(argv[0], argv[1:])
     except UserError as e:
@@ -136,29 +220,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(cmd: str, rest: list[str]) -> int:
     if cmd == "train":
-        return _hydra(_guarded(cmd, _train), rest, "contraq train")
+        return _hydra(_guarded(cmd, _train), rest, "contraq train", "train")
     if cmd == "demo":
-        return _hydra(_guarded(cmd, _demo), rest, "contraq demo")
+        return _hydra(_guarded(cmd, _demo), rest, "contraq demo", "demo")
     if cmd == "nli-train":
         from contraq.judge.cli import cli_main as nli_main
 
         return nli_main(rest)
-    if cmd == "smooth":
-        from contraq.smooth import smooth_main
-
-        return smooth_main(rest)
     if cmd == "redis":
         from contraq.redis_server import cli_main as redis_main
 
         return redis_main(rest)
-    if cmd in ("sample", "eval", "report"):
-        from contraq import evaluate
-
-        return {
-            "sample": evaluate.sample_main,
-            "eval": evaluate.eval_main,
-            "report": evaluate.report_main,
-        }[cmd](rest)
+    if cmd in HELP_FILES:
+        return _command(cmd, rest)
     print(f"contraq: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

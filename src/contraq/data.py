@@ -3,7 +3,7 @@
 File format: one JSON object per line with the fields ``prompt, subject, original_answer,
 edited_answer, edit_fact, original_fact`` (extra fields such as CounterFact's ``case_id`` are
 allowed and ignored). With ``minimal_ok=True`` only ``subject`` and ``edit_fact`` are required
-(the ``contraq sample --facts`` schema); the other fields are then optional.
+(the schema of ``contraq sample facts=FILE``); the other fields are then optional.
 
 Error policy (:func:`load_facts`):
 

@@ -124,8 +124,8 @@ def fluency(log_pq: Sequence[float], lengths: Sequence[int]) -> float:
 
 
 class Embedder:
-    """Sentence embeddings as sentence-transformers computes them for all-MiniLM-L6-v2:
-    mean of the last hidden states over real tokens, L2-normalised.
+    """Sentence embeddings as all-MiniLM-L6-v2 defines them: a sentence-transformers model
+    of the encoder, mean pooling over real tokens, L2 normalisation.
 
     Args:
         path: a BERT-like HF directory; ``None`` = :func:`minilm_dir`.
@@ -141,35 +141,33 @@ class Embedder:
         batch_size: int = 64,
         max_length: int = 256,
     ) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
 
         self.path = Path(path) if path is not None else minilm_dir()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = int(batch_size)
-        self.max_length = int(max_length)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-        self.model = AutoModel.from_pretrained(str(self.path)).to(self.device).eval()
+        encoder = Transformer(str(self.path), max_seq_length=int(max_length))
+        pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
+        self.model = SentenceTransformer(
+            modules=[encoder, pooling, Normalize()], device=str(self.device)
+        ).eval()
 
-    @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> Tensor:
         """``[N, D]`` float32 unit vectors on the CPU (``[0, D]`` for no text)."""
-        out: list[Tensor] = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = list(texts[start : start + self.batch_size])
-            enc = self.tokenizer(
-                chunk,
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**enc).last_hidden_state  # [b, L, D]
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [b, L, 1]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # [b, D]
-            out.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu())
-        if not out:
-            return torch.zeros(0, int(self.model.config.hidden_size))
-        return torch.cat(out)
+        if not texts:
+            return torch.zeros(0, int(self.model.get_embedding_dimension() or 0))
+        emb = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            show_progress_bar=False,
+        )
+        return emb.float().cpu()
 
     def diversity(self, texts: Sequence[str]) -> float:
         """:func:`pairwise_diversity` of the texts' embeddings (NaN for fewer than two)."""

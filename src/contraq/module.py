@@ -35,6 +35,7 @@ from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_los
 from contraq.metrics import contradiction_rate, distinct_n, grouped_diversity
 from contraq.reward import Reward, RewardOutput, reward_temperature
 from contraq.sampler import SampleBatch, SamplerConfig, sample, score_actions
+from contraq.tokens import left_pad, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,6 @@ def step_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -
     g = torch.Generator(device=device)
     g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     return g
-
-
-def pad_actions(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> Tensor:
-    """Right-pad token-id lists into LongTensor[B, T]."""
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=device)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(list(s), dtype=torch.long, device=device)
-    return out
 
 
 class GFlowNetModule(L.LightningModule):
@@ -154,17 +146,7 @@ class GFlowNetModule(L.LightningModule):
 
     def _prompt_batch(self, fact_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Left-padded prompts of the given training facts: (ids [B, P], mask [B, P])."""
-        return self._left_pad([self.prompts[i] for i in fact_ids])
-
-    def _left_pad(self, seqs: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
-        """Token-id lists -> left-padded (ids [B, P], mask [B, P]) on the module's device."""
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(seqs):
-            ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long, device=self.device)
-            mask[row, width - len(s) :] = 1
-        return ids, mask
+        return left_pad([self.prompts[i] for i in fact_ids], self.pad_id, self.device)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """The parameters that training changes (LoRA + log Z head)."""
@@ -226,7 +208,7 @@ class GFlowNetModule(L.LightningModule):
             entries += got
         rows = [i for i in fact_ids for _ in range(n_per_fact)]
         ids, mask = self._prompt_batch(rows)
-        actions = pad_actions([e.token_ids for e in entries], self.pad_id, self.device)
+        actions = right_pad([e.token_ids for e in entries], self.pad_id, self.device)
         lengths = torch.tensor([len(e.token_ids) for e in entries], device=self.device)
         zeros = torch.zeros(actions.shape, dtype=torch.float32, device=self.device)
         batch = SampleBatch(
@@ -406,7 +388,7 @@ class GFlowNetModule(L.LightningModule):
             return {}
         g = step_generator(self.cfg.seed, -1, self.global_rank, 2)  # same draws at every call
         rows = [i for i in range(len(self.eval_facts)) for _ in range(n_samples)]
-        ids, mask = self._left_pad([self.eval_prompts[i] for i in rows])
+        ids, mask = left_pad([self.eval_prompts[i] for i in rows], self.pad_id, self.device)
         was_training = self.policy.training
         self.policy.eval()
         try:

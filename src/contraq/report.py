@@ -1,4 +1,5 @@
-"""Curves, plots and Markdown for a run (`contraq report RUN_DIR`) and for `contraq eval`.
+"""`contraq report`: the Markdown of a run (``report.md``, its curves drawn by
+:mod:`contraq.plots`) and the tables of `contraq eval` (``eval.md``).
 
 Reads only files of the run folder (``logs/metrics.csv``, ``samples.jsonl``, ``config.yaml``,
 ``train_summary.json``, ``eval/eval.json``): no model is loaded, so a report is instant and can
@@ -15,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from omegaconf import DictConfig
 
+from contraq.config_check import ConfigError
 from contraq.errors import UserError
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-Series = list[tuple[int, float]]
+from contraq.plots import Series, plot_curves
+from contraq.settings import typed
 
 
 class ReportError(UserError, ValueError):
@@ -80,203 +79,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ReportError(f"{p}:{line}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)
     return rows
-
-
-def smooth(values: Sequence[float], weight: float) -> list[float]:
-    """TensorBoard-style exponential moving average with bias correction.
-
-    ``weight`` in [0, 1): 0 = no smoothing. The debiasing keeps the first points from being
-    dragged to zero. NaNs are passed through without updating the average.
-    """
-    if not 0.0 <= weight < 1.0:
-        raise ValueError(f"smooth: weight must lie in [0, 1), got {weight}")
-    out: list[float] = []
-    avg, n = 0.0, 0
-    for v in values:
-        if not math.isfinite(v):
-            out.append(v)
-            continue
-        n += 1
-        avg = weight * avg + (1.0 - weight) * v
-        out.append(avg / (1.0 - weight**n))
-    return out
-
-
-def default_smoothing(n_points: int) -> float:
-    """More smoothing for longer series: 0 for <= 10 points, then 1 - 10/n, at most 0.9."""
-    if n_points <= 10:
-        return 0.0
-    return min(0.9, 1.0 - 10.0 / n_points)
-
-
-# --------------------------------------------------------------------------- training curves
-
-
-@dataclass(frozen=True)
-class Panel:
-    """One PNG of training curves: the metric names drawn (train/ and val/ variants)."""
-
-    file: str
-    title: str
-    metrics: tuple[str, ...]
-    ylabel: str = ""
-
-
-PANELS: tuple[Panel, ...] = (
-    Panel("loss.png", "GFlowNet loss", ("loss",), "loss"),
-    Panel("log_r.png", "log R (unscaled)", ("log_r",), "log R"),
-    Panel("log_c.png", "log C = log P(contradiction)", ("log_c",), "log C"),
-    Panel(
-        "contradiction_rate.png", "Contradiction rate (P > 0.5)", ("contradiction_rate",), "share"
-    ),
-    Panel("log_pq.png", "log P_Q (base LM)", ("log_pq",), "log P_Q"),
-    Panel("length.png", "Question length", ("length",), "tokens"),
-    Panel(
-        "diversity.png",
-        "Diversity",
-        ("distinct_1", "distinct_2", "diversity"),
-        "distinct-n / 1 - cos",
-    ),
-    Panel("reward_temperature.png", "Reward temperature", ("reward_temperature",), "T_reward"),
-    Panel("log_z.png", "log Z (TB head)", ("log_z", "log_pf"), "nats"),
-)
-
-
-def _series_for(metrics: Mapping[str, Series], name: str) -> list[str]:
-    """Columns that carry ``name``: ``train/name``, ``val/name``, ``name`` (in that order)."""
-    return [c for c in (f"train/{name}", f"val/{name}", name) if c in metrics and metrics[c]]
-
-
-def plot_curves(
-    metrics: Mapping[str, Series], out_dir: str | Path, smoothing: float | None = None
-) -> list[Path]:
-    """One PNG per :data:`PANELS` entry that has data: raw values faint, smoothed solid.
-
-    Args:
-        metrics: :func:`read_metrics` output.
-        out_dir: folder for the PNGs (created).
-        smoothing: EMA weight; ``None`` = :func:`default_smoothing` of each series' length.
-
-    Returns:
-        the PNG paths written, in panel order.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for panel in PANELS:
-        columns = [c for name in panel.metrics for c in _series_for(metrics, name)]
-        if not columns:
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        for i, col in enumerate(columns):
-            steps = [s for s, _ in metrics[col]]
-            values = [v for _, v in metrics[col]]
-            color = f"C{i}"
-            weight = default_smoothing(len(values)) if smoothing is None else smoothing
-            if weight > 0 and len(values) > 1:
-                ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, smooth(values, weight), color=color, label=col, linewidth=1.6)
-            else:
-                ax.plot(
-                    steps, values, color=color, label=col, marker="." if len(values) < 30 else None
-                )
-        ax.set_title(panel.title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(panel.ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out / panel.file))
-    return written
-
-
-# --------------------------------------------------------------------------- eval plots
-
-
-def _save(fig: Any, path: str | Path) -> Path:
-    """Lay out, write as PNG (parent folders made) and close ``fig``."""
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def plot_reward_distributions(log_r: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """Violin plot (with the individual points) of unscaled log R per method.
-
-    Non-finite values (a -inf reward) are left out of the violins and counted in the labels.
-    """
-    names = list(log_r)
-    data = [[v for v in log_r[m] if math.isfinite(v)] for m in names]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 4.0))
-    positions = list(range(1, len(names) + 1))
-    drawable = [(p, d) for p, d in zip(positions, data, strict=True) if len(d) >= 2]
-    if drawable:
-        ax.violinplot(
-            [d for _, d in drawable], positions=[p for p, _ in drawable], showmedians=True
-        )
-    for p, d in zip(positions, data, strict=True):
-        # Deterministic jitter keeps plots identical across runs.
-        xs = [p + 0.12 * (((i * 7919) % 101) / 100 - 0.5) for i in range(len(d))]
-        ax.scatter(xs, d, s=6, alpha=0.4, color="k")
-    labels = []
-    for m, d in zip(names, data, strict=True):
-        dropped = len(log_r[m]) - len(d)
-        labels.append(f"{m}\n(-inf: {dropped})" if dropped else m)
-    ax.set_xticks(positions)
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("log R (unscaled)")
-    ax.set_title("Reward per method")
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
-
-
-def plot_rate_vs_diversity(
-    summary: Mapping[str, Mapping[str, float]],
-    frontier: Sequence[str],
-    path: str | Path,
-    key: str = "genuine_rate",
-) -> Path:
-    """Counted rate (with its 95% interval) against diversity, one point per method; the
-    methods named in ``frontier`` (the untrained policy at several temperatures) are joined by
-    a line, ordered by diversity."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    line = []
-    for i, (name, m) in enumerate(summary.items()):
-        x, y = m.get("diversity", math.nan), m.get(key, math.nan)
-        if not (math.isfinite(x) and math.isfinite(y)):
-            continue
-        lo, hi = m.get(f"{key}_low", y), m.get(f"{key}_high", y)
-        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=f"C{i}", capsize=3)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if name in frontier:
-            line.append((x, y))
-    if len(line) >= 2:
-        xs, ys = zip(*sorted(line), strict=True)
-        ax.plot(xs, ys, "--", color="grey", label="untrained, several temperatures")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("diversity (1 - mean pairwise cosine, MiniLM)")
-    ax.set_ylabel("counted contradiction rate")
-    ax.set_title("Counted contradictions vs diversity (95% CI over facts)")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: str | Path) -> Path:
-    """Mean log R against embedding diversity, one labelled point per method."""
-    fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    for i, (name, m) in enumerate(summary.items()):
-        x, y = m.get("diversity", math.nan), m.get("mean_log_r", math.nan)
-        if not (math.isfinite(x) and math.isfinite(y)):
-            continue
-        ax.scatter([x], [y], color=f"C{i}", s=40)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("diversity (1 - mean pairwise cosine, MiniLM)")
-    ax.set_ylabel("mean log R")
-    ax.set_title("Reward vs diversity")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -514,6 +316,82 @@ def _config_summary(cfg: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [(k, get(k)) for k in keys if get(k) is not None]
 
 
+def _header_lines(run: Path) -> list[str]:
+    """Title, steps and wall time (``train_summary.json``) and the key config values."""
+    cfg: Mapping[str, Any] = {}
+    if (run / "config.yaml").is_file():
+        from omegaconf import OmegaConf
+
+        loaded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
+        cfg = loaded if isinstance(loaded, dict) else {}
+    summary: Mapping[str, Any] = {}
+    if (run / "train_summary.json").is_file():
+        summary = json.loads((run / "train_summary.json").read_text())
+    lines = [f"# contraq run `{run.name}`", ""]
+    lines += [
+        f"- steps: {summary.get('steps', 'n/a')}",
+        f"- wall time: {_seconds(summary.get('seconds'))}",
+    ]
+    if summary.get("resumed_from"):
+        lines.append(f"- resumed from: `{summary['resumed_from']}`")
+    lines.append("")
+    if cfg:
+        lines += ["## Config", "", markdown_table(["key", "value"], _config_summary(cfg)), ""]
+        lines += ["Full config: `config.yaml` in the run folder.", ""]
+    return lines
+
+
+def _metrics_lines(metrics: Mapping[str, Series], pngs: Sequence[Path], out: Path) -> list[str]:
+    """The last value and tail mean of every train/ and val/ metric, then the curves."""
+    rows = []
+    for name, series in metrics.items():
+        if not series or not (name.startswith(("train/", "val/"))):
+            continue
+        step, last, tail = _last_and_tail_mean(series)
+        rows.append([name, step, fmt(last, "{:.4g}"), fmt(tail, "{:.4g}")])
+    lines = ["## Final metrics", ""]
+    lines += [markdown_table(["metric", "last step", "last value", "mean of last 10"], rows), ""]
+    lines += ["## Curves", ""]
+    for p in pngs:
+        rel = p.relative_to(out) if p.is_relative_to(out) else p
+        lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+    return lines
+
+
+def _samples_lines(samples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The best questions per fact of ``samples.jsonl``."""
+    lines = ["## Top questions per fact (samples.jsonl, by log R)", ""]
+    for subject, fact, rows in top_questions(samples):
+        lines += [f"**{md_cell(subject)}**: {md_cell(fact)}", ""]
+        table = [
+            [
+                r.get("step", ""),
+                r.get("question", ""),
+                r.get("answer") or "",
+                fmt(r.get("log_c"), "{:.2f}"),
+                fmt(r.get("log_pq"), "{:.2f}"),
+                fmt(r.get("log_r"), "{:.2f}"),
+            ]
+            for r in rows
+        ]
+        headers = ["step", "question", "answer", "log C", "log P_Q", "log R"]
+        lines += [markdown_table(headers, table), ""]
+    return lines
+
+
+def _eval_lines(run: Path, out: Path) -> list[str]:
+    """A link to the run's ``eval/eval.md`` and its metrics table, when it has been evaluated."""
+    eval_md = run / "eval" / "eval.md"
+    if not eval_md.is_file():
+        return []
+    rel = Path("..") / "eval" / "eval.md" if out == run / "report" else eval_md.resolve()
+    lines = ["## Evaluation", "", f"See [eval.md]({rel.as_posix()}).", ""]
+    eval_json = run / "eval" / "eval.json"
+    if eval_json.is_file():
+        lines += [eval_table(json.loads(eval_json.read_text()).get("summary", {})), ""]
+    return lines
+
+
 def write_report(
     run_dir: str | Path, out_dir: str | Path | None = None, smoothing: float | None = None
 ) -> Path:
@@ -547,75 +425,33 @@ def write_report(
     samples = read_jsonl(samples_path) if samples_path.is_file() else []
     pngs = plot_curves(metrics, out, smoothing) if metrics else []
 
-    cfg: Mapping[str, Any] = {}
-    if (run / "config.yaml").is_file():
-        from omegaconf import OmegaConf
-
-        loaded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=False)
-        cfg = loaded if isinstance(loaded, dict) else {}
-    summary: Mapping[str, Any] = {}
-    if (run / "train_summary.json").is_file():
-        summary = json.loads((run / "train_summary.json").read_text())
-
-    lines = [f"# contraq run `{run.name}`", ""]
-    lines += [
-        f"- steps: {summary.get('steps', 'n/a')}",
-        f"- wall time: {_seconds(summary.get('seconds'))}",
-    ]
-    if summary.get("resumed_from"):
-        lines.append(f"- resumed from: `{summary['resumed_from']}`")
-    lines.append("")
-    if cfg:
-        lines += ["## Config", "", markdown_table(["key", "value"], _config_summary(cfg)), ""]
-        lines += ["Full config: `config.yaml` in the run folder.", ""]
-
+    lines = _header_lines(run)
     if metrics:
-        rows = []
-        for name, series in metrics.items():
-            if not series or not (name.startswith(("train/", "val/"))):
-                continue
-            step, last, tail = _last_and_tail_mean(series)
-            rows.append([name, step, fmt(last, "{:.4g}"), fmt(tail, "{:.4g}")])
-        lines += ["## Final metrics", ""]
-        lines += [
-            markdown_table(["metric", "last step", "last value", "mean of last 10"], rows),
-            "",
-        ]
-        lines += ["## Curves", ""]
-        for p in pngs:
-            rel = p.relative_to(out) if p.is_relative_to(out) else p
-            lines += [f"![{p.stem}]({rel.as_posix()})", ""]
-
+        lines += _metrics_lines(metrics, pngs, out)
     if samples:
-        lines += ["## Top questions per fact (samples.jsonl, by log R)", ""]
-        for subject, fact, rows in top_questions(samples):
-            lines += [f"**{md_cell(subject)}**: {md_cell(fact)}", ""]
-            lines.append(
-                markdown_table(
-                    ["step", "question", "answer", "log C", "log P_Q", "log R"],
-                    [
-                        [
-                            r.get("step", ""),
-                            r.get("question", ""),
-                            r.get("answer") or "",
-                            fmt(r.get("log_c"), "{:.2f}"),
-                            fmt(r.get("log_pq"), "{:.2f}"),
-                            fmt(r.get("log_r"), "{:.2f}"),
-                        ]
-                        for r in rows
-                    ],
-                )
-            )
-            lines.append("")
-
-    eval_md = run / "eval" / "eval.md"
-    if eval_md.is_file():
-        rel = Path("..") / "eval" / "eval.md" if out == run / "report" else eval_md.resolve()
-        lines += ["## Evaluation", "", f"See [eval.md]({rel.as_posix()}).", ""]
-        eval_json = run / "eval" / "eval.json"
-        if eval_json.is_file():
-            lines += [eval_table(json.loads(eval_json.read_text()).get("summary", {})), ""]
-
+        lines += _samples_lines(samples)
+    lines += _eval_lines(run, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
+    return path
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The settings of `contraq report` (``configs/report.yaml`` has their defaults)."""
+
+    run: str
+    out: str | None
+    smoothing: float | None
+
+    def __post_init__(self) -> None:
+        if self.smoothing is not None and not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError("smoothing", f"must lie in [0, 1) or be null, got {self.smoothing}")
+
+
+def run_report(cfg: DictConfig) -> Path:
+    """`contraq report`: :func:`write_report` with the composed ``configs/report.yaml``."""
+    s = typed(ReportConfig, cfg)
+    path = write_report(s.run, s.out, s.smoothing)
+    print(f"wrote {path}")
     return path

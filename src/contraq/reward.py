@@ -38,6 +38,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from contraq.genuine import echo_flags, is_question
 from contraq.models import base_model
 from contraq.sampler import _teacher_forced, sampling_mode
+from contraq.tokens import decode_questions, right_pad
 
 if TYPE_CHECKING:
     from contraq.data import EditFact
@@ -279,11 +280,6 @@ def _check_rows(facts: Sequence[Any], batch: SampleBatch, who: str) -> None:
         )
 
 
-def _decode_questions(tokenizer: Any, actions: Tensor, lengths: Tensor) -> list[str]:
-    rows = [actions[b, : int(lengths[b])].tolist() for b in range(actions.shape[0])]
-    return [q.strip() for q in tokenizer.batch_decode(rows, skip_special_tokens=True)]
-
-
 # --------------------------------------------------------------------------- likelihood reward
 
 
@@ -354,7 +350,7 @@ class LikelihoodReward:
             log_r=log_r,
             components={"log_pq": clean_pq, "length": n_tok.float(), "n_nonfinite": n_nonfinite},
             answers=None,
-            questions=_decode_questions(self.tokenizer, batch.actions, batch.lengths),
+            questions=decode_questions(self.tokenizer, batch.actions, batch.lengths),
         )
 
     def prefixes(
@@ -686,9 +682,7 @@ class ContradictionReward:
         width = max((len(a) for a in answer_ids), default=0)
         if width == 0:
             return torch.zeros(len(questions), device=device)
-        acts = torch.full((len(answer_ids), width), self.pad_id, dtype=torch.long, device=device)
-        for i, a in enumerate(answer_ids):
-            acts[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        acts = right_pad(answer_ids, self.pad_id, device)
         lengths = torch.tensor([len(a) for a in answer_ids], device=device)
         tok_lp, _ = base_logprobs(lm, ids, mask, acts, lengths, self.term_id, self.cfg.batch_size)
         return tok_lp.sum(1)
@@ -758,7 +752,7 @@ class ContradictionReward:
         """See :class:`Reward`: one batched generation per ``batch_size`` questions, one NLI
         call, one teacher-forced pass."""
         _check_rows(facts, batch, type(self).__name__)
-        questions = _decode_questions(self.tokenizer, batch.actions, batch.lengths)
+        questions = decode_questions(self.tokenizer, batch.actions, batch.lengths)
         with _frozen_base(self.policy) as lm:
             dev = _model_device(lm)
             actions, lengths = batch.actions.to(dev), batch.lengths.to(dev)

@@ -23,8 +23,8 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
+from contraq.config_check import ConfigError
 from contraq.errors import UserError
 from contraq.genuine import normalize_text
 
@@ -35,36 +35,34 @@ class SmoothError(UserError, ValueError):
     """The run cannot be smoothed (no buffer, no counted question); the message says why."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SmoothConfig:
-    """What to keep from the buffer and how to fit it.
+    """The settings of `contraq smooth` (``configs/smooth.yaml`` has their defaults).
 
     ``min_contradiction``: the judged contradiction probability a kept question's answer needs
     (entries must also be counted: a question whose answer is no echo). ``max_per_fact``: the
     highest-reward distinct questions kept per training fact.
     """
 
-    min_contradiction: float = 0.5
-    max_per_fact: int = 4
-    epochs: int = 4
-    batch_size: int = 8
-    lr: float = 2e-4
-    seed: int = 0
+    run: str
+    out: str
+    min_contradiction: float
+    max_per_fact: int
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
 
     def __post_init__(self) -> None:
-        checks = {
-            "min_contradiction": 0.0 < self.min_contradiction <= 1.0,
-            "max_per_fact": self.max_per_fact >= 1,
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise SmoothError(
-                f"smooth: {bad[0]}={getattr(self, bad[0])!r} is out of range "
-                "(min_contradiction in (0, 1], max_per_fact/epochs/batch_size >= 1, lr > 0)"
+        if not 0.0 < self.min_contradiction <= 1.0:
+            raise ConfigError(
+                "min_contradiction", f"must be in (0, 1], got {self.min_contradiction}"
             )
+        for key in ("max_per_fact", "epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
 
 
 @dataclass
@@ -132,17 +130,12 @@ def question_nll(
         A scalar tensor (differentiable through the policy's trainable parameters).
     """
     from contraq.sampler import score_actions
+    from contraq.tokens import left_pad, right_pad
 
     device = next(policy.parameters()).device
-
-    def stack(rows: Sequence[Sequence[int]], side: str, value: int) -> Tensor:
-        seqs = [torch.tensor(list(r), dtype=torch.long) for r in rows]
-        return pad_sequence(seqs, batch_first=True, padding_value=value, padding_side=side)
-
-    ids = stack(prompts, "left", pad_id).to(device)
-    mask = stack([[1] * len(p) for p in prompts], "left", 0).to(device)
+    ids, mask = left_pad(prompts, pad_id, device)
     # Padding actions with the termination token: everything after the first one is masked.
-    actions = stack(questions, "right", sampler_cfg.termination_token_id).to(device)
+    actions = right_pad(questions, sampler_cfg.termination_token_id, device)
     log_pf, _ = score_actions(policy, ids, mask, actions, sampler_cfg)
     return -log_pf.sum(dim=1).mean()
 
@@ -207,7 +200,7 @@ def smooth_run(run_dir: Path, out_dir: Path, cfg: SmoothConfig) -> dict[str, Any
     from omegaconf import OmegaConf
 
     from contraq.buffer import prompt_key
-    from contraq.evaluate import load_run_config
+    from contraq.runload import load_run_config
     from contraq.train import Parts, build_prompts, load_split
 
     run_cfg = load_run_config(run_dir)
@@ -219,7 +212,7 @@ def smooth_run(run_dir: Path, out_dir: Path, cfg: SmoothConfig) -> dict[str, Any
     if not kept:
         raise SmoothError(
             f"{run_dir}: no counted question with contradiction >= {cfg.min_contradiction} "
-            "in the buffer; lower --min-contradiction"
+            "in the buffer; lower min_contradiction"
         )
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     pad = parts.tokenizer.pad_token_id
@@ -268,25 +261,15 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def smooth_main(argv: Sequence[str]) -> int:
-    """``contraq smooth RUN --out DIR [--min-contradiction C] [--epochs N] ...``"""
-    import argparse
+def run_smooth(cfg: Any) -> Path:
+    """`contraq smooth run=RUN out=DIR`: the composed ``configs/smooth.yaml``, checked, then
+    :func:`smooth_run`. Raises a one-line error for a bad setting or an existing ``out``."""
+    from contraq.runload import resolve_run
+    from contraq.settings import typed
 
-    from contraq.evaluate import resolve_run
-
-    p = argparse.ArgumentParser(
-        prog="contraq smooth",
-        description="Maximum likelihood on a trained run's counted buffer questions.",
-    )
-    p.add_argument("run", help="a trained run folder (its checkpoint holds the buffer)")
-    p.add_argument("--out", required=True, help="the new run folder to write")
-    defaults = SmoothConfig()
-    for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = p.parse_args(list(argv))
-    cfg = SmoothConfig(**{k: getattr(args, k) for k in asdict(defaults)})
-    out = Path(args.out)
+    s = typed(SmoothConfig, cfg)
+    out = Path(s.out)
     if (out / "config.yaml").exists():
-        raise SmoothError(f"{out}: already a run folder; choose another --out")
-    smooth_run(resolve_run(args.run).run_dir, out, cfg)
-    return 0
+        raise SmoothError(f"{out}: already a run folder; choose another out=")
+    smooth_run(resolve_run(s.run).run_dir, out, s)
+    return out

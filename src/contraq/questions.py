@@ -1,0 +1,109 @@
+"""Questions from a loaded run: draw a batch from its policy, score it with its reward.
+
+Shared by `contraq sample` (:mod:`contraq.sample`) and `contraq eval` (:mod:`contraq.baselines`,
+:mod:`contraq.evaluate`): one record (a dict) per question, with the fact, the answer and
+every per-question part of the reward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from contraq.data import EditFact
+from contraq.models import base_model
+from contraq.sampler import SampleBatch, sample
+from contraq.tokens import left_pad
+from contraq.train import Parts
+
+
+def reward_step(cfg: DictConfig) -> int:
+    """A step at which the reward is its final form (after any hybrid warm-up)."""
+    reward = cfg.get("reward", {}) or {}
+    return int(reward.get("hybrid_steps", 0) or 0)
+
+
+def sample_policy(
+    parts: Parts,
+    prompts: Sequence[Sequence[int]],
+    temperature: float,
+    generator: torch.Generator,
+    base: bool = False,
+) -> SampleBatch:
+    """One question per prompt from the policy (``base``: with adapters disabled) at
+    ``temperature``; log-probs in the batch are the untempered policy's."""
+    device = next(parts.policy.parameters()).device
+    ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, device)
+    cfg = replace(parts.sampler_cfg, temperature=float(temperature))
+    if base:
+        with base_model(parts.policy) as lm:
+            return sample(lm, ids, mask, cfg, generator=generator)
+    return sample(parts.policy, ids, mask, cfg, generator=generator)
+
+
+def score_records(
+    parts: Parts,
+    facts: Sequence[EditFact],
+    fact_ids: Sequence[int],
+    batch: SampleBatch,
+    method: str,
+) -> list[dict[str, Any]]:
+    """Score a batch with the run's reward (at :func:`reward_step`): one record per question.
+
+    Args:
+        facts: all facts; ``fact_ids[b]`` is row b's fact.
+    """
+    with torch.no_grad():
+        out = parts.reward().terminal(
+            [facts[i] for i in fact_ids], batch, step=reward_step(parts.cfg)
+        )
+    comps = {
+        k: v.detach().float().cpu().tolist()
+        for k, v in out.components.items()
+        if torch.is_tensor(v) and v.dim() == 1
+    }
+    log_r = out.log_r.detach().float().cpu().tolist()
+    n_actions = batch.lengths.cpu().tolist()
+    records = []
+    for b, i in enumerate(fact_ids):
+        f = facts[i]
+        rec: dict[str, Any] = {
+            "method": method,
+            "fact_index": int(i),
+            "subject": f.subject,
+            "edit_fact": f.edit_fact,
+            "original_answer": f.original_answer,
+            "question": out.questions[b],
+            "answer": out.answers[b] if out.answers is not None else None,
+            "log_r": log_r[b],
+        }
+        for k, v in comps.items():
+            rec[k] = v[b]
+        rec["n_actions"] = int(n_actions[b])
+        rec.setdefault("length", float(n_actions[b]))
+        records.append(rec)
+    return records
+
+
+def progress_bar() -> Any:
+    """A rich progress display on stderr (stdout keeps the results)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items."""
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + max(1, size)]

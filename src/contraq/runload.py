@@ -1,0 +1,152 @@
+"""A trained run, loaded back: its folder, config, policy (with the trained LoRA) and facts.
+
+What `contraq sample` and `contraq eval` point ``checkpoint=`` at: the run folder, its
+``adapter/`` directory or a Lightning ``.ckpt`` inside it (see :mod:`contraq.train` for the
+folder's layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from contraq.data import EditFact
+from contraq.errors import UserError
+from contraq.train import Parts, load_split
+
+
+class RunError(UserError, ValueError):
+    """A run folder, checkpoint or facts file cannot be used (the message names the path)."""
+
+
+@dataclass
+class RunRef:
+    """What ``checkpoint=`` points at: the run folder and, for a ``.ckpt``, that file."""
+
+    run_dir: Path
+    ckpt: Path | None = None
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+
+def resolve_run(path: str | Path) -> RunRef:
+    """The run folder of ``path``: the run folder itself, its ``adapter/`` directory, or a
+    ``.ckpt`` inside it (``checkpoints/last.ckpt``). The run folder is the nearest folder
+    (``path`` or up to two parents) that holds ``config.yaml``.
+
+    Raises:
+        RunError: nothing there, or no ``config.yaml`` found.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RunError(f"{p}: no such run folder, adapter directory or checkpoint")
+    ckpt = p if p.is_file() else None
+    if ckpt is not None and ckpt.suffix != ".ckpt":
+        raise RunError(f"{p}: expected a run folder, its adapter/ directory or a .ckpt file")
+    start = p.parent if ckpt else p
+    for cand in (start, start.parent, start.parent.parent):
+        if (cand / "config.yaml").is_file():
+            return RunRef(cand.resolve(), ckpt.resolve() if ckpt else None)
+    raise RunError(f"{p}: no config.yaml here or in its parents (not a contraq run folder?)")
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The resolved config that training wrote (``config.yaml``)."""
+    path = run_dir / "config.yaml"
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # omegaconf/yaml raise many types; name the file
+        raise RunError(f"{path}: cannot read the run config ({exc})") from exc
+    if not isinstance(cfg, DictConfig):
+        raise RunError(f"{path}: expected a mapping, not a list")
+    return cfg
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` = CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise RunError(f"device={name}: not a device (auto, cpu, cuda, cuda:1...)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device={name}: CUDA is not available on this machine")
+    return dev
+
+
+def _load_lora_from_ckpt(policy: torch.nn.Module, ckpt: Path) -> None:
+    """Copy the LoRA weights stored in a Lightning checkpoint into ``policy``.
+
+    ``GFlowNetModule.on_save_checkpoint`` keeps only trainable tensors, under ``policy.*``.
+    """
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RunError(
+            f"{ckpt}: cannot read the checkpoint safely (weights_only=True): {exc}; "
+            "pass the run folder to use its adapter/ instead"
+        ) from exc
+    sd = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        raise RunError(f"{ckpt}: no state_dict in the checkpoint")
+    lora = {k[len("policy.") :]: v for k, v in sd.items() if k.startswith("policy.")}
+    own = {n for n, p in policy.named_parameters() if p.requires_grad}
+    if not lora or set(lora) != own:
+        missing, extra = sorted(own - set(lora))[:3], sorted(set(lora) - own)[:3]
+        raise RunError(
+            f"{ckpt}: LoRA weights do not match the run's config (missing e.g. {missing}, "
+            f"unexpected e.g. {extra})"
+        )
+    policy.load_state_dict(lora, strict=False)
+
+
+def load_parts(
+    ref: RunRef,
+    plain: bool = False,
+    device: torch.device | None = None,
+    judge: str | None = None,
+) -> Parts:
+    """The :class:`contraq.train.Parts` of a run: its base LM with the trained adapter (from
+    the ``.ckpt`` when one was named, else ``adapter/``).
+
+    ``plain``: a fresh, untrained LoRA instead (no adapter files needed). The reward needs a
+    peft model (its base LM is the policy with adapters disabled), so callers sample a plain
+    policy with ``base=True``. ``judge``: an NLI checkpoint folder (or hub id) that replaces the
+    run's judge (``nli.path``), e.g. to score every method with a judge training never saw.
+    """
+    cfg = load_run_config(ref.run_dir)
+    if judge is not None:
+        cfg.nli.path = str(judge)
+    if plain:
+        parts = Parts(cfg, with_lora=True)
+    elif ref.ckpt is not None:
+        parts = Parts(cfg, with_lora=True)
+        _load_lora_from_ckpt(parts.policy, ref.ckpt)
+    else:
+        if not (ref.adapter_dir / "adapter_config.json").is_file():
+            raise RunError(
+                f"{ref.adapter_dir}: no adapter_config.json (training saves the adapter every "
+                "callbacks.checkpoint_every_n_steps steps; pass a .ckpt or plain=true)"
+            )
+        parts = Parts(cfg, adapter_dir=ref.adapter_dir)
+    parts.policy.to(device or pick_device()).eval()
+    return parts
+
+
+def heldout_facts(cfg: Any) -> list[EditFact]:
+    """The run's held-out test facts: the split training made (:func:`contraq.train.load_split`)
+    and never trained or validated on."""
+    test = load_split(cfg).test
+    if not test:
+        raise RunError(
+            f"the held-out test split of {cfg.data.path} is empty "
+            f"(data.test_fraction={cfg.data.test_fraction}); pass facts=FILE"
+        )
+    return test

@@ -1,0 +1,195 @@
+"""`contraq sample`: distinct questions for new edit facts from a trained run.
+
+Each question comes with its answer and the reward's parts (log C, log P_Q, log R); the
+settings and their defaults are ``configs/sample.yaml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from contraq.config_check import ConfigError
+from contraq.data import DEFAULT_MAX_CHARS, EditFact, load_facts
+from contraq.questions import chunks, progress_bar, sample_policy, score_records
+from contraq.runload import load_parts, load_run_config, pick_device, resolve_run
+from contraq.sampler import SampleBatch
+from contraq.settings import typed
+from contraq.tokens import decode_questions
+from contraq.train import Parts, build_prompts
+
+# CSV columns in this order, then any other field of the records.
+SAMPLE_FIELDS = (
+    "fact_index",
+    "subject",
+    "edit_fact",
+    "original_answer",
+    "question",
+    "answer",
+    "log_r",
+    "log_c",
+    "log_pq",
+    "length",
+    "n_actions",
+)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The settings of `contraq sample` (``configs/sample.yaml`` has their defaults)."""
+
+    checkpoint: str
+    facts: str
+    out: str
+    n: int
+    csv: bool
+    plain: bool
+    temperature: float
+    batch_size: int
+    seed: int
+    max_rounds: int
+    device: str
+
+    def __post_init__(self) -> None:
+        for key in ("n", "batch_size", "max_rounds"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.temperature > 0:
+            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+
+
+def dedup_key(question: str) -> str:
+    """Questions equal up to case and whitespace count as duplicates."""
+    return " ".join(question.split()).lower()
+
+
+def select_rows(batch: SampleBatch, rows: Sequence[int]) -> SampleBatch:
+    """The SampleBatch of the given rows."""
+    idx = torch.tensor(list(rows), dtype=torch.long, device=batch.actions.device)
+    return SampleBatch(**{k: getattr(batch, k)[idx] for k in SampleBatch.__dataclass_fields__})
+
+
+def _new_rows(
+    chunk: Sequence[int], questions: Sequence[str], found: list[dict[str, Any]]
+) -> list[int]:
+    """Rows of a drawn chunk whose question is new for its fact (not found before, not
+    repeated earlier in the chunk); the costly reward is spent only on them."""
+    keep: list[int] = []
+    pending: dict[int, set[str]] = {}
+    for b, (i, q) in enumerate(zip(chunk, questions, strict=True)):
+        key = dedup_key(q)
+        if key and key not in found[i] and key not in pending.setdefault(i, set()):
+            pending[i].add(key)
+            keep.append(b)
+    return keep
+
+
+def sample_unique(
+    parts: Parts,
+    facts: Sequence[EditFact],
+    n: int,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    max_rounds: int = 10,
+    base: bool = False,
+    method: str = "trained",
+    progress: Any = None,
+) -> list[list[dict[str, Any]]]:
+    """``n`` distinct questions per fact (by :func:`dedup_key`), each scored by the reward.
+
+    Rounds sample each unfinished fact's shortfall again, up to ``max_rounds`` rounds; facts
+    that still have fewer are returned with fewer (the caller reports it).
+
+    Returns:
+        per fact, its records in sampling order.
+    """
+    prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
+    device = next(parts.policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    found: list[dict[str, dict[str, Any]]] = [{} for _ in facts]
+    task = progress.add_task("sampling", total=n * len(facts)) if progress else None
+    for _ in range(max_rounds):
+        rows = [i for i in range(len(facts)) for _ in range(n - len(found[i]))]
+        if not rows:
+            break
+        for chunk in chunks(rows, batch_size):
+            batch = sample_policy(
+                parts, [prompts[i] for i in chunk], temperature, generator, base=base
+            )
+            questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
+            keep = _new_rows(chunk, questions, found)
+            if not keep:
+                continue
+            fact_ids = [chunk[b] for b in keep]
+            for rec in score_records(parts, facts, fact_ids, select_rows(batch, keep), method):
+                slot = found[rec["fact_index"]]
+                if len(slot) < n:
+                    slot[dedup_key(rec["question"])] = rec
+                    if progress:
+                        progress.advance(task)
+    return [list(f.values()) for f in found]
+
+
+def write_questions(records: Sequence[dict[str, Any]], path: Path, as_csv: bool) -> None:
+    """JSON Lines (every field) or CSV (:data:`SAMPLE_FIELDS` then any other field)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not as_csv:
+        with path.open("w") as fh:
+            for r in records:
+                fh.write(json.dumps(r) + "\n")
+        return
+    extra = sorted({k for r in records for k in r} - set(SAMPLE_FIELDS))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*SAMPLE_FIELDS, *extra], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def run_sample(cfg: DictConfig) -> Path:
+    """`contraq sample`: write ``cfg.n`` distinct scored questions per fact of ``cfg.facts``
+    to ``cfg.out``; facts left short after ``cfg.max_rounds`` rounds are reported on stderr.
+
+    Raises:
+        ConfigError, RunError, DataError: a bad setting, run folder or facts file (nothing
+            is written).
+    """
+    s = typed(SampleConfig, cfg)
+    ref = resolve_run(s.checkpoint)
+    data_cfg = load_run_config(ref.run_dir).get("data") or {}
+    max_chars = int(data_cfg.get("max_fact_chars", DEFAULT_MAX_CHARS))
+    facts = load_facts(s.facts, minimal_ok=True, on_error="raise", max_chars=max_chars)
+    parts = load_parts(ref, plain=s.plain, device=pick_device(s.device))
+    with progress_bar() as progress:
+        per_fact = sample_unique(
+            parts,
+            facts,
+            s.n,
+            temperature=s.temperature,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            max_rounds=s.max_rounds,
+            method="plain" if s.plain else "trained",
+            base=s.plain,
+            progress=progress,
+        )
+    for f, recs in zip(facts, per_fact, strict=True):
+        if len(recs) < s.n:
+            print(
+                f"contraq sample: {f.where} ({f.subject}): only {len(recs)} distinct questions "
+                f"of {s.n} after {s.max_rounds} rounds",
+                file=sys.stderr,
+            )
+    records = [r for recs in per_fact for r in recs]
+    out = Path(s.out)
+    write_questions(records, out, s.csv)
+    print(f"wrote {len(records)} questions for {len(facts)} facts to {out}")
+    return out
