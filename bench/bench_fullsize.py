@@ -121,8 +121,8 @@ def project(counts: dict[str, int], step: pc.StepReport, cfg: Any, gib: float) -
 def prompt_width_max(cfg: Any, tokenizer: Any) -> int:
     """The widest question prompt over the training facts: a batch is left-padded to its
     widest prompt, so this bounds P for any batch of the preset."""
-    from contraq.data import load_facts
-    from contraq.train import build_prompts, resolve_path
+    from contraq.data import load_facts, resolve_path
+    from contraq.train import build_prompts
 
     facts = load_facts(resolve_path(cfg.data.path))
     return max(len(p) for p in build_prompts(cfg, facts, tokenizer))

@@ -34,7 +34,7 @@ from contraq.models import (  # noqa: E402
     termination_token_id,
 )
 from contraq.nli import NLIScorer, NLITrainConfig, minilm_dir  # noqa: E402
-from contraq.reward import ContradictionReward  # noqa: E402
+from contraq.reward.contradiction import ContradictionReward  # noqa: E402
 from contraq.sampler import SampleBatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

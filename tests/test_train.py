@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _train_cmd(out: Path, *overrides: str) -> list[str]:
     return smoke_train_cmd(
-        out, "train.max_steps=6", "eval.every_n_steps=3", "buffer.use_buffer_prob=0.5", *overrides
+        out, "train.max_steps=6", "eval.every_n_steps=3", "train.replay.prob=0.5", *overrides
     )
 
 
@@ -134,10 +134,10 @@ PINNED = {
     "tb": (
         [
             "train.max_steps=6",
-            "buffer.use_buffer_prob=0.5",
-            "reward.reward_temp_start=2.0",
-            "reward.reward_temp_end=1.0",
-            "reward.reward_temp_horizon=4",
+            "train.replay.prob=0.5",
+            "train.reward_temp.start=2.0",
+            "train.reward_temp.end=1.0",
+            "train.reward_temp.horizon=4",
         ],
         [
             (0, 0.06945991516113281, 0.0),
@@ -153,8 +153,8 @@ PINNED = {
             "train.max_steps=5",
             "loss=subtb",
             "loss.subtb_lambda=0.9",
-            "buffer.use_buffer_prob=0.8",
-            "buffer.prioritized=false",
+            "train.replay.prob=0.8",
+            "train.replay.prioritized=false",
         ],
         [
             (0, 36.39920425415039, 0.0),

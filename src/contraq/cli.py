@@ -52,6 +52,10 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str) -> int:
     """Run `job(cfg)` under hydra.main so users get Hydra's whole command line."""
     import hydra
 
+    from contraq.conf import register_schemas
+    from contraq.config_check import one_line_errors
+
+    register_schemas()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     wrapped = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(
@@ -64,7 +68,8 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str) -> int:
     argv = sys.argv
     sys.argv = [prog, *overrides]
     try:
-        wrapped()
+        with one_line_errors():  # a wrong type or unknown key: one line naming it
+            wrapped()
     finally:
         sys.argv = argv
     return 0

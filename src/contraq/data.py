@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,8 +51,10 @@ __all__ = [
     "SkippedRow",
     "encode_prompts",
     "load_facts",
+    "load_split",
     "load_facts_report",
     "question_prompt",
+    "resolve_path",
     "split_facts",
     "subject_split",
 ]
@@ -364,6 +367,33 @@ def split_facts(
                 fraction,
             )
     return FactSplit(train=parts["train"], val=parts["val"], test=parts["test"])
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """Relative data paths are taken from the current folder, else from the repo root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def load_split(cfg: Any) -> FactSplit:
+    """The facts of the ``data`` config group split by subject.
+
+    Args:
+        cfg: ``path`` (see :func:`resolve_path`), ``val_fraction``, ``test_fraction``,
+            ``split_seed`` and ``max_fact_chars`` (``contraq.conf.DataConfig`` or its DictConfig).
+    """
+    facts = load_facts(resolve_path(cfg.path), max_chars=int(cfg.max_fact_chars))
+    return split_facts(
+        facts,
+        val_fraction=float(cfg.val_fraction),
+        test_fraction=float(cfg.test_fraction),
+        seed=int(cfg.split_seed),
+    )
 
 
 def _template_values(fact: EditFact, template: str) -> dict[str, str]:

@@ -154,8 +154,7 @@ def load_parts(
 def heldout_facts(cfg: Any) -> list[Any]:
     """The run's held-out test facts (``cfg.data``: path, val_fraction, test_fraction,
     split_seed), the split training never saw."""
-    from contraq.data import load_facts, split_facts
-    from contraq.train import resolve_path
+    from contraq.data import load_facts, resolve_path, split_facts
 
     d = cfg.data
     facts = load_facts(resolve_path(d.path))
