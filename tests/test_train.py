@@ -130,7 +130,7 @@ def _losses(out: Path) -> list[tuple[int, float, float]]:
 # Recorded on the code before the config refactor of issue 10: the same seed must give the
 # same losses (TB with a reward-temperature schedule and prioritized replay; SubTB with uniform
 # replay), so moving config keys changed no behaviour.
-PINNED = {
+PINNED = {  # case: (overrides, train/loss per step, steps that replayed)
     "tb": (
         [
             "train.max_steps=6",
@@ -139,14 +139,9 @@ PINNED = {
             "train.reward_temp.end=1.0",
             "train.reward_temp.horizon=4",
         ],
-        [
-            (0, 0.06945991516113281, 0.0),
-            (1, 35.82075881958008, 0.0),
-            (2, 179.84002685546875, 0.0),
-            (3, 540.4767456054688, 0.0),
-            (4, 1452.44482421875, 0.0),
-            (5, 1183.8380126953125, 1.0),
-        ],
+        [0.06945991516113281, 35.82075881958008, 179.84002685546875, 540.4767456054688]
+        + [1452.44482421875, 1183.8380126953125],
+        [5],
     ),
     "subtb": (
         [
@@ -156,32 +151,19 @@ PINNED = {
             "train.replay.prob=0.8",
             "train.replay.prioritized=false",
         ],
-        [
-            (0, 36.39920425415039, 0.0),
-            (1, 35.89351272583008, 0.0),
-            (2, 36.47785949707031, 0.0),
-            (3, 35.74863815307617, 0.0),
-            (4, 35.869258880615234, 1.0),
-        ],
+        [36.39920425415039, 35.89351272583008, 36.47785949707031, 35.74863815307617]
+        + [35.869258880615234],
+        [4],
     ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(PINNED))
 def test_fixed_seed_losses_are_pinned(tmp_path: Path, case: str) -> None:
-    overrides, expected = PINNED[case]
+    overrides, losses, replayed = PINNED[case]
     out = tmp_path / case
-    proc = subprocess.run(
-        smoke_train_cmd(out, "eval.n_facts=0", *overrides),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run(out, "eval.n_facts=0", *overrides)  # the case's overrides win over _train_cmd's
     got = _losses(out)
-    assert [(s, r) for s, _, r in got] == [(s, r) for s, _, r in expected]
-    assert [loss for _, loss, _ in got] == pytest.approx(
-        [loss for _, loss, _ in expected], rel=1e-5
-    )
+    assert [s for s, _, _ in got] == list(range(len(losses)))
+    assert [s for s, _, r in got if r == 1.0] == replayed
+    assert [loss for _, loss, _ in got] == pytest.approx(losses, rel=1e-5)

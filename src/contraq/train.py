@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 def model_config(cfg: DictConfig) -> ModelConfig:
-    return ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))  # type: ignore[arg-type]
+    return load_group(cfg, "model", ModelConfig)
 
 
 def sampler_config(cfg: DictConfig, tokenizer: Any, term_id: int) -> SamplerConfig:
