@@ -44,7 +44,7 @@ def run_config(
         "experiment=smoke_ddp",
         f"model={args.model}",
         "buffer=memory",
-        "buffer.use_buffer_prob=0",
+        "train.replay.prob=0",
         "train.pf_temp_prob=0",
         f"train.sampling={mode}",
         f"train.max_steps={args.steps}",

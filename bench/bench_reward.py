@@ -36,7 +36,7 @@ from contraq.models import (  # noqa: E402
     minilm_dir,
     termination_token_id,
 )
-from contraq.reward import ContradictionReward  # noqa: E402
+from contraq.reward.contradiction import ContradictionReward  # noqa: E402
 from contraq.sampler import SampleBatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

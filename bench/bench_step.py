@@ -32,16 +32,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reward import judge_dir  # noqa: E402
+from contraq.conf import compose_run  # noqa: E402
+from contraq.data import load_split  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
-from contraq.reward import _frozen_base, base_logprobs, build_reward  # noqa: E402
+from contraq.reward.base import base_logprobs, frozen_base  # noqa: E402
+from contraq.reward.build import build_reward  # noqa: E402
 from contraq.sampler import sample, score_actions  # noqa: E402
 from contraq.tokens import decode_questions, left_pad  # noqa: E402
-from contraq.train import Parts, build_prompts, load_split  # noqa: E402
+from contraq.train import Parts, build_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,14 +66,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose(config_name="train")
+    cfg = compose_run(REPO / "configs")
     parts = Parts(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         path, what = judge_dir(Path(tmp))
         nli = NLIScorer(path, device="cpu", batch_size=int(cfg.nli.batch_size))
         reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
-        facts = load_split(cfg).train  # the training facts of the default config
+        facts = load_split(cfg.data).train
         facts = facts[: args.facts]
         rows = [f for f in facts for _ in range(args.n)]
         prompts = build_prompts(cfg, rows, parts.tokenizer)
@@ -87,7 +88,7 @@ def main() -> None:
         t_sample, batch = timed(do_sample, args.repeats)
         questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
         edits = [f.edit_fact for f in rows]
-        with _frozen_base(policy) as lm:
+        with frozen_base(policy) as lm:
             t_answer, (answers, _) = timed(
                 lambda: reward.generate_answers(questions, lm), args.repeats
             )

@@ -95,10 +95,9 @@ overrides+=("${user_overrides[@]}")
 IFS=$'\t' read -r output_dir backend host port data_dir < <(
 	"$PYTHON" - "${overrides[@]}" <<'PY'
 import sys
-from hydra import compose, initialize_config_dir
 from contraq.cli import config_dir
-with initialize_config_dir(str(config_dir()), version_base="1.3"):
-    cfg = compose("train", overrides=sys.argv[1:])
+from contraq.conf import compose_run
+cfg = compose_run(config_dir(), sys.argv[1:])
 b = cfg.buffer
 redis = b.backend == "redis"
 fields = [cfg.output_dir, b.backend] + ([b.host, b.port, b.data_dir] if redis else ["-"] * 3)

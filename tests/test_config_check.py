@@ -6,10 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from contraq.config_check import ConfigError, check_relaunch, config_diff, masked, validate
+from contraq.conf import compose_run
+from contraq.config_check import (
+    ConfigError,
+    check_relaunch,
+    config_diff,
+    masked,
+    one_line_errors,
+    validate,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CHOICES = [
@@ -21,15 +28,15 @@ CHOICES = [
 
 
 def _compose(*overrides: str, config: str = "train"):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config, overrides=list(overrides))
+    with one_line_errors():  # what `contraq train` does: composition errors as ConfigError
+        return compose_run(CONFIGS, overrides, config)
 
 
 @pytest.mark.parametrize("override", CHOICES)
 def test_every_shipped_choice_validates(override: str) -> None:
     cfg = _compose(override, config="demo")  # demo = train + the evaluation group
-    if override == "model=local":  # name_or_path: ??? must come from the user
-        with pytest.raises(ConfigError, match=r"^model\.name_or_path: cannot be resolved"):
+    if override == "model=local":  # name_or_path must come from the user
+        with pytest.raises(ConfigError, match=r"^model\.name_or_path: must be set"):
             validate(cfg)
     else:
         validate(cfg)
@@ -50,12 +57,21 @@ def test_every_shipped_choice_validates(override: str) -> None:
         ("data.val_fraction=0.95", "data.val_fraction: data.val_fraction + data.test_fraction"),
         ("sampler.max_len=3", "sampler.min_len: must be < sampler.max_len (3), got 5"),
         ("train.sampling=all", "train.sampling: must be one of 'per_rank'"),
+        ("train.replay.prob=1.5", "train.replay.prob: must be a number in [0, 1], got 1.5"),
+        ("train.replay.prioritized=maybe", "train.replay.prioritized: must be true or false"),
+        ("train.reward_temp.start=0", "train.reward_temp.start: must be a number > 0, got 0"),
+        ("train.reward_temp.horizon=x", "train.reward_temp.horizon: must be an integer >= 1"),
+        ("train.lrr=1", "train.lrr: Key 'lrr' not in 'TrainConfig'"),
+        ("reward.w_likk=1", "reward.w_likk: Key 'w_likk' not in 'ContradictionRewardConfig'"),
+        ("reward.beta=sharp", "reward.beta: must be a number > 0, got 'sharp'"),
+        ("loss=nope", "loss: no option 'nope' (one of: subtb, tb)"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_accepted(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         validate(_compose(*override.split()))
     assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
 
 
 def test_passwords_are_masked_and_nothing_else() -> None:

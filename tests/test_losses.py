@@ -252,22 +252,12 @@ def test_tb_matches_brute_force(seed: int):
 
 def test_tb_rejects_unterminated_rows():
     batch = random_batch(3, 6, 2, [2, None, 5], seed=0)
+    args = (torch.zeros(3), batch["log_pf"], batch["log_pterm"], torch.zeros(3))
     with pytest.raises(ValueError, match=r"rows \[1\] hold no termination token"):
-        trajectory_balance_loss(
-            torch.zeros(3),
-            batch["log_pf"],
-            batch["log_pterm"],
-            torch.zeros(3),
-            batch["generated_text"],
-            TERM,
-            2,
-        )
+        trajectory_balance_loss(*args, batch["generated_text"], TERM, 2)
     with pytest.raises(ValueError, match="reduction"):
         trajectory_balance_loss(
-            torch.zeros(3),
-            batch["log_pf"],
-            batch["log_pterm"],
-            torch.zeros(3),
+            *args,
             batch["generated_text"],
             TERM,
             2,

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from contraq.buffer import BufferEntry, RedisBuffer
+from contraq.conf import LossConfig, ReplayConfig, TrainConfig
 from contraq.data import EditFact
 from contraq.models import termination_token_id
-from contraq.module import GFlowNetModule, TrainConfig
-from contraq.reward import LikelihoodReward
+from contraq.module import GFlowNetModule
+from contraq.reward.likelihood import LikelihoodReward
 from contraq.sampler import SamplerConfig
 from redis_fixtures import RedisHandle, redis_handle  # noqa: F401
 
@@ -37,7 +38,11 @@ def _module(policy: torch.nn.Module, tok: object, buffer: RedisBuffer) -> GFlowN
         sampler_cfg=SamplerConfig(
             termination_token_id=term, pad_token_id=tok.pad_token_id, min_len=2, max_len=MAX_LEN
         ),
-        cfg=TrainConfig(facts_per_step=1, n_samples=6, use_buffer_prob=1.0, pf_temp_prob=0.0),
+        cfg=TrainConfig(
+            facts_per_step=1, n_samples=6, replay=ReplayConfig(prob=1.0), pf_temp_prob=0.0
+        ),
+        loss_cfg=LossConfig(),
+        seed=0,
     )
 
 

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from contraq.conf import compose_run
 from contraq.data import EditFact
 from contraq.genuine import echo_flags
 from contraq.judge.scorer import NLIScorer
@@ -26,20 +27,15 @@ from contraq.models import (
     build_tiny_model,
     termination_token_id,
 )
-from contraq.reward import (
-    ContradictionReward,
-    ContradictionRewardConfig,
-    LikelihoodReward,
-    build_reward,
-    combine_log_reward,
-    counted_log_c,
-    first_line,
-    question_lengths,
-    reward_temperature,
-)
+from contraq.reward.answers import first_line
+from contraq.reward.base import question_lengths
+from contraq.reward.build import build_reward
+from contraq.reward.combine import combine_log_reward, counted_log_c
+from contraq.reward.contradiction import ContradictionReward, ContradictionRewardConfig
+from contraq.reward.likelihood import LikelihoodReward
 from contraq.sampler import SampleBatch, token_logprobs
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "reward"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 PROMPTS = [
     "Ask one short question about Marie Curie.",
@@ -175,16 +171,6 @@ def contradiction(policy, tok, nli, term, **cfg) -> ContradictionReward:
 
 
 # --------------------------------------------------------------------------- pure parts
-
-
-def test_reward_temperature_schedule() -> None:
-    assert reward_temperature(0, 1.0, 0.5, 200) == 1.0
-    assert reward_temperature(100, 1.0, 0.5, 200) == pytest.approx(0.75)
-    assert reward_temperature(50, 1.0, 0.5, 200) == pytest.approx(0.875)
-    assert reward_temperature(200, 1.0, 0.5, 200) == 0.5
-    assert reward_temperature(10_000, 1.0, 0.5, 200) == 0.5
-    assert reward_temperature(3, 2.0, 1.0, 0) == 1.0  # no horizon: end at once
-    assert reward_temperature(5, 0.5, 1.5, 10) == pytest.approx(1.0)  # rising works too
 
 
 def test_first_line() -> None:
@@ -518,24 +504,21 @@ def test_contradiction_prefixes_equal_one_prefix_at_a_time(
 
 
 def test_build_reward_from_configs(tiny_llama, smol_tokenizer, nli, term) -> None:
-    cfg = OmegaConf.load(CONFIGS / "contradiction.yaml")
+    cfg = compose_run(CONFIGS, ["sampler.min_len=3"]).reward
     reward = build_reward(cfg, tiny_llama, smol_tokenizer, term, nli=nli)
     assert isinstance(reward, ContradictionReward)
-    assert reward.cfg.min_len == 5  # oc.select default when no sampler group is composed
+    assert reward.cfg.min_len == 3  # follows sampler.min_len
+    assert reward.cfg.beta == 0.1 and reward.cfg.min_log_r == -150.0  # the YAML's choices
     assert reward.answer_style == "chat"  # auto: SmolLM2's tokenizer has a chat template
-    # Composed under a run config, min_len and the horizon follow the sampler and trainer.
-    root = OmegaConf.create({"sampler": {"min_len": 3}, "train": {"max_steps": 60}, "reward": cfg})
-    assert root.reward.min_len == 3 and root.reward.reward_temp_horizon == 60
     lik = build_reward(
-        OmegaConf.load(CONFIGS / "likelihood.yaml"), tiny_llama, smol_tokenizer, term
+        compose_run(CONFIGS, ["reward=likelihood"]).reward, tiny_llama, smol_tokenizer, term
     )
     assert isinstance(lik, LikelihoodReward) and lik.min_len == 5
     with pytest.raises(ValueError, match="NLIScorer"):
         build_reward(cfg, tiny_llama, smol_tokenizer, term)
-    with pytest.raises(ValueError, match="w_likk"):
-        build_reward(
-            OmegaConf.merge(cfg, {"w_likk": 1.0}), tiny_llama, smol_tokenizer, term, nli=nli
-        )
+    with pytest.raises(ValueError, match="w_likk"):  # a plain mapping is checked too
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        build_reward({**plain, "w_likk": 1.0}, tiny_llama, smol_tokenizer, term, nli=nli)
     with pytest.raises(ValueError, match="answer_prompt.style"):
         ContradictionRewardConfig.from_mapping({"answer_prompt": {"style": "poem"}})
     with pytest.raises(ValueError, match="fewshot_text"):

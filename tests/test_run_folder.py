@@ -158,6 +158,7 @@ def test_differing_relaunch_with_resume_never_keeps_the_previous_config(tmp_path
         ("train.lr=abc", "train.lr"),
         ("sampler.min_len=9", "sampler.min_len"),
         ("buffer.backend=disk", "buffer.backend"),
+        ("train.replay.prob=often", "train.replay.prob"),  # wrong type: caught by the schema
     ],
 )
 def test_bad_config_values_get_one_line_naming_the_key(
@@ -165,6 +166,20 @@ def test_bad_config_values_get_one_line_naming_the_key(
 ) -> None:
     out = tmp_path / "run"
     one_line_error(train(out, override, rc=2), f"contraq train: {key}: must be")
+    assert not (out / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("train.lrr=1", "train.lrr: Key 'lrr' not in 'TrainConfig'"),
+        ("reward.reward_temp_start=2", "reward.reward_temp_start: Key 'reward_temp_start' not in"),
+        ("loss=nope", "loss: no option 'nope' (one of: subtb, tb)"),
+    ],
+)
+def test_unknown_keys_and_options_get_one_line(tmp_path: Path, override: str, needle: str) -> None:
+    out = tmp_path / "run"
+    one_line_error(train(out, override, rc=2), f"contraq train: {needle}")
     assert not (out / "config.yaml").exists()
 
 

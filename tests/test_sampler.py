@@ -91,6 +91,18 @@ def config_with_early_stop(model, tokenizer, seed=0, **overrides) -> SamplerConf
     return SamplerConfig(**{**base, "termination_token_id": term, "banned_token_ids": banned})
 
 
+def assert_scores_match(model, prompt_ids, prompt_mask, batch: SampleBatch, cfg: SamplerConfig):
+    """The one teacher-forced pass and the naive loop both give the sampler's log-probs;
+    returns (log_pf of the pass, the naive raw token log-probs)."""
+    log_pf, log_pterm = score_actions(model, prompt_ids, prompt_mask, batch.actions, cfg)
+    torch.testing.assert_close(log_pf, batch.log_pf, atol=ATOL, rtol=0)
+    torch.testing.assert_close(log_pterm, batch.log_pterm, atol=ATOL, rtol=0)
+    ref_pf, ref_pterm, ref_raw = naive_scores(model, prompt_ids, prompt_mask, batch.actions, cfg)
+    torch.testing.assert_close(batch.log_pf, ref_pf, atol=ATOL, rtol=0)
+    torch.testing.assert_close(batch.log_pterm, ref_pterm, atol=ATOL, rtol=0)
+    return log_pf, ref_raw
+
+
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -125,13 +137,7 @@ def test_teacher_forced_matches_sampler_and_naive_loop(arch, request, smol_token
     assert int(batch.lengths.min()) < cfg.max_len == int(batch.lengths.max())
     assert bool((prompt_mask == 0).any())
 
-    log_pf, log_pterm = score_actions(model, prompt_ids, prompt_mask, batch.actions, cfg)
-    torch.testing.assert_close(log_pf, batch.log_pf, atol=ATOL, rtol=0)
-    torch.testing.assert_close(log_pterm, batch.log_pterm, atol=ATOL, rtol=0)
-
-    ref_pf, ref_pterm, ref_raw = naive_scores(model, prompt_ids, prompt_mask, batch.actions, cfg)
-    torch.testing.assert_close(batch.log_pf, ref_pf, atol=ATOL, rtol=0)
-    torch.testing.assert_close(batch.log_pterm, ref_pterm, atol=ATOL, rtol=0)
+    log_pf, ref_raw = assert_scores_match(model, prompt_ids, prompt_mask, batch, cfg)
 
     raw = token_logprobs(model, prompt_ids, prompt_mask, batch.actions, lengths=batch.lengths)
     torch.testing.assert_close(raw, ref_raw, atol=ATOL, rtol=0)
@@ -169,12 +175,7 @@ def test_teacher_forced_matches_sampler_smollm2(smollm2, smol_tokenizer):
     batch = sample(smollm2, prompt_ids, prompt_mask, cfg, seeded(1))
     check_invariants(batch, cfg)
     assert int(batch.lengths.min()) < cfg.max_len, "no early termination in this batch"
-    log_pf, log_pterm = score_actions(smollm2, prompt_ids, prompt_mask, batch.actions, cfg)
-    torch.testing.assert_close(log_pf, batch.log_pf, atol=ATOL, rtol=0)
-    torch.testing.assert_close(log_pterm, batch.log_pterm, atol=ATOL, rtol=0)
-    ref_pf, ref_pterm, _ = naive_scores(smollm2, prompt_ids, prompt_mask, batch.actions, cfg)
-    torch.testing.assert_close(batch.log_pf, ref_pf, atol=ATOL, rtol=0)
-    torch.testing.assert_close(batch.log_pterm, ref_pterm, atol=ATOL, rtol=0)
+    assert_scores_match(smollm2, prompt_ids, prompt_mask, batch, cfg)
 
 
 def plain_config(tokenizer, **kw) -> SamplerConfig:

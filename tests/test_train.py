@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _train_cmd(out: Path, *overrides: str) -> list[str]:
     return smoke_train_cmd(
-        out, "train.max_steps=6", "eval.every_n_steps=3", "buffer.use_buffer_prob=0.5", *overrides
+        out, "train.max_steps=6", "eval.every_n_steps=3", "train.replay.prob=0.5", *overrides
     )
 
 
@@ -116,3 +116,54 @@ def test_subtb_training_runs(tmp_path: Path, loss: str) -> None:
     _run(out, f"loss={loss}", "train.max_steps=2", "eval.every_n_steps=100")
     ckpt = _ckpt(out / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2
+
+
+def _losses(out: Path) -> list[tuple[int, float, float]]:
+    """(step, train/loss, train/replay) of every logged training step."""
+    import csv
+
+    with (out / "logs" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return [(int(r["step"]), float(r["train/loss"]), float(r["train/replay"])) for r in rows]
+
+
+# Recorded on the code before the config refactor of issue 10: the same seed must give the
+# same losses (TB with a reward-temperature schedule and prioritized replay; SubTB with uniform
+# replay), so moving config keys changed no behaviour.
+PINNED = {  # case: (overrides, train/loss per step, steps that replayed)
+    "tb": (
+        [
+            "train.max_steps=6",
+            "train.replay.prob=0.5",
+            "train.reward_temp.start=2.0",
+            "train.reward_temp.end=1.0",
+            "train.reward_temp.horizon=4",
+        ],
+        [0.06945991516113281, 35.82075881958008, 179.84002685546875, 540.4767456054688]
+        + [1452.44482421875, 1183.8380126953125],
+        [5],
+    ),
+    "subtb": (
+        [
+            "train.max_steps=5",
+            "loss=subtb",
+            "loss.subtb_lambda=0.9",
+            "train.replay.prob=0.8",
+            "train.replay.prioritized=false",
+        ],
+        [36.39920425415039, 35.89351272583008, 36.47785949707031, 35.74863815307617]
+        + [35.869258880615234],
+        [4],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_fixed_seed_losses_are_pinned(tmp_path: Path, case: str) -> None:
+    overrides, losses, replayed = PINNED[case]
+    out = tmp_path / case
+    _run(out, "eval.n_facts=0", *overrides)  # the case's overrides win over _train_cmd's
+    got = _losses(out)
+    assert [s for s, _, _ in got] == list(range(len(losses)))
+    assert [s for s, _, r in got if r == 1.0] == replayed
+    assert [loss for _, loss, _ in got] == pytest.approx(losses, rel=1e-5)

@@ -71,6 +71,10 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     Hydra's whole command line: run folder, multirun, job logging."""
     import hydra
 
+    from contraq.conf import register_schemas
+    from contraq.config_check import one_line_errors
+
+    register_schemas()
     _offline_env()
     wrapped = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config)(job)
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -80,7 +84,8 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     argv = sys.argv
     sys.argv = [prog, *overrides]
     try:
-        wrapped()
+        with one_line_errors():  # a wrong type or unknown key: one line naming it
+            wrapped()
     finally:
         sys.argv = argv
     return 0

@@ -3,13 +3,18 @@
 - :func:`validate` checks every value the code reads, once, up front: a bad value raises
   :class:`ConfigError` naming the key and what it accepts (the CLI prints that one line).
 - :func:`masked` hides secrets (``*password*``) so the saved ``config.yaml`` never holds them.
+- :func:`one_line_errors` turns Hydra's composition errors (a value of the wrong type or an
+  unknown key of the structured config, :mod:`contraq.conf`) into the same one-line error.
 - :func:`config_diff` lists the keys in which a relaunch differs from the run folder's config;
   :func:`check_relaunch` refuses such a relaunch (unless ``resume=never``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 import string
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -137,6 +142,11 @@ RULES: dict[str, Check] = {
     "train.pf_temp_low": number(0, lo_open=True),
     "train.pf_temp_high": number(0, lo_open=True),
     "train.sampling": choice("per_rank", "rank0", "rank0_broadcast"),
+    "train.replay.prob": number(0, 1),
+    "train.replay.prioritized": boolean,
+    "train.reward_temp.start": number(0, lo_open=True),
+    "train.reward_temp.end": number(0, lo_open=True),
+    "train.reward_temp.horizon": integer(1),
     "eval.n_facts": integer(0),
     "eval.n_samples": integer(1),
     "eval.every_n_steps": integer(1),
@@ -152,8 +162,6 @@ RULES: dict[str, Check] = {
     "buffer.backend": choice("memory", "redis"),
     "buffer.max_size": integer(1),
     "buffer.near_dup_ratio": number(0, 1),
-    "buffer.prioritized": boolean,
-    "buffer.use_buffer_prob": number(0, 1),
     "buffer.port": integer(1, 65535),
     "buffer.db": integer(0),
     "buffer.ssl": boolean,
@@ -164,9 +172,6 @@ RULES: dict[str, Check] = {
     "reward.name": choice("contradiction", "likelihood"),
     "reward.min_len": integer(0),
     "reward.min_log_r": number(),
-    "reward.reward_temp_start": number(0, lo_open=True),
-    "reward.reward_temp_end": number(0, lo_open=True),
-    "reward.reward_temp_horizon": integer(1),
     "reward.w_lik": number(),
     "reward.w_ans": number(),
     "reward.batch_size": integer(0),
@@ -223,6 +228,12 @@ def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
             f"data.val_fraction + data.test_fraction must be < 1 (else no training facts), "
             f"got {v} + {t}",
         )
+    source, path = get("model.source"), get("model.name_or_path")
+    if source in ("hub", "local", "gguf") and not path:
+        yield ConfigError(
+            "model.name_or_path",
+            f"must be set for model.source={source} (a hub id, a folder or a file)",
+        )
     resume = get("resume")
     if not (resume is None or resume in ("auto", "never") or isinstance(resume, str)):
         yield ConfigError("resume", f"must be auto, never or a checkpoint path, got {resume!r}")
@@ -251,6 +262,59 @@ def validate(cfg: Any) -> None:
         raise err
 
 
+def composition_error(exc: BaseException) -> ConfigError:
+    """One :class:`ConfigError` for a Hydra/OmegaConf composition error, naming the key.
+
+    A key with a rule in :data:`RULES` gets the rule's message (``train.lr: must be a number
+    > 0, got 'abc'``); any other error keeps OmegaConf's first line, or Hydra's message on one
+    line (an unknown group option lists the available ones).
+    """
+    cause = exc
+    while not getattr(cause, "full_key", None) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    key = getattr(cause, "full_key", None)
+    if not key:
+        text = str(exc).split("Config search path")[0]
+        missing = re.search(r"Could not find '(.+)/([^'/]*)'", text)
+        if missing:  # an unknown option of a group: name the group and its options
+            options = text.split("Available options in", 1)[-1].splitlines()[1:]
+            listed = ", ".join(o.strip() for o in options if o.strip())
+            return ConfigError(
+                missing[1].replace("/", "."), f"no option {missing[2]!r} (one of: {listed})"
+            )
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return ConfigError("config", "; ".join(lines))
+    value = getattr(cause, "value", None)
+    rule = RULES.get(str(key))
+    expected = rule(value) if rule is not None and value is not None else None
+    if expected:
+        return ConfigError(str(key), f"must be {expected}, got {value!r}")
+    return ConfigError(str(key), (str(cause).splitlines() or ["invalid"])[0])
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Run ``hydra.main`` so that a config that cannot be composed raises :class:`ConfigError`.
+
+    Hydra prints such errors as a multi-line report and exits 1 unless ``HYDRA_FULL_ERROR`` is
+    set, in which case it raises them: set it for the duration and convert.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    old = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as e:
+        raise composition_error(e) from None
+    finally:
+        if old is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = old
+
+
 def masked(container: Any) -> Any:
     """A copy of a plain config container with every non-null ``*password*`` value masked."""
     if isinstance(container, Mapping):
@@ -276,7 +340,7 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``key: old -> new`` for every key that differs, except :data:`RELAUNCH_KEYS`,
     ``callbacks.*`` and a reward-temperature horizon that follows ``train.max_steps``."""
     a, b = _flatten(old), _flatten(new)
-    follows = "reward.reward_temp_horizon"
+    follows = "train.reward_temp.horizon"
     skip = set(RELAUNCH_KEYS)
     if a.get(follows) == a.get("train.max_steps") and b.get(follows) == b.get("train.max_steps"):
         skip.add(follows)  # the default horizon is ${train.max_steps}: it moves with it

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from contraq.errors import UserError
+from contraq.files import resolve_path
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,7 @@ __all__ = [
     "SkippedRow",
     "encode_prompts",
     "load_facts",
+    "load_split",
     "load_facts_report",
     "question_prompt",
     "split_facts",
@@ -369,6 +371,22 @@ def split_facts(
                 fraction,
             )
     return FactSplit(train=parts["train"], val=parts["val"], test=parts["test"])
+
+
+def load_split(cfg: Any) -> FactSplit:
+    """The facts of the ``data`` config group split by subject.
+
+    Args:
+        cfg: ``path`` (see :func:`contraq.files.resolve_path`), ``val_fraction``, ``test_fraction``,
+            ``split_seed`` and ``max_fact_chars`` (``contraq.conf.DataConfig`` or its DictConfig).
+    """
+    facts = load_facts(resolve_path(cfg.path), max_chars=int(cfg.max_fact_chars))
+    return split_facts(
+        facts,
+        val_fraction=float(cfg.val_fraction),
+        test_fraction=float(cfg.test_fraction),
+        seed=int(cfg.split_seed),
+    )
 
 
 def _template_values(fact: EditFact, template: str) -> dict[str, str]:

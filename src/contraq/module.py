@@ -5,7 +5,7 @@ training step together:
 
 1. pick edit facts (deterministically from the step counter, so a resumed run continues the same
    stream of facts without any data-loader state);
-2. get questions: replay from the buffer with probability ``use_buffer_prob``, else sample from the
+2. get questions: replay from the buffer with probability ``train.replay.prob``, else sample from the
    policy (with probability ``pf_temp_prob`` at a random temperature: off-policy exploration);
 3. score them with the reward (unscaled log R and its components) and add fresh ones to the buffer;
 4. recompute log P_F in one teacher-forced pass (with grad) and take the TB or modified SubTB loss
@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +29,15 @@ from torch import Tensor
 
 from contraq import distributed
 from contraq.buffer import BufferEntry, ReplayBuffer, entry_problem, prompt_key
+from contraq.conf import LossConfig, TrainConfig
 from contraq.data import EditFact
 from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss
 from contraq.metrics import contradiction_rate, distinct_n, grouped_diversity
-from contraq.reward import Reward, RewardOutput, reward_temperature
+from contraq.reward.base import Reward, RewardOutput
 from contraq.sampler import SampleBatch, SamplerConfig, sample, score_actions
 from contraq.tokens import left_pad, right_pad
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training step (the `train`, `loss`, `buffer`, `reward` config groups)."""
-
-    facts_per_step: int = 2
-    n_samples: int = 8
-    lr: float = 5e-4
-    logz_lr: float = 5e-2
-    weight_decay: float = 0.0
-    lr_warmup_steps: int = 5
-    pf_temp_prob: float = 0.5
-    pf_temp_low: float = 0.5
-    pf_temp_high: float = 2.0
-    loss: str = "tb"  # tb | subtb
-    subtb_lambda: float = 1.0
-    use_buffer_prob: float = 0.5
-    buffer_prioritized: bool = True
-    reward_temp_start: float = 1.0
-    reward_temp_end: float = 1.0
-    reward_temp_horizon: int = 1
-    seed: int = 0
-    sampling: str = "per_rank"  # per_rank | rank0 | rank0_broadcast (contraq.distributed)
 
 
 def step_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -88,7 +64,9 @@ class GFlowNetModule(L.LightningModule):
         reward: the reward (called under no_grad).
         buffer: the replay buffer (memory or Redis).
         sampler_cfg: lengths, termination token, banned tokens.
-        cfg: the step's hyper-parameters.
+        cfg: the training loop's settings (the ``train`` group).
+        loss_cfg: which GFlowNet loss (the ``loss`` group).
+        seed: the run's seed (every random draw of a step derives from it).
         eval_facts / eval_prompts: validation facts sampled at T=1 by the evaluation hook.
     """
 
@@ -102,6 +80,8 @@ class GFlowNetModule(L.LightningModule):
         buffer: ReplayBuffer,
         sampler_cfg: SamplerConfig,
         cfg: TrainConfig,
+        loss_cfg: LossConfig,
+        seed: int,
         eval_facts: Sequence[EditFact] = (),
         eval_prompts: Sequence[Sequence[int]] = (),
     ) -> None:
@@ -117,6 +97,8 @@ class GFlowNetModule(L.LightningModule):
         self.buffer = buffer
         self.sampler_cfg = sampler_cfg
         self.cfg = cfg
+        self.loss_cfg = loss_cfg
+        self.seed = seed
         self.eval_facts = list(eval_facts)
         self.eval_prompts = [list(p) for p in eval_prompts]
         hidden = (
@@ -126,7 +108,7 @@ class GFlowNetModule(L.LightningModule):
         )
         self.log_z_head = LogZHead(hidden)
         # SubTB never uses log Z: frozen, so DDP needs no find_unused_parameters.
-        self.log_z_head.requires_grad_(cfg.loss == "tb")
+        self.log_z_head.requires_grad_(loss_cfg.name == "tb")
         # Only the LoRA adapters and the log Z head go into checkpoints (see on_save_checkpoint).
         self.strict_loading = False
         self.last_batch: dict[str, Any] | None = None
@@ -154,10 +136,7 @@ class GFlowNetModule(L.LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def current_reward_temperature(self) -> float:
-        c = self.cfg
-        return reward_temperature(
-            self.global_step, c.reward_temp_start, c.reward_temp_end, c.reward_temp_horizon
-        )
+        return self.cfg.reward_temp.at(self.global_step)
 
     # ------------------------------------------------------------------ data
     def choose_facts(self, step: int, replay: bool = False, rank: int | None = None) -> list[int]:
@@ -167,7 +146,7 @@ class GFlowNetModule(L.LightningModule):
         random pick would almost never have any); [] when none has. ``rank``: whose slice
         (default: this process's global rank).
         """
-        g = step_generator(self.cfg.seed, step, self.global_rank if rank is None else rank, 0)
+        g = step_generator(self.seed, step, self.global_rank if rank is None else rank, 0)
         pool = list(range(len(self.facts)))
         if replay:
             stored = set(self.buffer.keys())
@@ -201,7 +180,7 @@ class GFlowNetModule(L.LightningModule):
         entries: list[BufferEntry] = []
         for i in fact_ids:
             got = self.buffer.sample(
-                self.prompt_keys[i], n_per_fact, generator, prioritized=self.cfg.buffer_prioritized
+                self.prompt_keys[i], n_per_fact, generator, prioritized=self.cfg.replay.prioritized
             )
             if not got:  # no entry yet, or none that this model can replay
                 return None
@@ -230,11 +209,7 @@ class GFlowNetModule(L.LightningModule):
             entry = BufferEntry(
                 token_ids=batch.actions[b, :n].tolist(),
                 log_r=float(out.log_r[b]),
-                components={
-                    k: float(v[b])
-                    for k, v in out.components.items()
-                    if torch.is_tensor(v) and v.dim() == 1
-                },
+                components=out.row_components(b),
                 text=out.questions[b],
             )
             by_key.setdefault(self.prompt_keys[fact_id], []).append(entry)
@@ -252,9 +227,9 @@ class GFlowNetModule(L.LightningModule):
         """
         c = self.cfg
         ranks = [self.global_rank] if slice_ranks is None else list(slice_ranks)
-        g = step_generator(c.seed, step, ranks[0], 1)
-        coin = step_generator(c.seed, step, 3)
-        use_buffer = torch.rand((), generator=coin).item() < c.use_buffer_prob
+        g = step_generator(self.seed, step, ranks[0], 1)
+        coin = step_generator(self.seed, step, 3)
+        use_buffer = torch.rand((), generator=coin).item() < c.replay.prob
         per_slice = [self.choose_facts(step, replay=use_buffer, rank=r) for r in ranks]
         fact_ids = [i for ids in per_slice for i in ids]
         replay = None
@@ -286,7 +261,7 @@ class GFlowNetModule(L.LightningModule):
             stats["replay"] = 0.0
             stats["pf_temperature"] = temp
         prefix_log_r = None
-        if c.loss == "subtb":
+        if self.loss_cfg.name == "subtb":
             with torch.no_grad():
                 prefix_log_r = self.reward.prefixes(
                     facts, batch, step=step, min_len=self.sampler_cfg.min_len
@@ -318,14 +293,14 @@ class GFlowNetModule(L.LightningModule):
         prompt_len = batch.prompt_ids.shape[1]
         term = self.sampler_cfg.termination_token_id
         extra: dict[str, Tensor] = {}
-        if self.cfg.loss == "tb":
+        if self.loss_cfg.name == "tb":
             log_z = self.log_z_head(prompt_hidden.float(), batch.prompt_mask)
             log_r = data["log_r"] / t_reward
             if not self.log_z_ready:
                 log_z = self.init_log_z(log_z, log_r, log_pf, batch.lengths)
             loss = trajectory_balance_loss(log_z, log_pf, log_pterm, log_r, gen, term, prompt_len)
             extra["log_z"] = log_z.detach().mean()
-        elif self.cfg.loss == "subtb":
+        elif self.loss_cfg.name == "subtb":
             loss = modified_subtb_loss(
                 log_pf,
                 data["prefix_log_r"] / t_reward,
@@ -333,11 +308,11 @@ class GFlowNetModule(L.LightningModule):
                 gen,
                 term,
                 prompt_len,
-                subtb_lambda=self.cfg.subtb_lambda,
+                subtb_lambda=self.loss_cfg.subtb_lambda,
                 min_len=self.sampler_cfg.min_len,
             )
         else:
-            raise ValueError(f"loss must be 'tb' or 'subtb', got {self.cfg.loss!r}")
+            raise ValueError(f"loss.name must be 'tb' or 'subtb', got {self.loss_cfg.name!r}")
         mask = torch.arange(log_pf.shape[1], device=log_pf.device)[None] < batch.lengths[:, None]
         extra["log_pf"] = (log_pf * mask).sum(1).detach().mean()
         return loss, extra
@@ -346,7 +321,7 @@ class GFlowNetModule(L.LightningModule):
         step = self.global_step * self.trainer.accumulate_grad_batches + (
             batch_idx % self.trainer.accumulate_grad_batches
         )
-        data = distributed.step_batch(self, step)
+        data = distributed.step_batch(self, step, self.cfg.sampling)
         loss, extra = self.compute_loss(data)
         self.log_step(loss, data, extra)
         self.last_batch = data
@@ -386,7 +361,7 @@ class GFlowNetModule(L.LightningModule):
         """
         if not self.eval_facts:
             return {}
-        g = step_generator(self.cfg.seed, -1, self.global_rank, 2)  # same draws at every call
+        g = step_generator(self.seed, -1, self.global_rank, 2)  # same draws at every call
         rows = [i for i in range(len(self.eval_facts)) for _ in range(n_samples)]
         ids, mask = left_pad([self.eval_prompts[i] for i in rows], self.pad_id, self.device)
         was_training = self.policy.training
@@ -399,8 +374,8 @@ class GFlowNetModule(L.LightningModule):
         finally:
             self.policy.train(was_training)
         metrics = {"val/log_r": float(out.log_r.mean())}
-        for k, v in out.components.items():
-            if torch.is_tensor(v) and v.dim() == 1 and v.numel():
+        for k, v in out.per_row_components().items():
+            if v.numel():
                 metrics[f"val/{k}"] = float(v.float().mean())
         if "log_c" in out.components:
             metrics["val/contradiction_rate"] = contradiction_rate(out.components["log_c"])

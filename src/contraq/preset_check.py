@@ -37,12 +37,13 @@ from transformers import (
     PreTrainedModel,
 )
 
-from contraq.data import load_facts, split_facts
-from contraq.files import REPO_ROOT, resolve_path
+from contraq.conf import LossConfig, TrainConfig, compose_run, load_group
+from contraq.data import load_split
+from contraq.files import REPO_ROOT
 from contraq.judge.scorer import contradiction_index
 from contraq.models import load_smollm2_tokenizer, minilm_dir, save_converted
 from contraq.module import GFlowNetModule
-from contraq.train import Parts, build_prompts, step_loader, train_config
+from contraq.train import Parts, build_prompts, step_loader
 
 ARCHS_DIR = REPO_ROOT / "configs" / "archs"
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -126,18 +127,10 @@ def write_random_weights(
 
 def preset_config(lm_dir: str | Path, nli_dir: str | Path, *overrides: str) -> DictConfig:
     """``contraq train experiment=gpu-gpt2-large`` with the local folders, as Hydra composes it."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIGS_DIR), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"experiment={PRESET}",
-                f"model.name_or_path={lm_dir}",
-                f"nli.path={nli_dir}",
-                *overrides,
-            ],
-        )
+    return compose_run(
+        CONFIGS_DIR,
+        [f"experiment={PRESET}", f"model.name_or_path={lm_dir}", f"nli.path={nli_dir}", *overrides],
+    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -277,14 +270,7 @@ class _Phases(L.Callback):
 
 def build_module(cfg: DictConfig, parts: Parts, n_facts: int = 8) -> GFlowNetModule:
     """The run's Lightning module, built as ``run_training`` builds it (first training facts)."""
-    facts = load_facts(resolve_path(cfg.data.path))
-    split = split_facts(
-        facts,
-        val_fraction=float(cfg.data.val_fraction),
-        test_fraction=float(cfg.data.test_fraction),
-        seed=int(cfg.data.split_seed),
-    )
-    train = split.train[:n_facts]
+    train = load_split(cfg.data).train[:n_facts]
     from contraq.buffer import build_buffer
 
     return GFlowNetModule(
@@ -295,7 +281,9 @@ def build_module(cfg: DictConfig, parts: Parts, n_facts: int = 8) -> GFlowNetMod
         reward=parts.reward(),
         buffer=build_buffer(cfg.buffer),
         sampler_cfg=parts.sampler_cfg,
-        cfg=train_config(cfg),
+        cfg=load_group(cfg, "train", TrainConfig),
+        loss_cfg=load_group(cfg, "loss", LossConfig),
+        seed=int(cfg.seed),
     )
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from contraq.data import EditFact
 from contraq.errors import UserError
-from contraq.train import Parts, load_split
+from contraq.train import Parts, run_split
 
 
 class RunError(UserError, ValueError):
@@ -141,9 +141,9 @@ def load_parts(
 
 
 def heldout_facts(cfg: Any) -> list[EditFact]:
-    """The run's held-out test facts: the split training made (:func:`contraq.train.load_split`)
+    """The run's held-out test facts: the split training made (:func:`contraq.train.run_split`)
     and never trained or validated on."""
-    test = load_split(cfg).test
+    test = run_split(cfg).test
     if not test:
         raise RunError(
             f"the held-out test split of {cfg.data.path} is empty "

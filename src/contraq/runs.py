@@ -8,7 +8,6 @@
 - :func:`find_resume_checkpoint`: verifies ``last.ckpt`` and falls back to the newest intact
   ``step=N.ckpt`` with a warning.
 - :class:`AppendingCSVLogger`: ``logs/metrics.csv`` keeps the rows of earlier launches.
-- :class:`StopOnSignal`: SIGINT/SIGTERM finish the current step, save ``last.ckpt`` and stop.
 - :func:`write_run_config`: the run's ``config.yaml`` (secrets masked), written atomically.
 """
 
@@ -19,14 +18,11 @@ import csv
 import logging
 import os
 import re
-import signal
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
@@ -197,67 +193,6 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment  # type: ignore[return-value]
-
-
-# ------------------------------------------------------------------------------ signals
-
-
-class StopOnSignal(L.Callback):
-    """SIGINT/SIGTERM: finish the running step, save ``last.ckpt``, stop the fit cleanly.
-
-    A second signal aborts at once (the previous handler runs). Under DDP the stop flag is
-    reduced over ranks at every step, so all ranks stop at the same step.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, ckpt_dir: Path) -> None:
-        self.ckpt_dir = ckpt_dir
-        self.received: int | None = None  # the signal this process got
-        self.stopped_by: int | None = None  # set on every rank once any rank got one
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:  # second signal: give up on the clean stop
-            self._restore()
-            previous = signal.getsignal(signum)
-            if callable(previous):
-                previous(signum, frame)
-            raise KeyboardInterrupt
-        self.received = signum
-        log.warning(
-            "%s: finishing this step, then saving %s (send it again to abort)",
-            signal.Signals(signum).name,
-            self.ckpt_dir / "last.ckpt",
-        )
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        with contextlib.suppress(ValueError):  # ValueError: not the main thread
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handle)
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if stop:
-            trainer.should_stop = True
-            # Ranks that got no signal themselves (only one was signalled) report SIGTERM.
-            self.stopped_by = self.received or signal.SIGTERM
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._restore()
-        if self.stopped_by is not None:  # on every rank: saving is collective under DDP
-            path = self.ckpt_dir / "last.ckpt"
-            trainer.save_checkpoint(str(path))
-            log.warning("stopped at step %d; saved %s", trainer.global_step, path)
-
-    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
-        self._restore()
 
 
 # ------------------------------------------------------------------------------ config file

@@ -201,11 +201,11 @@ def smooth_run(run_dir: Path, out_dir: Path, cfg: SmoothConfig) -> dict[str, Any
 
     from contraq.buffer import prompt_key
     from contraq.runload import load_run_config
-    from contraq.train import Parts, build_prompts, load_split
+    from contraq.train import Parts, build_prompts, run_split
 
     run_cfg = load_run_config(run_dir)
     state = buffer_state(run_dir)
-    facts = load_split(run_cfg).train
+    facts = run_split(run_cfg).train
     parts = Parts(run_cfg, with_lora=True)
     prompts = build_prompts(run_cfg, facts, parts.tokenizer)
     kept = select_questions(state["entries"], [prompt_key(p) for p in prompts], cfg)

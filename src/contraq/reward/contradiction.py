@@ -1,0 +1,315 @@
+"""The contradiction reward: judge the base LM's answer to a question against the edit fact.
+
+Cost: ``terminal`` = one batched greedy generation (answers), one batched NLI call and one
+teacher-forced pass. ``prefixes`` answers and judges every prefix ``s_t + term``
+(``min_len <= t <= termination step``): about ``T`` times the terminal cost. Only modified
+SubTB needs it; Trajectory Balance uses the terminal reward alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from contraq.genuine import echo_flags, is_question
+from contraq.reward.answers import AnswerPromptConfig, BaseLMAnswers
+from contraq.reward.base import (
+    RewardOutput,
+    batch_logprobs,
+    check_rows,
+    dataclass_from,
+    field_value,
+    frozen_base,
+    model_device,
+    prefix_log_pq,
+    prefix_states,
+    question_lengths,
+)
+from contraq.reward.combine import combine_log_reward, counted_log_c
+from contraq.tokens import decode_questions
+
+if TYPE_CHECKING:
+    from contraq.data import EditFact
+    from contraq.judge.scorer import NLIScorer
+    from contraq.sampler import SampleBatch
+
+
+@dataclass
+class ContradictionRewardConfig:
+    """Keys of ``configs/reward/contradiction.yaml`` read by :class:`ContradictionReward`.
+
+    Attributes:
+        w_lik: weight of ``log P_Q``. 1.0 by default: the GFlowNet target is then the posterior
+            ``P_base(x) * C(x)``, the base LM's questions re-weighted by contradiction. A small
+            weight makes the target nearly flat over all token strings (gibberish wins by sheer
+            number: with 0.05, log P_Q fell from -66 to -120 nats in 20 steps).
+        w_ans: weight of the answer's log-likelihood (0: not computed).
+        min_len: questions with fewer tokens before termination get ``min_log_r``.
+        min_log_r: floor log-reward (min-length and non-finite rows).
+        hybrid_steps: warm-up steps with
+            ``log R = log P_Q - hybrid_penalty * [C < hybrid_threshold]``.
+        hybrid_threshold: contradiction probability under which the warm-up penalty applies.
+        hybrid_penalty: the warm-up penalty (nats).
+        beta: contradiction sharpness: ``log C`` enters the reward as ``log C / beta``
+            (GFlowNet red-teaming uses 0.1, i.e. a target ``C^10 * P_base``).
+        count_only_genuine: give no contradiction credit (``log C = log_c_floor``) to
+            non-questions and echoes (:mod:`contraq.genuine`).
+        judge_question: also judge the question itself against the edit: a question that
+            already contradicts it is an echo (one more NLI call per distinct question).
+        log_c_floor: lower bound of ``log C`` (and its value for non-questions and echoes):
+            with ``beta < 1`` an unbounded ``log C`` of a clear neutral would swamp the prior.
+        answer_prompt: see :class:`AnswerPromptConfig`.
+        answer_max_new_tokens: greedy answer length cap.
+        batch_size: questions per generation / forward chunk (prefix rewards are flattened
+            into chunks of this size).
+    """
+
+    name: str = "contradiction"
+    w_lik: float = 1.0
+    w_ans: float = 0.0
+    min_len: int = 0
+    min_log_r: float = -50.0
+    hybrid_steps: int = 0
+    hybrid_threshold: float = 0.5
+    hybrid_penalty: float = 10.0
+    beta: float = 1.0
+    count_only_genuine: bool = True
+    judge_question: bool = True
+    log_c_floor: float = -6.907755  # log(0.001)
+    answer_prompt: AnswerPromptConfig = field(default_factory=AnswerPromptConfig)
+    answer_max_new_tokens: int = 30
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.answer_prompt, Mapping):
+            self.answer_prompt = dataclass_from(
+                AnswerPromptConfig, self.answer_prompt, "answer_prompt"
+            )
+        ap = self.answer_prompt
+        checks = [
+            (math.isfinite(self.w_lik), "w_lik", "must be finite"),
+            (math.isfinite(self.w_ans), "w_ans", "must be finite"),
+            (math.isfinite(self.min_log_r), "min_log_r", "must be finite"),
+            (math.isfinite(self.beta) and self.beta > 0, "beta", "must be > 0"),
+            (
+                math.isfinite(self.log_c_floor) and self.log_c_floor < 0,
+                "log_c_floor",
+                "must be finite and < 0",
+            ),
+            (self.min_len >= 0, "min_len", "must be >= 0"),
+            (self.hybrid_steps >= 0, "hybrid_steps", "must be >= 0"),
+            (0.0 < self.hybrid_threshold <= 1.0, "hybrid_threshold", "must be in (0, 1]"),
+            (self.answer_max_new_tokens >= 1, "answer_max_new_tokens", "must be >= 1"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (
+                ap.style in ("auto", "chat", "fewshot"),
+                "answer_prompt.style",
+                "expected auto, chat or fewshot",
+            ),
+            (
+                "{question}" in ap.chat_template_text,
+                "answer_prompt.chat_template_text",
+                "must contain {question}",
+            ),
+            (
+                "{question}" in ap.fewshot_text,
+                "answer_prompt.fewshot_text",
+                "must contain {question}",
+            ),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise ValueError(f"reward config field {name}={field_value(self, name)!r}: {why}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> ContradictionRewardConfig:
+        """From a mapping (a DictConfig composed on this schema, or plain); an unknown key
+        is an error naming it."""
+        return dataclass_from(cls, cfg, "reward")
+
+
+@dataclass
+class _Judged:
+    """What :meth:`ContradictionReward._judge` finds for N (fact, question) rows."""
+
+    answers: list[str]
+    log_c: Tensor  # [N] raw judge log P(contradiction | edit, answer)
+    log_pa: Tensor | None  # [N] or None
+    question: Tensor  # [N] bool: the text is a question (contraq.genuine.is_question)
+    echo: Tensor  # [N] bool: the answer's contradicting content was already in the question
+
+
+class ContradictionReward(BaseLMAnswers):
+    """``log R(x) = log C(x) / beta + w_lik * log P_Q(x) [+ w_ans * log P_A(x)]`` (DESIGN.md
+    section 2), with ``log C`` as :func:`counted_log_c` counts it (non-questions and echoes get
+    ``log_c_floor``; ``count_only_genuine: false`` only clamps).
+
+    - answer ``a(x)``: the frozen base LM, greedy, batched with LEFT padding, cut at the first
+      newline (:func:`first_line`);
+    - ``log C = log P_NLI(contradiction | premise = fact.edit_fact, hypothesis = a(x))``;
+    - ``log P_Q``: base-LM log-prob of the question tokens (termination included) given the
+      question prompt the policy saw;
+    - ``log P_A``: base-LM log-prob of the answer tokens as generated (cut before the newline)
+      given the answer prompt; computed only when ``w_ans != 0``.
+
+    Identical question texts are answered once, identical (fact, answer) pairs judged once
+    (greedy decoding is deterministic), which matters for ``prefixes``: rows often share
+    prefixes.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        tokenizer: Any,
+        nli: NLIScorer,
+        cfg: ContradictionRewardConfig | Mapping[str, Any],
+        termination_token_id: int,
+    ) -> None:
+        """
+        Args:
+            policy: the ``peft.PeftModel`` policy (its base answers and scores, adapters off).
+            tokenizer: the policy's tokenizer (must have a pad token).
+            nli: the NLI judge.
+            cfg: a :class:`ContradictionRewardConfig` or its mapping.
+            termination_token_id: id of the token ending a question.
+        """
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.nli = nli
+        self.cfg = (
+            cfg
+            if isinstance(cfg, ContradictionRewardConfig)
+            else ContradictionRewardConfig.from_mapping(cfg)
+        )
+        self.term_id = int(termination_token_id)
+        self._setup_answers(tokenizer)
+
+    def _log_contradiction(
+        self, premises: Sequence[str], hyps: Sequence[str], device: Any
+    ) -> Tensor:
+        """``FloatTensor[N]`` judge log P(contradiction), each distinct pair judged once."""
+        pairs = list(dict.fromkeys(zip(premises, hyps, strict=True)))
+        uniq = self.nli.log_contradiction([p for p, _ in pairs], [h for _, h in pairs])
+        idx = {p: i for i, p in enumerate(pairs)}
+        rows = [idx[p] for p in zip(premises, hyps, strict=True)]
+        return uniq.to(device)[torch.tensor(rows, device=device, dtype=torch.long)].float()
+
+    def _judge(self, edit_facts: Sequence[str], questions: Sequence[str], lm: nn.Module) -> _Judged:
+        """Answers, judge scores and the genuine-form flags of (fact, question) pairs, each
+        distinct question answered once and each distinct (fact, text) pair judged once."""
+        uniq_q = list(dict.fromkeys(questions))
+        ans, ans_ids = self.generate_answers(uniq_q, lm)
+        by_q = dict(zip(uniq_q, range(len(uniq_q)), strict=True))
+        answers = [ans[by_q[q]] for q in questions]
+        device = model_device(lm)
+        log_c = self._log_contradiction(edit_facts, answers, device)
+        question = torch.tensor([is_question(q) for q in questions], device=device)
+        echo = torch.tensor(echo_flags(questions, answers, edit_facts), device=device)
+        if self.cfg.judge_question and questions:
+            # A question that already contradicts the edit leads the answer: an echo too.
+            echo |= self._log_contradiction(edit_facts, questions, device) > math.log(0.5)
+        log_pa = None
+        if self.cfg.w_ans != 0.0:
+            uniq_pa = self.answer_logprob(uniq_q, ans_ids, lm)
+            log_pa = uniq_pa[
+                torch.tensor([by_q[q] for q in questions], device=device, dtype=torch.long)
+            ]
+        return _Judged(answers, log_c, log_pa, question, echo)
+
+    def _counted(self, judged: _Judged) -> Tensor:
+        """``log C`` as the reward counts it (:func:`counted_log_c`)."""
+        if not self.cfg.count_only_genuine:
+            return judged.log_c.clamp(min=self.cfg.log_c_floor)
+        return counted_log_c(judged.log_c, judged.question & ~judged.echo, self.cfg.log_c_floor)
+
+    # ------------------------------------------------------------------ rewards
+    def _combine(
+        self, log_c: Tensor, log_pq: Tensor, n_tok: Tensor, log_pa: Tensor | None, step: int
+    ) -> tuple[Tensor, Tensor]:
+        c = self.cfg
+        return combine_log_reward(
+            log_c,
+            log_pq,
+            n_tok,
+            w_lik=c.w_lik,
+            min_len=c.min_len,
+            min_log_r=c.min_log_r,
+            beta=c.beta,
+            log_pa=log_pa,
+            w_ans=c.w_ans,
+            step=step,
+            hybrid_steps=c.hybrid_steps,
+            hybrid_threshold=c.hybrid_threshold,
+            hybrid_penalty=c.hybrid_penalty,
+        )
+
+    def terminal(
+        self, facts: Sequence[EditFact], batch: SampleBatch, step: int = 0
+    ) -> RewardOutput:
+        """See :class:`Reward`: one batched generation per ``batch_size`` questions, one NLI
+        call, one teacher-forced pass."""
+        check_rows(facts, batch, type(self).__name__)
+        questions = decode_questions(self.tokenizer, batch.actions, batch.lengths)
+        with frozen_base(self.policy) as lm:
+            dev = model_device(lm)
+            actions, lengths = batch.actions.to(dev), batch.lengths.to(dev)
+            tok_lp, _ = batch_logprobs(lm, batch, self.term_id, self.cfg.batch_size)
+            judged = self._judge([f.edit_fact for f in facts], questions, lm)
+        log_c, log_pa = judged.log_c, judged.log_pa
+        log_pq = tok_lp.sum(1)
+        n_tok = question_lengths(actions, lengths, self.term_id)
+        log_r, n_nonfinite = self._combine(self._counted(judged), log_pq, n_tok, log_pa, step)
+        floor = self.cfg.min_log_r
+        log_c = torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor)
+        components = {
+            "log_c": log_c,
+            "log_pq": torch.nan_to_num(log_pq, nan=floor, posinf=floor, neginf=floor),
+            "length": n_tok.float(),
+            "n_nonfinite": n_nonfinite,
+            "is_question": judged.question.float(),
+            "is_echo": judged.echo.float(),
+            "genuine": (judged.question & ~judged.echo & (log_c > math.log(0.5))).float(),
+        }
+        if log_pa is not None:
+            components["log_pa"] = torch.nan_to_num(log_pa, nan=floor, posinf=floor, neginf=floor)
+        return RewardOutput(
+            log_r=log_r, components=components, answers=judged.answers, questions=questions
+        )
+
+    def prefixes(
+        self, facts: Sequence[EditFact], batch: SampleBatch, step: int = 0, min_len: int = 0
+    ) -> Tensor:
+        """See :class:`Reward`. Every prefix ``s_t + term`` (``min_len <= t <= k``) is decoded,
+        answered and judged: exact for modified SubTB, and about ``T`` times the cost of
+        :meth:`terminal` (distinct prefixes are answered ``batch_size`` at a time; one NLI
+        call; ``log P_Q`` of all prefixes from one teacher-forced pass)."""
+        check_rows(facts, batch, type(self).__name__)
+        with frozen_base(self.policy) as lm:
+            dev = model_device(lm)
+            actions, lengths = batch.actions.to(dev), batch.lengths.to(dev)
+            tok_lp, term_lp = batch_logprobs(lm, batch, self.term_id, self.cfg.batch_size)
+            defined = prefix_states(lengths, actions.shape[1], min_len)
+            rows, ts = defined.nonzero(as_tuple=True)
+            acts = actions.tolist()
+            texts = self.tokenizer.batch_decode(
+                [
+                    acts[b][:t] + [self.term_id]
+                    for b, t in zip(rows.tolist(), ts.tolist(), strict=True)
+                ],
+                skip_special_tokens=True,
+            )
+            questions = [q.strip() for q in texts]
+            edit_facts = [facts[b].edit_fact for b in rows.tolist()]
+            judged = self._judge(edit_facts, questions, lm) if questions else None
+        out = torch.zeros(actions.shape, dtype=torch.float32, device=dev)
+        if judged is None:
+            return out
+        log_pq = prefix_log_pq(tok_lp, term_lp)[rows, ts]
+        log_r, _ = self._combine(self._counted(judged), log_pq, ts, judged.log_pa, step)
+        out[rows, ts] = log_r
+        return out
