@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from contraq import preset_check as pc  # noqa: E402
 from contraq.files import default_cache_dir  # noqa: E402
-from contraq.train import Parts  # noqa: E402
+from contraq.parts import Parts  # noqa: E402
 
 GIB = 2**30
 
@@ -123,7 +123,7 @@ def prompt_width_max(cfg: Any, tokenizer: Any) -> int:
     widest prompt, so this bounds P for any batch of the preset."""
     from contraq.data import load_facts
     from contraq.files import resolve_path
-    from contraq.train import build_prompts
+    from contraq.parts import build_prompts
 
     facts = load_facts(resolve_path(cfg.data.path))
     return max(len(p) for p in build_prompts(cfg, facts, tokenizer))

@@ -39,11 +39,11 @@ from contraq.conf import compose_run  # noqa: E402
 from contraq.data import load_split  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
+from contraq.parts import Parts, build_prompts  # noqa: E402
 from contraq.reward.base import base_logprobs, frozen_base  # noqa: E402
 from contraq.reward.build import build_reward  # noqa: E402
 from contraq.sampler import sample, score_actions  # noqa: E402
 from contraq.tokens import decode_questions, left_pad  # noqa: E402
-from contraq.train import Parts, build_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

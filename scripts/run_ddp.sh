@@ -111,10 +111,9 @@ launch_log="$output_dir/launch.log"
 # (reward loading does not train): a no-op when it is cached or nli.path is set.
 "$PYTHON" - "${overrides[@]}" <<'PY' 2>&1 | tee -a "$launch_log"
 import sys
-from hydra import compose, initialize_config_dir
 from contraq.cli import config_dir
-with initialize_config_dir(str(config_dir()), version_base="1.3"):
-    cfg = compose("train", overrides=sys.argv[1:])
+from contraq.conf import compose_run
+cfg = compose_run(config_dir(), sys.argv[1:])
 if cfg.reward.name == "contradiction":
     from contraq.judge.training import ensure_judge
 

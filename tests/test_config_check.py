@@ -96,3 +96,26 @@ def test_relaunch_diff_ignores_length_and_bookkeeping(tmp_path: Path) -> None:
     check_relaunch(tmp_path, new, "never")
     with pytest.raises(ConfigError, match=r"output_dir: .*train\.lr: 0\.0002 -> 0\.001"):
         check_relaunch(tmp_path, new, "auto")
+
+
+def test_saved_configs_of_older_versions_are_upgraded_to_todays_keys():
+    from contraq.config_check import upgrade_saved_config
+
+    old = {
+        "reward": {"name": "contradiction", "reward_temp_start": 2.0, "reward_temp_end": 1.0},
+        "buffer": {"backend": "memory", "use_buffer_prob": 0.5, "prioritized": False},
+        "train": {"max_steps": 80},
+        "demo": {"n_facts": 32},
+    }
+    new = upgrade_saved_config(old)
+    assert new == {
+        "reward": {"name": "contradiction"},
+        "buffer": {"backend": "memory"},
+        "train": {
+            "max_steps": 80,
+            "reward_temp": {"start": 2.0, "end": 1.0},
+            "replay": {"prob": 0.5, "prioritized": False},
+        },
+    }
+    assert old["reward"]["reward_temp_start"] == 2.0  # the caller's dict is left alone
+    assert upgrade_saved_config(new) == new

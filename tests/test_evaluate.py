@@ -58,6 +58,8 @@ def test_counted_rates_and_independent_measure() -> None:
     assert s["contradiction_rate"] == 0.75 and s["genuine_rate"] == 0.25
     assert s["question_rate"] == 0.75 and s["echo_rate"] == 0.5
     assert s["independent_rate"] == 0.25
+    # Fact 0 has a counted contradiction, fact 1 none: half the facts are covered.
+    assert s["coverage"] == 0.5 and 0.0 <= s["coverage_low"] <= 0.5 <= s["coverage_high"] <= 1.0
     assert s["genuine_rate_low"] <= 0.25 <= s["genuine_rate_high"]
     assert [independent_hit(r) for r in recs] == [True, False, False, False]
     # The trained policy against a method that is worse on every fact: a positive paired diff.
@@ -77,7 +79,7 @@ def test_eval_and_demo_read_one_set_of_defaults() -> None:
     demo = compose("demo", ["seed=3", "evaluation.n=2"])
     from_demo = typed(EvalConfig, demo.evaluation, prefix="evaluation.")
     assert from_demo == EvalConfig(**{**vars(ecfg), "seed": 3, "n": 2})
-    assert "demo" not in demo and "evaluation" not in compose("train", [])
+    assert "demo" not in demo and compose("train", []).evaluation is None
 
 
 @pytest.mark.parametrize(
@@ -189,7 +191,7 @@ FACTS = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder as training leaves it: config.yaml + adapter/ (LoRA with random B)."""
-    from contraq.train import Parts
+    from contraq.parts import Parts
 
     root = tmp_path_factory.mktemp("tiny_run")
     nli_dir = root / "nli"

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from contraq.nli import minilm_dir
 
 from contraq.genuine import normalize_text
 from contraq.metrics import (
@@ -20,6 +19,7 @@ from contraq.metrics import (
     pairwise_diversity,
     summarize,
 )
+from contraq.models import minilm_dir
 
 
 def test_normalize_text() -> None:

@@ -15,7 +15,7 @@ import torch
 from contraq import preset_check as pc
 from contraq.judge.scorer import NLIScorer, load_scorer
 from contraq.models import ModelConfig, load_model_and_tokenizer
-from contraq.train import Parts
+from contraq.parts import Parts
 
 TINY_LM = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 256}
 TINY_NLI = {

@@ -102,9 +102,9 @@ def test_smooth_fits_a_runs_buffer_questions_and_writes_a_loadable_run(tmp_path)
     from omegaconf import OmegaConf
 
     from contraq.buffer import prompt_key
+    from contraq.parts import Parts, build_prompts, run_split
     from contraq.runload import load_parts, resolve_run
     from contraq.runs import load_checkpoint_file
-    from contraq.train import Parts, build_prompts, load_split
 
     run = tmp_path / "run"
     cmd = smoke_train_cmd(run, "train.max_steps=2", "eval.every_n_steps=1000")
@@ -115,7 +115,7 @@ def test_smooth_fits_a_runs_buffer_questions_and_writes_a_loadable_run(tmp_path)
     # under the real prompt keys of two training facts, in the real checkpoint.
     cfg = OmegaConf.load(run / "config.yaml")
     parts = Parts(cfg, with_lora=True)
-    facts = load_split(cfg).train
+    facts = run_split(cfg).train
     prompts = build_prompts(cfg, facts[:2], parts.tokenizer)
     tok = parts.tokenizer
     term = parts.term_id

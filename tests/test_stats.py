@@ -56,3 +56,19 @@ def test_frontier_interpolates_and_holds_ends() -> None:
     assert frontier_value(pts, 0.1) == 0.3 and frontier_value(pts, 0.9) == 0.1
     assert math.isnan(frontier_value([], 0.5))
     assert math.isnan(frontier_value([(math.nan, 0.2)], 0.5))
+
+
+def test_coverage_counts_facts_with_at_least_one_counted_question():
+    from contraq.metrics import coverage
+
+    recs = [
+        {"fact_index": f, "genuine": g}
+        for f, flags in enumerate([[1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 0, 1]])
+        for g in flags
+    ]
+    share, low, high = coverage(recs)
+    assert share == 0.75 and low <= 0.75 <= high
+    # Every fact covered: a degenerate interval at 1.
+    assert coverage([{"fact_index": f, "genuine": 1} for f in range(5)]) == (1.0, 1.0, 1.0)
+    # No measurable question: NaNs.
+    assert all(x != x for x in coverage([{"fact_index": 0}]))

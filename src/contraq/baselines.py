@@ -17,10 +17,10 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from contraq.data import EditFact
 from contraq.models import base_model
+from contraq.parts import Parts
 from contraq.questions import chunks, sample_policy, score_records
 from contraq.sampler import SampleBatch, SamplerConfig, score_actions, step_bias
 from contraq.tokens import left_pad, right_pad
-from contraq.train import Parts
 
 log = logging.getLogger(__name__)
 

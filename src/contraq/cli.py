@@ -155,6 +155,9 @@ def compose(name: str, overrides: list[str]) -> Any:
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
+    from contraq.conf import register_schemas
+
+    register_schemas()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             return hydra_compose(config_name=name, overrides=overrides)

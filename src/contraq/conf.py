@@ -120,7 +120,7 @@ class LossConfig:
 
 @dataclass
 class SamplerOptions:
-    """The sampler's user choices (``contraq.train.sampler_config`` adds the tokenizer's ids).
+    """The sampler's user choices (``contraq.parts.sampler_config`` adds the tokenizer's ids).
 
     Banned: the tokenizer's special tokens, every token containing a newline (a question is
     one line ending with the termination token) and ``extra_banned_tokens``.
@@ -184,7 +184,9 @@ class RunConfig:
     trainer: Any = None
     logger: Any = None
     eval: Any = None
-    demo: Any = None
+    # Set by `contraq demo` only (configs/demo.yaml: the evaluation group after training);
+    # never part of a run folder's config.yaml.
+    evaluation: Any = None
 
 
 def register_schemas() -> None:

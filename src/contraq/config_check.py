@@ -353,6 +353,38 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     ]
 
 
+# Keys that moved since a run folder's config.yaml may have been written: old -> new.
+MOVED_KEYS = {
+    "reward.reward_temp_start": "train.reward_temp.start",
+    "reward.reward_temp_end": "train.reward_temp.end",
+    "reward.reward_temp_horizon": "train.reward_temp.horizon",
+    "buffer.use_buffer_prob": "train.replay.prob",
+    "buffer.prioritized": "train.replay.prioritized",
+}
+DROPPED_KEYS = ("demo",)  # the demo's eval settings now live in configs/evaluation/
+
+
+def upgrade_saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's saved config (plain dict) in today's key layout: moved keys are moved
+    (:data:`MOVED_KEYS`), retired blocks dropped, so runs written by older versions still load,
+    evaluate and resume. Returns a new dict; ``cfg`` is not modified."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for old, new in MOVED_KEYS.items():
+        group, key = old.split(".")
+        if isinstance(out.get(group), dict) and key in out[group]:
+            value = out[group].pop(key)
+            node = out
+            *parents, leaf = new.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node.setdefault(leaf, value)
+    for key in DROPPED_KEYS:
+        out.pop(key, None)
+    return out
+
+
 def check_relaunch(run_dir: Path, new: Mapping[str, Any], resume: Any) -> None:
     """Refuse a relaunch whose config differs from ``run_dir/config.yaml`` (masked, resolved)
     in any key outside :data:`RELAUNCH_KEYS`, unless ``resume`` is ``never``."""
@@ -366,7 +398,7 @@ def check_relaunch(run_dir: Path, new: Mapping[str, Any], resume: Any) -> None:
     except Exception as e:  # yaml/omegaconf raise many types: name the file instead
         raise ConfigError("output_dir", f"{path} exists but cannot be read ({e})") from None
     assert isinstance(old, dict)
-    diff = config_diff(masked(old), new)
+    diff = config_diff(masked(upgrade_saved_config(old)), new)
     if diff:
         shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise ConfigError(

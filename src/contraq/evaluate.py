@@ -23,6 +23,7 @@ from contraq.baselines import beam_records, policy_records
 from contraq.config_check import ConfigError
 from contraq.data import EditFact, load_facts
 from contraq.metrics import Embedder, rate_flags, summarize
+from contraq.parts import Parts, build_prompts
 from contraq.plots import (
     plot_rate_vs_diversity,
     plot_reward_distributions,
@@ -33,7 +34,6 @@ from contraq.report import eval_markdown, eval_table
 from contraq.runload import RunRef, heldout_facts, load_parts, pick_device, resolve_run
 from contraq.settings import typed
 from contraq.stats import frontier_value, paired_bootstrap, per_fact_counts
-from contraq.train import Parts, build_prompts
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,7 @@ SUMMARY_KEYS = (
     "n_questions",
     "n_facts",
     "genuine_rate",
+    "coverage",
     "contradiction_rate",
     "question_rate",
     "echo_rate",
@@ -210,7 +211,7 @@ SUMMARY_KEYS = (
 
 
 # Rates that get a 95% bootstrap interval over facts (``<key>_low``, ``<key>_high``).
-CI_KEYS = ("genuine_rate", "contradiction_rate", "independent_rate")
+CI_KEYS = ("genuine_rate", "coverage", "contradiction_rate", "independent_rate")
 
 
 def independent_hit(rec: dict[str, Any]) -> bool | None:
@@ -237,6 +238,21 @@ def rate_flags(rec: dict[str, Any], key: str) -> bool | None:
     return None if value is None else bool(value)
 
 
+def coverage(
+    records: Sequence[dict[str, Any]], key: str = "genuine_rate", seed: int = 0
+) -> tuple[float, float, float]:
+    """Share of facts with at least one question counted for the rate ``key`` (for a
+    knowledge-editing test: edits the method found a probing question for), and its 95%
+    bootstrap interval over facts: ``(share, low, high)``; NaNs without measurable questions."""
+    hit: dict[int, bool] = {}
+    for r in records:
+        x = rate_flags(r, key)
+        if x is not None:
+            f = int(r["fact_index"])
+            hit[f] = hit.get(f, False) or x
+    return bootstrap_rate({f: (float(h), 1) for f, h in hit.items()}, seed=seed)
+
+
 def rate_summary(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, float]:
     """The rates of :data:`SUMMARY_KEYS` from ``genuine_rate`` to ``independent_rate``, each over
     the questions where it is measurable, and for :data:`CI_KEYS` their 95% bootstrap
@@ -256,6 +272,7 @@ def rate_summary(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, 
         if key in CI_KEYS:
             counts = per_fact_counts([f for f, _ in rows], [x for _, x in rows])
             _, out[f"{key}_low"], out[f"{key}_high"] = bootstrap_rate(counts, seed=seed)
+    out["coverage"], out["coverage_low"], out["coverage_high"] = coverage(records, seed=seed)
     return out
 
 

@@ -3,7 +3,7 @@
 Builds the preset's two architectures from the configs committed under ``configs/archs/``
 (random weights, any size), writes them as Hugging Face folders, points ``model.name_or_path``
 and ``nli.path`` at those folders and runs one real training step through the same pieces as
-``contraq train`` (:class:`contraq.train.Parts`, :class:`contraq.module.GFlowNetModule`, a
+``contraq train`` (:class:`contraq.parts.Parts`, :class:`contraq.module.GFlowNetModule`, a
 Lightning ``Trainer``): KV-cached sampling, answers by the base LM (the policy with adapters
 disabled), the NLI judge, the TB or modified SubTB loss, backward and the optimizer step.
 
@@ -43,7 +43,8 @@ from contraq.files import REPO_ROOT
 from contraq.judge.scorer import contradiction_index
 from contraq.models import load_smollm2_tokenizer, minilm_dir, save_converted
 from contraq.module import GFlowNetModule
-from contraq.train import Parts, build_prompts, step_loader
+from contraq.parts import Parts, build_prompts
+from contraq.train import step_loader
 
 ARCHS_DIR = REPO_ROOT / "configs" / "archs"
 CONFIGS_DIR = REPO_ROOT / "configs"

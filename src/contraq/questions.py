@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 
 from contraq.data import EditFact
 from contraq.models import base_model
+from contraq.parts import Parts
 from contraq.sampler import SampleBatch, sample
 from contraq.tokens import left_pad
-from contraq.train import Parts
 
 
 def reward_step(cfg: DictConfig) -> int:

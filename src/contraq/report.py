@@ -87,6 +87,7 @@ EVAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     # key, header, format; keys with <key>_low/_high are shown with their 95% interval
     ("n_questions", "n", "{:.0f}"),
     ("genuine_rate", "counted rate [95% CI]", "{:.3f}"),
+    ("coverage", "facts covered [95% CI]", "{:.3f}"),
     ("contradiction_rate", "raw judge rate", "{:.3f}"),
     ("question_rate", "question rate", "{:.3f}"),
     ("echo_rate", "echo rate", "{:.3f}"),

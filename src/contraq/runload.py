@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from contraq.config_check import upgrade_saved_config
 from contraq.data import EditFact
 from contraq.errors import UserError
-from contraq.train import Parts, run_split
+from contraq.parts import Parts, run_split
 
 
 class RunError(UserError, ValueError):
@@ -65,7 +66,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
         raise RunError(f"{path}: cannot read the run config ({exc})") from exc
     if not isinstance(cfg, DictConfig):
         raise RunError(f"{path}: expected a mapping, not a list")
-    return cfg
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    return OmegaConf.create(upgrade_saved_config(plain))  # type: ignore[arg-type]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -113,7 +115,7 @@ def load_parts(
     device: torch.device | None = None,
     judge: str | None = None,
 ) -> Parts:
-    """The :class:`contraq.train.Parts` of a run: its base LM with the trained adapter (from
+    """The :class:`contraq.parts.Parts` of a run: its base LM with the trained adapter (from
     the ``.ckpt`` when one was named, else ``adapter/``).
 
     ``plain``: a fresh, untrained LoRA instead (no adapter files needed). The reward needs a
@@ -141,7 +143,7 @@ def load_parts(
 
 
 def heldout_facts(cfg: Any) -> list[EditFact]:
-    """The run's held-out test facts: the split training made (:func:`contraq.train.run_split`)
+    """The run's held-out test facts: the split training made (:func:`contraq.parts.run_split`)
     and never trained or validated on."""
     test = run_split(cfg).test
     if not test:

@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 
 from contraq.config_check import ConfigError
 from contraq.data import DEFAULT_MAX_CHARS, EditFact, load_facts
+from contraq.parts import Parts, build_prompts
 from contraq.questions import chunks, progress_bar, sample_policy, score_records
 from contraq.runload import load_parts, load_run_config, pick_device, resolve_run
 from contraq.sampler import SampleBatch
 from contraq.settings import typed
 from contraq.tokens import decode_questions
-from contraq.train import Parts, build_prompts
 
 # CSV columns in this order, then any other field of the records.
 SAMPLE_FIELDS = (

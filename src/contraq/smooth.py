@@ -1,4 +1,4 @@
-"""`contraq smooth RUN --out DIR`: maximum likelihood on a trained run's best questions.
+"""`contraq smooth run=RUN out=DIR`: maximum likelihood on a trained run's best questions.
 
 The second stage of GFlowNet red-teaming (Lee et al., 2024): the GFlowNet's replay buffer holds
 the high-reward questions it found over the whole run, across many training facts. A fresh LoRA
@@ -200,8 +200,8 @@ def smooth_run(run_dir: Path, out_dir: Path, cfg: SmoothConfig) -> dict[str, Any
     from omegaconf import OmegaConf
 
     from contraq.buffer import prompt_key
+    from contraq.parts import Parts, build_prompts, run_split
     from contraq.runload import load_run_config
-    from contraq.train import Parts, build_prompts, run_split
 
     run_cfg = load_run_config(run_dir)
     state = buffer_state(run_dir)
