@@ -197,7 +197,7 @@ def test_report_links_eval(run_dir: Path) -> None:
     (run_dir / "eval" / "eval.md").write_text("# eval\n")
     text = write_report(run_dir).read_text()
     assert "[eval.md](../eval/eval.md)" in text
-    assert "| trained | 16 | 0.125 [0.050, 0.200] | 0.250 |" in text
+    assert "| trained | 16 | 0.125 [0.050, 0.200] | n/a | 0.250 |" in text
 
 
 def test_report_command(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -243,9 +243,9 @@ def test_eval_plots_and_markdown(tmp_path: Path) -> None:
         },
         {"Reward": "d.png"},
     )
-    na5 = " | ".join(["n/a"] * 5)
-    assert f"| trained | 3 | 0.500 [0.300, 0.700] | {na5} | -1.50 |" in md
-    assert f"| beam | 3 | 0.100 [0.000, 0.200] | {na5} | n/a |" in md
+    na6 = " | ".join(["n/a"] * 6)  # coverage, raw, question, echo, names original, log C
+    assert f"| trained | 3 | 0.500 [0.300, 0.700] | {na6} | -1.50 |" in md
+    assert f"| beam | 3 | 0.100 [0.000, 0.200] | {na6} | n/a |" in md
     assert "| beam | 0.400 | [0.200, 0.600] | 0.0000 |" in md
     assert "at the trained policy's diversity 0.400: 0.100; trained: 0.500." in md
     assert "![Reward](d.png)" in md and "note: plain beam" in md
