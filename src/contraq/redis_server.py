@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from contraq.errors import UserError
 
@@ -265,6 +266,19 @@ def start(
     }
     (data / _INFO_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
+    return _wait_ready(proc, data, record, password, timeout)
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes],
+    data: Path,
+    record: dict[str, Any],
+    password: str | None,
+    timeout: float,
+) -> ServerInfo:
+    """Wait until the just-started server answers PING; a server that exits or stays silent
+    for ``timeout`` seconds is forgotten and reported with its log tail."""
+    port, log_file = int(record["port"]), Path(record["log_file"])
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from contraq.config_check import ConfigError
 from contraq.errors import UserError
+from contraq.files import iter_jsonl
 from contraq.plots import Series, plot_curves
 from contraq.settings import typed
 
@@ -65,20 +66,10 @@ def read_metrics(path: str | Path) -> dict[str, Series]:
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Objects of a JSON Lines file; blank lines skipped; bad lines raise naming file:line."""
-    p = Path(path)
-    rows: list[dict[str, Any]] = []
-    with p.open() as fh:
-        for line, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ReportError(f"{p}:{line}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise ReportError(f"{p}:{line}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(obj)
-    return rows
+    try:
+        return [obj for _, obj in iter_jsonl(path)]
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- Markdown

@@ -4,13 +4,12 @@ NLI JSON Lines files (SNLI/MNLI, the hand-written ``data/judge_probes.jsonl``)."
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 from typing import Any
 
-from contraq.files import REPO_ROOT, resolve_path
+from contraq.files import REPO_ROOT, iter_jsonl, resolve_path
 from contraq.judge.config import NLITrainConfig
 from contraq.judge.facts import FactRow, heldout_subject, read_fact_rows
 from contraq.judge.pairs import TRAIN_LABELS, NLIPair, PairBuilder
@@ -38,20 +37,13 @@ def read_nli_pairs(path: str | os.PathLike[str]) -> list[NLIPair]:
     entailment|neutral|contradiction); rows with another label ("-") are skipped."""
     path = Path(path)
     out: list[NLIPair] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            for key in ("premise", "hypothesis", "label"):
-                if not isinstance(rec.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: field {key!r} must be a string")
-            if rec["label"] in TRAIN_LABELS:
-                kind = str(rec.get("kind") or path.stem)
-                out.append(NLIPair(rec["premise"], rec["hypothesis"], rec["label"], kind))
+    for lineno, rec in iter_jsonl(path):
+        for key in ("premise", "hypothesis", "label"):
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{path}:{lineno}: field {key!r} must be a string")
+        if rec["label"] in TRAIN_LABELS:
+            kind = str(rec.get("kind") or path.stem)
+            out.append(NLIPair(rec["premise"], rec["hypothesis"], rec["label"], kind))
     return out
 
 
