@@ -380,7 +380,8 @@ def load_split(cfg: Any) -> FactSplit:
         cfg: ``path`` (see :func:`contraq.files.resolve_path`), ``val_fraction``, ``test_fraction``,
             ``split_seed`` and ``max_fact_chars`` (``contraq.conf.DataConfig`` or its DictConfig).
     """
-    facts = load_facts(resolve_path(cfg.path), max_chars=int(cfg.max_fact_chars))
+    max_chars = int(getattr(cfg, "max_fact_chars", DEFAULT_MAX_CHARS))  # older run configs lack it
+    facts = load_facts(resolve_path(cfg.path), max_chars=max_chars)
     return split_facts(
         facts,
         val_fraction=float(cfg.val_fraction),
