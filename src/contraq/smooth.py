@@ -177,7 +177,7 @@ def buffer_state(run_dir: Path) -> dict[str, Any]:
     from contraq.runs import find_resume_checkpoint, load_checkpoint_file
 
     ckpt_dir = run_dir / "checkpoints"
-    path = find_resume_checkpoint("auto", ckpt_dir, lambda p: Path(p))
+    path = find_resume_checkpoint("auto", ckpt_dir, Path)
     if path is None:
         raise SmoothError(f"{ckpt_dir}: no checkpoint (train the run first)")
     raw = load_checkpoint_file(path).get("contraq_buffer")
@@ -202,6 +202,7 @@ def smooth_run(run_dir: Path, out_dir: Path, cfg: SmoothConfig) -> dict[str, Any
     from contraq.buffer import prompt_key
     from contraq.parts import Parts, build_prompts, run_split
     from contraq.runload import load_run_config
+    from contraq.runs import write_run_config
 
     run_cfg = load_run_config(run_dir)
     state = buffer_state(run_dir)
@@ -235,7 +236,7 @@ def smooth_run(run_dir: Path, out_dir: Path, cfg: SmoothConfig) -> dict[str, Any
     out_dir.mkdir(parents=True, exist_ok=True)
     parts.policy.save_pretrained(str(out_dir / "adapter"))
     smoothed = OmegaConf.merge(run_cfg, {"name": out_dir.name, "output_dir": str(out_dir)})
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(smoothed))
+    write_run_config(out_dir, OmegaConf.to_yaml(smoothed), keep_previous=False)
     summary = {
         "source_run": str(run_dir),
         "config": asdict(cfg),
