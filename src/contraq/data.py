@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -205,6 +205,32 @@ def _parse_record(
     return EditFact(**values, source=source, line=line), None  # type: ignore[arg-type]
 
 
+def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, decoded JSON value)`` of each non-blank line (a BOM on line 1 is
+    accepted); text that is not UTF-8 or not JSON raises :class:`DataError` naming the line."""
+    source = str(path)
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{source}:{line_no}: not UTF-8 text ({exc})", source, line_no
+                ) from exc
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{source}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "expected one JSON object per line",
+                    source,
+                    line_no,
+                ) from exc
+            yield line_no, record
+
+
 def load_facts_report(
     path: str | Path,
     *,
@@ -239,33 +265,15 @@ def load_facts_report(
     facts: list[EditFact] = []
     skipped: list[SkippedRow] = []
     n_records = 0
-    with p.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{source}:{line_no}: not UTF-8 text ({exc})", source, line_no
-                ) from exc
-            if not text.strip():
-                continue
-            n_records += 1
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{source}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                    "expected one JSON object per line",
-                    source,
-                    line_no,
-                ) from exc
-            fact, bad = _parse_record(record, source, line_no, minimal_ok, max_chars)
-            if bad is not None:
-                if on_error == "raise":
-                    raise DataError(str(bad), source, line_no, bad.field)
-                skipped.append(bad)
-            else:
-                facts.append(fact)  # type: ignore[arg-type]
+    for line_no, record in _json_records(p):
+        n_records += 1
+        fact, bad = _parse_record(record, source, line_no, minimal_ok, max_chars)
+        if bad is not None:
+            if on_error == "raise":
+                raise DataError(str(bad), source, line_no, bad.field)
+            skipped.append(bad)
+        else:
+            facts.append(fact)  # type: ignore[arg-type]
 
     if n_records == 0:
         raise DataError(f"{source}: empty file, no fact records", source)

@@ -274,6 +274,19 @@ def sampling_mode(model: nn.Module) -> Iterator[nn.Module]:
 # --------------------------------------------------------------------------- sampling
 
 
+def _draw(
+    masked: Tensor, logp: Tensor, cfg: SamplerConfig, generator: torch.Generator | None
+) -> Tensor:
+    """One token per row, LongTensor[B]: from the tempered / top-k / top-p distribution of the
+    masked logits ``[B, V]`` when ``cfg`` asks for one, else from the policy's ``logp``."""
+    if cfg.temperature != 1.0 or bool(cfg.top_k) or (cfg.top_p or 1.0) < 1.0:
+        scaled = _filter_top_k_top_p(masked / cfg.temperature, cfg.top_k, cfg.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+    else:
+        probs = logp.exp()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -310,7 +323,6 @@ def sample(
     steps = torch.arange(max_len, device=device)
     allowed = termination_allowed(cfg, steps).tolist()
     bias: Tensor | None = None
-    tempered = cfg.temperature != 1.0 or bool(cfg.top_k) or (cfg.top_p or 1.0) < 1.0
 
     with sampling_mode(model):
         logits, cache, _ = _call(
@@ -325,13 +337,7 @@ def sample(
                 bias = step_bias(cfg, steps, step_logits.shape[-1])
             masked = step_logits + bias[t]
             logp = torch.log_softmax(masked, dim=-1)  # untempered policy
-            if tempered:
-                scaled = _filter_top_k_top_p(masked / cfg.temperature, cfg.top_k, cfg.top_p)
-                probs = torch.softmax(scaled, dim=-1)
-            else:
-                probs = logp.exp()
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            token = token.masked_fill(done, cfg.pad_token_id)
+            token = _draw(masked, logp, cfg, generator).masked_fill(done, cfg.pad_token_id)
             actions[:, t] = token
             log_pf[:, t] = logp.gather(1, token[:, None]).squeeze(1).masked_fill(done, 0.0)
             if allowed[t]:
