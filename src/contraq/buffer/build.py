@@ -18,8 +18,8 @@ from contraq.buffer.redis_backend import RedisBuffer
 def build_buffer(cfg: Mapping[str, Any] | Any) -> ReplayBuffer:
     """Build a buffer from ``{backend: memory|redis, max_size, ...}`` (dict or DictConfig).
 
-    Reads only the keys the buffer uses (``prioritized`` and ``use_buffer_prob`` belong to
-    the training loop; their values are checked by ``config_check``). For ``redis``:
+    Reads only the keys the buffer uses (how often and how to replay is the training loop's
+    ``train.replay``). For ``redis``:
     ``password: null`` falls back to env ``CONTRAQ_REDIS_PASSWORD``; with ``autostart: true``
     and a local host, a redis-server is started in ``data_dir`` if none answers (see
     :func:`contraq.redis_server.ensure_running`).
