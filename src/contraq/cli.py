@@ -121,8 +121,6 @@ def _train(cfg: Any) -> None:
 def _demo(cfg: Any) -> None:
     """Train as configured, evaluate on the held-out test facts (``cfg.evaluation``), write
     the report; prints where everything is."""
-    from omegaconf import open_dict
-
     from contraq.config_check import validate
     from contraq.evaluate import EvalConfig, evaluate_run
     from contraq.report import eval_table, write_report
@@ -131,10 +129,7 @@ def _demo(cfg: Any) -> None:
 
     validate(cfg)  # both before training: a bad value is reported at once
     ecfg = typed(EvalConfig, cfg.evaluation, prefix="evaluation.")
-    train_cfg = cfg.copy()
-    with open_dict(train_cfg):  # the run folder's config is a training config
-        del train_cfg["evaluation"]
-    run_dir = Path(run_training(train_cfg))
+    run_dir = Path(run_training(cfg))  # the run's config.yaml leaves `evaluation` out
     result = evaluate_run(run_dir, ecfg, run_dir / "eval")
     report = write_report(run_dir)
     print(eval_table(result["summary"]))

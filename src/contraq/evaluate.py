@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from contraq.baselines import beam_records, policy_records
 from contraq.config_check import ConfigError
 from contraq.data import EditFact, load_facts
-from contraq.metrics import Embedder, rate_flags, summarize
+from contraq.metrics import Embedder, flag_counts, summarize
 from contraq.parts import Parts, build_prompts
 from contraq.plots import (
     plot_rate_vs_diversity,
@@ -33,7 +33,7 @@ from contraq.questions import progress_bar
 from contraq.report import eval_markdown, eval_table
 from contraq.runload import RunRef, heldout_facts, load_parts, pick_device, resolve_run
 from contraq.settings import typed
-from contraq.stats import frontier_value, paired_bootstrap, per_fact_counts
+from contraq.stats import frontier_value, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -248,16 +248,11 @@ def compare_to_trained(
     if "trained" not in records:
         return {}
 
-    def counts(recs: list[dict[str, Any]]) -> dict[int, tuple[float, int]]:
-        rows = [(int(r["fact_index"]), rate_flags(r, key)) for r in recs]
-        rows = [(f, x) for f, x in rows if x is not None]
-        return per_fact_counts([f for f, _ in rows], [x for _, x in rows])
-
-    mine = counts(records["trained"])
+    mine = flag_counts(records["trained"], key)
     if not mine:
         return {}
     return {
-        name: paired_bootstrap(mine, counts(recs))
+        name: paired_bootstrap(mine, flag_counts(recs, key))
         for name, recs in records.items()
         if name != "trained"
     }

@@ -238,19 +238,22 @@ def rate_flags(rec: dict[str, Any], key: str) -> bool | None:
     return None if value is None else bool(value)
 
 
+def flag_counts(records: Sequence[dict[str, Any]], key: str) -> dict[int, tuple[float, int]]:
+    """``{fact: (questions counted for the rate key, measurable questions)}`` (questions where
+    ``key`` is not measurable are left out; a fact without any is absent)."""
+    rows = [(int(r["fact_index"]), rate_flags(r, key)) for r in records]
+    rows = [(f, x) for f, x in rows if x is not None]
+    return per_fact_counts([f for f, _ in rows], [x for _, x in rows])
+
+
 def coverage(
     records: Sequence[dict[str, Any]], key: str = "genuine_rate", seed: int = 0
 ) -> tuple[float, float, float]:
     """Share of facts with at least one question counted for the rate ``key`` (for a
     knowledge-editing test: edits the method found a probing question for), and its 95%
     bootstrap interval over facts: ``(share, low, high)``; NaNs without measurable questions."""
-    hit: dict[int, bool] = {}
-    for r in records:
-        x = rate_flags(r, key)
-        if x is not None:
-            f = int(r["fact_index"])
-            hit[f] = hit.get(f, False) or x
-    return bootstrap_rate({f: (float(h), 1) for f, h in hit.items()}, seed=seed)
+    counts = flag_counts(records, key)
+    return bootstrap_rate({f: (float(h > 0), 1) for f, (h, _) in counts.items()}, seed=seed)
 
 
 def rate_summary(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, float]:
@@ -260,17 +263,14 @@ def rate_summary(records: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, 
     out: dict[str, float] = {}
     keys = ("genuine_rate", "contradiction_rate", "question_rate", "echo_rate", "independent_rate")
     for key in keys:
-        rows = [(int(r["fact_index"]), rate_flags(r, key)) for r in records]
-        rows = [(f, x) for f, x in rows if x is not None]
-        nan = float("nan")
-        if not rows:
-            out[key] = nan
+        counts = flag_counts(records, key)
+        if not counts:
+            out[key] = float("nan")
             if key in CI_KEYS:
-                out[f"{key}_low"] = out[f"{key}_high"] = nan
+                out[f"{key}_low"] = out[f"{key}_high"] = float("nan")
             continue
-        out[key] = sum(x for _, x in rows) / len(rows)
+        out[key] = sum(h for h, _ in counts.values()) / sum(n for _, n in counts.values())
         if key in CI_KEYS:
-            counts = per_fact_counts([f for f, _ in rows], [x for _, x in rows])
             _, out[f"{key}_low"], out[f"{key}_high"] = bootstrap_rate(counts, seed=seed)
     out["coverage"], out["coverage_low"], out["coverage_high"] = coverage(records, seed=seed)
     return out
