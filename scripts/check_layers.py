@@ -38,6 +38,7 @@ ROOT = "contraq"
 # submodules (imports inside a package are not checked against the layers, only for cycles).
 LAYERS: list[list[str]] = [
     ["cli"],  # the `contraq` command
+    ["rescore"],  # an eval folder judged again (reuses evaluate's report)
     ["evaluate", "sample", "smooth", "preset_check"],  # commands that load a trained run
     ["baselines", "report", "train"],  # eval's methods; report and eval's tables; `contraq train`
     ["questions", "runload", "callbacks", "launch"],  # a run loaded back; around the Lightning run

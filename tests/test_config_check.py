@@ -48,7 +48,7 @@ def test_every_shipped_choice_validates(override: str) -> None:
         ("train.n_samples=0", "train.n_samples: must be an integer >= 1, got 0"),
         ("train.lr=abc", "train.lr: must be a number > 0, got 'abc'"),
         ("train.pf_temp_prob=1.5", "train.pf_temp_prob: must be a number in [0, 1], got 1.5"),
-        ("loss.name=xyz", "loss.name: must be one of 'tb', 'subtb', got 'xyz'"),
+        ("loss.name=xyz", "loss.name: must be one of 'tb', 'subtb', 'vargrad', got 'xyz'"),
         (
             "buffer=redis buffer.port=70000",
             "buffer.port: must be an integer in [1, 65535], got 70000",
@@ -58,13 +58,14 @@ def test_every_shipped_choice_validates(override: str) -> None:
         ("sampler.max_len=3", "sampler.min_len: must be < sampler.max_len (3), got 5"),
         ("train.sampling=all", "train.sampling: must be one of 'per_rank'"),
         ("train.replay.prob=1.5", "train.replay.prob: must be a number in [0, 1], got 1.5"),
+        ("loss=vargrad train.n_samples=1", "train.n_samples: must be >= 2 for loss=vargrad"),
         ("train.replay.prioritized=maybe", "train.replay.prioritized: must be true or false"),
         ("train.reward_temp.start=0", "train.reward_temp.start: must be a number > 0, got 0"),
         ("train.reward_temp.horizon=x", "train.reward_temp.horizon: must be an integer >= 1"),
         ("train.lrr=1", "train.lrr: Key 'lrr' not in 'TrainConfig'"),
         ("reward.w_likk=1", "reward.w_likk: Key 'w_likk' not in 'ContradictionRewardConfig'"),
         ("reward.beta=sharp", "reward.beta: must be a number > 0, got 'sharp'"),
-        ("loss=nope", "loss: no option 'nope' (one of: subtb, tb)"),
+        ("loss=nope", "loss: no option 'nope' (one of: subtb, tb, vargrad)"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_accepted(override: str, message: str) -> None:

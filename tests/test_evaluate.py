@@ -111,6 +111,8 @@ def test_eval_settings_name_the_bad_key(overrides: list[str], key: str) -> None:
             "temperature: must be > 0",
         ),
         (["sample", "checkpoint=RUN", "facts=F"], "out: missing"),
+        (["rescore", "records=NOPE", "judge=J"], "out: missing"),
+        (["rescore", "records=NOPE", "judge=J", "out=O"], "NOPE/eval.json not found"),
     ],
 )
 def test_command_settings_errors_are_one_line(
@@ -364,6 +366,15 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     assert "| trained | 8 |" in md and "reward_distribution.png" in md
     for png in ("reward_distribution.png", "reward_vs_diversity.png", "rate_vs_diversity.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # `contraq rescore` with the judge that scored them gives every metric back.
+    again = tmp_path / "rescored"
+    assert main(["rescore", f"records={out}", f"judge={judge}", f"out={again}"]) == 0
+    redone = json.loads((again / "eval.json").read_text())
+    assert redone["settings"]["rescored_from"] == str(out)
+    assert redone["comparisons"] == result["comparisons"]
+    for name, m in summary.items():
+        got = {k: v for k, v in redone["summary"][name].items() if k != "seconds"}
+        assert got == pytest.approx({k: v for k, v in m.items() if k != "seconds"}), name
 
 
 def test_lora_from_a_lightning_checkpoint(tiny_run: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from contraq.losses import (
     termination_steps,
     trajectory_balance_loss,
     trajectory_balance_residual,
+    vargrad_loss,
 )
 
 TERM = 7
@@ -297,6 +298,80 @@ def test_tb_stats_consistency():
     assert stats["implied_log_z_mean"] == pytest.approx((log_z - res).mean().item())
 
 
+def brute_vargrad(log_pf, log_pterm, log_r, actions, groups) -> tuple[float, list[float]]:
+    """Loops: each row's log P(x) - log R(x) minus its prompt's mean of the same."""
+    d = []
+    for b in range(log_pf.shape[0]):
+        k = actions[b].tolist().index(TERM)
+        s = sum(log_pf[b, t].item() for t in range(k)) + log_pterm[b, k].item()
+        d.append(s - log_r[b].item())
+    total, log_z = 0.0, []
+    for b, g in enumerate(groups):
+        same = [d[c] for c, h in enumerate(groups) if h == g]
+        total += (d[b] - sum(same) / len(same)) ** 2
+        log_z.append(-sum(same) / len(same))
+    return total / len(d), log_z
+
+
+@pytest.mark.parametrize("groups", [[2, 4, 9, 9, 9, 4, 2], [4, 4, 9, 9, 9, 4, 9]])
+def test_vargrad_matches_brute_force(groups: list[int]):
+    T, P = 9, 4
+    steps = [0, T - 1, 3, 5, 1, 2, 6]
+    batch = random_batch(len(steps), T, P, steps, seed=len(set(groups)))
+    log_r = batch["log_r"][:, 0].clone()
+    args = (batch["log_pf"], batch["log_pterm"], log_r, batch["generated_text"], TERM, P)
+    loss, log_z = vargrad_loss(*args, torch.tensor(groups))
+    want, want_z = brute_vargrad(
+        batch["log_pf"], batch["log_pterm"], log_r, batch["generated_text"][:, P:], groups
+    )
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert log_z.tolist() == pytest.approx(want_z, rel=1e-5)
+
+
+def test_vargrad_is_tb_at_the_batch_optimal_log_z():
+    """VarGrad equals TB whose log Z per prompt minimises the TB loss on the batch."""
+    batch = random_batch(6, 7, 3, [2, 4, 6, 1, 3, 5], seed=5)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    rest = (batch["log_pf"], batch["log_pterm"], batch["log_r"][:, 0])
+    loss, log_z = vargrad_loss(*rest, batch["generated_text"], TERM, 3, groups)
+    tb = trajectory_balance_loss(log_z, *rest, batch["generated_text"], TERM, 3)
+    assert loss.item() == pytest.approx(tb.item(), rel=1e-6)
+    for shift in (-0.3, 0.3):  # any other log Z gives a larger TB loss
+        moved = log_z + shift * (groups == 0)
+        worse = trajectory_balance_loss(moved, *rest, batch["generated_text"], TERM, 3)
+        assert worse.item() > tb.item()
+
+
+def test_vargrad_gradient_depends_on_reward():
+    T, P = 6, 2
+    batch = random_batch(4, T, P, [2, 4, 5, 3], seed=3)
+    groups = torch.tensor([0, 0, 1, 1])
+
+    def grad(log_r):
+        log_pf = batch["log_pf"].clone().requires_grad_(True)
+        loss, _ = vargrad_loss(
+            log_pf, batch["log_pterm"], log_r, batch["generated_text"], TERM, P, groups
+        )
+        loss.backward()
+        return log_pf.grad
+
+    base = torch.tensor([0.0, 1.0, 2.0, -1.0], dtype=torch.float64)
+    g_a = grad(base)
+    g_b = grad(base + torch.tensor([0.0, 2.0, 0.0, 0.0], dtype=torch.float64))
+    assert not torch.allclose(g_a[:2], g_b[:2])
+    assert torch.allclose(g_a[2:], g_b[2:])  # the other prompt is untouched
+    # a reward shift shared by all rows of a prompt cancels (its log Z absorbs it)
+    g_c = grad(base + torch.tensor([5.0, 5.0, 0.0, 0.0], dtype=torch.float64))
+    assert torch.allclose(g_a, g_c)
+
+
+def test_vargrad_rejects_a_prompt_with_one_row():
+    batch = random_batch(3, 6, 2, [2, 4, 5], seed=0)
+    args = (batch["log_pf"], batch["log_pterm"], torch.zeros(3), batch["generated_text"], TERM, 2)
+    with pytest.raises(ValueError, match="at least 2 rows per prompt"):
+        vargrad_loss(*args, torch.tensor([0, 0, 1]))
+
+
 # ---------------------------------------------------------------------------------------------
 # The objectives, not only the arithmetic: a tabular policy on a small tree of questions.
 # Tokens: 0 = "a", 1 = "b", 2 = "?" (termination), 3 = pad; T = 3 action slots, so at most two
@@ -382,6 +457,26 @@ def test_tb_minimisation_gives_p_proportional_to_r():
     assert p.sum().item() == pytest.approx(1.0, abs=1e-9)
     assert torch.allclose(p, target, atol=1e-3), (p, target)
     assert log_z.item() == pytest.approx(math.log(log_r.exp().sum().item()), abs=1e-3)
+
+
+def test_vargrad_minimisation_gives_p_proportional_to_r():
+    tree = TabularTree(min_len=1, seed=6)
+    reward = _rewards(tree, seed=7)
+    log_r = torch.tensor([math.log(reward[p]) for p in tree.objects], dtype=torch.float64)
+    target = log_r.exp() / log_r.exp().sum()
+    with torch.no_grad():
+        assert (tree.terminal_probs() - target).abs().max() > 0.05
+    opt = torch.optim.Adam([tree.theta], lr=0.1)
+    groups = torch.zeros(len(tree.objects), dtype=torch.long)  # one prompt
+    for _ in range(200):
+        opt.zero_grad()
+        log_pf, log_pterm = tree.log_probs()
+        loss, _ = vargrad_loss(log_pf, log_pterm, log_r, tree.generated_text, Q_TOK, 2, groups)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p = tree.terminal_probs()
+    assert torch.allclose(p, target, atol=1e-3), (p, target)
 
 
 def _train_subtb(tree: TabularTree, reward: dict, steps: int = 200) -> None:

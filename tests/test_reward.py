@@ -546,3 +546,36 @@ def test_smollm2_answers_in_one_sentence(smollm2, smol_tokenizer, nli, term) -> 
         single = [reward.generate_answers([q], lm)[0][0] for q in questions]
     assert batched == single
     assert "Paris" in batched[0] and "Portuguese" in batched[1], batched
+
+
+@pytest.mark.parametrize("genuine_gate", [False, True])
+def test_rescoring_with_the_same_judge_reproduces_the_reward(
+    answering_lm, smol_tokenizer, nli, term, genuine_gate
+) -> None:
+    """`contraq rescore` recomputes log C, echo, counted and log R from the stored answers: with
+    the judge that scored them it must give the reward's own numbers back."""
+    from contraq.rescore import rescore_records
+
+    tok = smol_tokenizer
+    batch = make_batch(tok, PROMPTS, question_ids(tok, QUESTIONS, term), pad_id=tok.pad_token_id)
+    facts = facts_for(8)
+    gate = {"count_only_genuine": genuine_gate, "judge_question": genuine_gate}
+    reward = contradiction(answering_lm, tok, nli, term, beta=0.5, log_c_floor=-5.0, **gate)
+    out = reward.terminal(facts, batch)
+    records = [
+        {
+            "edit_fact": f.edit_fact,
+            "question": out.questions[b],
+            "answer": out.answers[b],
+            "log_r": 123.0,  # stale values that rescoring must replace
+            "genuine": 7.0,
+            **{k: v for k, v in out.row_components(b).items() if k not in ("genuine", "log_c")},
+        }
+        for b, f in enumerate(facts)
+    ]
+    again = rescore_records(records, nli, reward.cfg, step=0)
+    torch.testing.assert_close(torch.tensor([r["log_r"] for r in again]), out.log_r.float())
+    for key in ("log_c", "is_question", "is_echo", "genuine"):
+        got = torch.tensor([r[key] for r in again])
+        torch.testing.assert_close(got, out.components[key].float(), msg=key)
+    assert again[0]["question"] == records[0]["question"]

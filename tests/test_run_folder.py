@@ -174,7 +174,7 @@ def test_bad_config_values_get_one_line_naming_the_key(
     [
         ("train.lrr=1", "train.lrr: Key 'lrr' not in 'TrainConfig'"),
         ("reward.reward_temp_start=2", "reward.reward_temp_start: Key 'reward_temp_start' not in"),
-        ("loss=nope", "loss: no option 'nope' (one of: subtb, tb)"),
+        ("loss=nope", "loss: no option 'nope' (one of: subtb, tb, vargrad)"),
     ],
 )
 def test_unknown_keys_and_options_get_one_line(tmp_path: Path, override: str, needle: str) -> None:

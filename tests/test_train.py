@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -110,12 +111,17 @@ def test_resume_never_starts_over(tmp_path: Path) -> None:
     assert summary["resumed_from"] is None and summary["steps"] == 2
 
 
-@pytest.mark.parametrize("loss", ["subtb"])
-def test_subtb_training_runs(tmp_path: Path, loss: str) -> None:
+@pytest.mark.parametrize("loss", ["subtb", "vargrad"])
+def test_other_losses_train(tmp_path: Path, loss: str) -> None:
     out = tmp_path / loss
-    _run(out, f"loss={loss}", "train.max_steps=2", "eval.every_n_steps=100")
+    # replay 0.5: step 1 replays (the TB pin below), so VarGrad also sees a replayed batch
+    _run(
+        out, f"loss={loss}", "train.max_steps=2", "eval.every_n_steps=100", "train.replay.prob=0.5"
+    )
     ckpt = _ckpt(out / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2
+    losses = _losses(out)
+    assert len(losses) == 2 and all(math.isfinite(loss) for _, loss, _ in losses)
 
 
 def _losses(out: Path) -> list[tuple[int, float, float]]:

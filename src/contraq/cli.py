@@ -11,6 +11,9 @@ contraq report run=RUN [overrides]  curves + Markdown summary of a run (configs/
 contraq smooth run=RUN out=DIR [overrides]
                                     maximum likelihood on a run's best buffer questions
                                     (configs/smooth.yaml)
+contraq rescore records=EVAL judge=NLI out=DIR [overrides]
+                                    an eval's questions and answers judged again
+                                    (configs/rescore.yaml)
 contraq nli-train ...               train the offline MiniLM NLI judge
 contraq redis start|stop|status     a local redis-server for buffer=redis
 
@@ -167,11 +170,12 @@ HELP_FILES = {
     "eval": ("eval.yaml", "evaluation/default.yaml"),
     "report": ("report.yaml",),
     "smooth": ("smooth.yaml",),
+    "rescore": ("rescore.yaml",),
 }
 
 
 def _command(cmd: str, rest: list[str]) -> int:
-    """`contraq sample|eval|report|smooth`: compose ``configs/<cmd>.yaml`` and run the command."""
+    """`contraq sample|eval|report|smooth|rescore`: compose ``configs/<cmd>.yaml`` and run the command."""
     if any(a in ("-h", "--help") for a in rest):
         print("\n".join((config_dir() / f).read_text() for f in HELP_FILES[cmd]))
         return 0
@@ -189,6 +193,10 @@ def _command(cmd: str, rest: list[str]) -> int:
         from contraq.smooth import run_smooth
 
         run_smooth(cfg)
+    elif cmd == "rescore":
+        from contraq.rescore import run_rescore
+
+        run_rescore(cfg)
     else:
         from contraq.report import run_report
 

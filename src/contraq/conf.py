@@ -111,8 +111,10 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """``tb``: trajectory balance with a learned log Z; ``subtb``: modified sub-trajectory
-    balance, each sub-trajectory of L transitions weighted ``subtb_lambda^(L-1)``."""
+    """``tb``: trajectory balance with a learned log Z; ``vargrad``: trajectory balance with
+    log Z estimated per fact from the step's own questions (:func:`contraq.losses.vargrad_loss`);
+    ``subtb``: modified sub-trajectory balance, each sub-trajectory of L transitions weighted
+    ``subtb_lambda^(L-1)``."""
 
     name: str = "tb"
     subtb_lambda: float = 1.0

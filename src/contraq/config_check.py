@@ -157,7 +157,7 @@ RULES: dict[str, Check] = {
     "sampler.top_p": number(0, 1, lo_open=True),
     "sampler.ban_penalty": number(0, lo_open=True),
     "sampler.extra_banned_tokens": string_list,
-    "loss.name": choice("tb", "subtb"),
+    "loss.name": choice("tb", "subtb", "vargrad"),
     "loss.subtb_lambda": number(0, lo_open=True),
     "buffer.backend": choice("memory", "redis"),
     "buffer.max_size": integer(1),
@@ -233,6 +233,11 @@ def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
         yield ConfigError(
             "model.name_or_path",
             f"must be set for model.source={source} (a hub id, a folder or a file)",
+        )
+    if get("loss.name") == "vargrad" and _is_int(n := get("train.n_samples")) and n < 2:
+        yield ConfigError(
+            "train.n_samples",
+            f"must be >= 2 for loss=vargrad (it compares the questions of a fact), got {n}",
         )
     resume = get("resume")
     if not (resume is None or resume in ("auto", "never") or isinstance(resume, str)):

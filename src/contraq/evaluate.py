@@ -188,21 +188,31 @@ def evaluate_run(
     parts = load_parts(ref, device=device, judge=ecfg.judge)
     facts, facts_label = _facts(parts, facts_path, ecfg.max_facts)
     records, seconds, notes = _method_records(parts, facts, ecfg)
+    settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
+    settings.update(device=str(device), seconds=time.time() - started, notes=notes)
+    return report_records(records, settings, out, seconds, device)
+
+
+def report_records(
+    records: dict[str, list[dict[str, Any]]],
+    settings: dict[str, Any],
+    out: Path,
+    seconds: dict[str, float] | None = None,
+    device: Any = "cpu",
+) -> dict[str, Any]:
+    """Every method's metrics, the paired comparisons with the trained policy, the frontier
+    and examples of ``records`` (``{method: records}``), written into ``out`` like
+    :func:`evaluate_run` (``settings``: its ``settings`` block, with ``seed`` and
+    ``temperatures``). Returns the ``eval.json`` object."""
     embedder = Embedder(device=device)
     summary = {
-        name: {**summarize(recs, embedder), "seconds": seconds[name]}
+        name: {**summarize(recs, embedder), "seconds": (seconds or {}).get(name, float("nan"))}
         for name, recs in records.items()
     }
-    pick = random.Random(ecfg.seed)
-    frontier_methods = ["untrained", *(f"untrained_T{t:g}" for t in ecfg.temperatures)]
-    settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
+    pick = random.Random(int(settings["seed"]))
+    frontier_methods = ["untrained", *(f"untrained_T{t:g}" for t in settings["temperatures"])]
     result: dict[str, Any] = {
-        "settings": {
-            **settings,
-            "device": str(device),
-            "seconds": time.time() - started,
-            "notes": notes,
-        },
+        "settings": settings,
         "summary": summary,
         "comparisons": compare_to_trained(records),
         "frontier": frontier_summary(summary, frontier_methods),
@@ -211,6 +221,7 @@ def evaluate_run(
             for name, recs in records.items()
         },
     }
+    out.mkdir(parents=True, exist_ok=True)
     _write(out, result, records, frontier_methods)
     return result
 

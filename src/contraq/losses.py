@@ -1,4 +1,4 @@
-"""GFlowNet objectives: modified sub-trajectory balance and trajectory balance.
+"""GFlowNet objectives: modified sub-trajectory balance, trajectory balance and VarGrad.
 
 Tensor conventions (docs/ARCHITECTURE.md), for B trajectories with T action slots:
 
@@ -32,6 +32,7 @@ __all__ = [
     "termination_steps",
     "trajectory_balance_loss",
     "trajectory_balance_residual",
+    "vargrad_loss",
 ]
 
 
@@ -265,6 +266,52 @@ def trajectory_balance_loss(
     if reduction == "sum":
         return per_sample.sum()
     return per_sample
+
+
+def vargrad_loss(
+    log_pf: Tensor,
+    log_pterm: Tensor,
+    log_r: Tensor,
+    generated_text: Tensor,
+    termination_token_id: int,
+    prompt_len: int,
+    groups: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """VarGrad: trajectory balance with log Z replaced by its batch estimate per prompt.
+
+    With ``d_b = sum_{t<k_b} log_pf[b, t] + log_pterm[b, k_b] - log_r[b]`` (the TB residual
+    at log Z = 0) and ``g(b)`` the prompt of row ``b``,
+    ``loss = mean_b (d_b - mean_{c: g(c) = g(b)} d_c)^2``. Its minimum (0) is again
+    ``P(x) proportional to R(x)`` per prompt, the batch's own ``log Z = -mean d`` never lags
+    behind the policy (a learned log Z far below balance makes every residual negative and
+    pushes all sampled questions up together), and no log Z head is trained.
+
+    Args:
+        log_pf, log_pterm, log_r, generated_text, termination_token_id, prompt_len: as in
+            :func:`trajectory_balance_loss`.
+        groups: ``LongTensor[B]``, the prompt (fact) of each row; every prompt needs >= 2 rows.
+
+    Returns:
+        ``(loss, log_z)``: the scalar loss and the ``FloatTensor[B]`` batch estimate of log Z
+        of each row's prompt (detached, for logging).
+
+    Raises:
+        ValueError: a prompt with a single row, or a row without termination token.
+    """
+    zeros = torch.zeros(log_r.shape, dtype=torch.float32, device=log_pf.device)
+    d = trajectory_balance_residual(
+        zeros, log_pf, log_pterm, log_r, generated_text, termination_token_id, prompt_len
+    )
+    if tuple(groups.shape) != tuple(d.shape):
+        raise ValueError(f"groups must be [B] = [{d.shape[0]}], got {tuple(groups.shape)}")
+    _, inverse = torch.unique(groups.to(d.device), return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    counts = torch.zeros(n_groups, device=d.device).index_add_(0, inverse, torch.ones_like(d))
+    if bool((counts < 2).any()):
+        raise ValueError("VarGrad needs at least 2 rows per prompt (train.n_samples >= 2)")
+    means = torch.zeros(n_groups, device=d.device).index_add_(0, inverse, d) / counts
+    centred = d - means[inverse]
+    return centred.pow(2).mean(), -means[inverse].detach()
 
 
 @torch.no_grad()

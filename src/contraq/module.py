@@ -31,7 +31,7 @@ from contraq import distributed
 from contraq.buffer import BufferEntry, ReplayBuffer, entry_problem, prompt_key
 from contraq.conf import LossConfig, TrainConfig
 from contraq.data import EditFact
-from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss
+from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss, vargrad_loss
 from contraq.metrics import contradiction_rate, distinct_n, grouped_diversity
 from contraq.reward.base import Reward, RewardOutput
 from contraq.sampler import SampleBatch, SamplerConfig, sample, score_actions
@@ -311,8 +311,15 @@ class GFlowNetModule(L.LightningModule):
                 subtb_lambda=self.loss_cfg.subtb_lambda,
                 min_len=self.sampler_cfg.min_len,
             )
+        elif self.loss_cfg.name == "vargrad":
+            groups = torch.as_tensor(data["fact_rows"], device=log_pf.device)
+            log_r = data["log_r"] / t_reward
+            loss, log_z = vargrad_loss(log_pf, log_pterm, log_r, gen, term, prompt_len, groups)
+            extra["log_z"] = log_z.mean()
         else:
-            raise ValueError(f"loss.name must be 'tb' or 'subtb', got {self.loss_cfg.name!r}")
+            raise ValueError(
+                f"loss.name must be 'tb', 'subtb' or 'vargrad', got {self.loss_cfg.name!r}"
+            )
         mask = torch.arange(log_pf.shape[1], device=log_pf.device)[None] < batch.lengths[:, None]
         extra["log_pf"] = (log_pf * mask).sum(1).detach().mean()
         return loss, extra

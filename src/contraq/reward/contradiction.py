@@ -133,6 +133,43 @@ class ContradictionRewardConfig:
         return dataclass_from(cls, cfg, "reward")
 
 
+def log_contradiction(
+    nli: NLIScorer, premises: Sequence[str], hyps: Sequence[str], device: Any
+) -> Tensor:
+    """``FloatTensor[N]`` judge log P(contradiction), each distinct pair judged once."""
+    pairs = list(dict.fromkeys(zip(premises, hyps, strict=True)))
+    uniq = nli.log_contradiction([p for p, _ in pairs], [h for _, h in pairs])
+    idx = {p: i for i, p in enumerate(pairs)}
+    rows = [idx[p] for p in zip(premises, hyps, strict=True)]
+    return uniq.to(device)[torch.tensor(rows, device=device, dtype=torch.long)].float()
+
+
+def judge_answers(
+    nli: NLIScorer,
+    edit_facts: Sequence[str],
+    questions: Sequence[str],
+    answers: Sequence[str],
+    judge_question: bool,
+    device: Any = "cpu",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The judge's verdict on N (edit fact, question, answer) rows (the reward's and
+    `contraq rescore`'s one definition).
+
+    Returns:
+        ``(log_c, question, echo)``: ``FloatTensor[N]`` log P(contradiction | edit, answer);
+        ``BoolTensor[N]`` the text is a question (:func:`contraq.genuine.is_question`);
+        ``BoolTensor[N]`` the answer is an echo (:func:`contraq.genuine.echo_flags`, and with
+        ``judge_question`` also a question the judge already finds contradictory).
+    """
+    log_c = log_contradiction(nli, edit_facts, answers, device)
+    question = torch.tensor([is_question(q) for q in questions], device=device, dtype=torch.bool)
+    echo = torch.tensor(echo_flags(questions, answers, edit_facts), device=device, dtype=torch.bool)
+    if judge_question and questions:
+        # A question that already contradicts the edit leads the answer: an echo too.
+        echo |= log_contradiction(nli, edit_facts, questions, device) > math.log(0.5)
+    return log_c, question, echo
+
+
 @dataclass
 class _Judged:
     """What :meth:`ContradictionReward._judge` finds for N (fact, question) rows."""
@@ -189,16 +226,6 @@ class ContradictionReward(BaseLMAnswers):
         self.term_id = int(termination_token_id)
         self._setup_answers(tokenizer)
 
-    def _log_contradiction(
-        self, premises: Sequence[str], hyps: Sequence[str], device: Any
-    ) -> Tensor:
-        """``FloatTensor[N]`` judge log P(contradiction), each distinct pair judged once."""
-        pairs = list(dict.fromkeys(zip(premises, hyps, strict=True)))
-        uniq = self.nli.log_contradiction([p for p, _ in pairs], [h for _, h in pairs])
-        idx = {p: i for i, p in enumerate(pairs)}
-        rows = [idx[p] for p in zip(premises, hyps, strict=True)]
-        return uniq.to(device)[torch.tensor(rows, device=device, dtype=torch.long)].float()
-
     def _judge(self, edit_facts: Sequence[str], questions: Sequence[str], lm: nn.Module) -> _Judged:
         """Answers, judge scores and the genuine-form flags of (fact, question) pairs, each
         distinct question answered once and each distinct (fact, text) pair judged once."""
@@ -207,12 +234,9 @@ class ContradictionReward(BaseLMAnswers):
         by_q = dict(zip(uniq_q, range(len(uniq_q)), strict=True))
         answers = [ans[by_q[q]] for q in questions]
         device = model_device(lm)
-        log_c = self._log_contradiction(edit_facts, answers, device)
-        question = torch.tensor([is_question(q) for q in questions], device=device)
-        echo = torch.tensor(echo_flags(questions, answers, edit_facts), device=device)
-        if self.cfg.judge_question and questions:
-            # A question that already contradicts the edit leads the answer: an echo too.
-            echo |= self._log_contradiction(edit_facts, questions, device) > math.log(0.5)
+        log_c, question, echo = judge_answers(
+            self.nli, edit_facts, questions, answers, self.cfg.judge_question, device
+        )
         log_pa = None
         if self.cfg.w_ans != 0.0:
             uniq_pa = self.answer_logprob(uniq_q, ans_ids, lm)

@@ -1,0 +1,148 @@
+"""`contraq rescore`: an evaluation's questions and answers judged again by another judge.
+
+The questions and the base LM's answers of every method are kept (``questions.jsonl`` of a
+`contraq eval` folder); only what the judge decides is recomputed: ``log_c``, ``is_echo``,
+``genuine`` and ``log_r`` (with the run's reward settings). Seconds instead of the eval's
+half hour, so a new judge can be compared on every method's exact questions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from contraq.config_check import ConfigError
+from contraq.evaluate import report_records
+from contraq.files import iter_jsonl
+from contraq.judge.scorer import NLIScorer, load_scorer
+from contraq.questions import reward_step
+from contraq.report import eval_table
+from contraq.reward.combine import combine_log_reward, counted_log_c
+from contraq.reward.contradiction import ContradictionRewardConfig, judge_answers
+from contraq.runload import RunError, load_run_config
+from contraq.settings import typed
+
+
+@dataclass(frozen=True)
+class RescoreConfig:
+    """``configs/rescore.yaml``."""
+
+    records: str  # an eval folder (with questions.jsonl and eval.json)
+    judge: str  # the NLI checkpoint folder that judges again
+    out: str  # where the new eval.json, eval.md, questions.jsonl and plots go
+    run: str | None = None  # the run whose reward settings apply; None: eval.json's run
+
+
+def rescore_records(
+    records: Sequence[dict[str, Any]], nli: NLIScorer, rcfg: ContradictionRewardConfig, step: int
+) -> list[dict[str, Any]]:
+    """Copies of ``records`` with the judge's fields recomputed by ``nli`` (the reward's own
+    :func:`contraq.reward.contradiction.judge_answers` and :func:`combine_log_reward`)."""
+    if not records:
+        return []
+    if any(r.get("answer") is None for r in records):
+        raise ConfigError(
+            "records", "every record needs the base LM's answer (contradiction reward)"
+        )
+    log_c, question, echo = judge_answers(
+        nli,
+        [str(r["edit_fact"]) for r in records],
+        [str(r["question"]) for r in records],
+        [str(r["answer"]) for r in records],
+        rcfg.judge_question,
+    )
+    if rcfg.count_only_genuine:
+        counted = counted_log_c(log_c, question & ~echo, rcfg.log_c_floor)
+    else:
+        counted = log_c.clamp(min=rcfg.log_c_floor)
+    log_pa = None
+    if rcfg.w_ans != 0.0:
+        log_pa = torch.tensor([float(r["log_pa"]) for r in records])
+    log_r, _ = combine_log_reward(
+        counted,
+        torch.tensor([float(r["log_pq"]) for r in records]),
+        torch.tensor([float(r["length"]) for r in records]),
+        w_lik=rcfg.w_lik,
+        min_len=rcfg.min_len,
+        min_log_r=rcfg.min_log_r,
+        beta=rcfg.beta,
+        log_pa=log_pa,
+        w_ans=rcfg.w_ans,
+        step=step,
+        hybrid_steps=rcfg.hybrid_steps,
+        hybrid_threshold=rcfg.hybrid_threshold,
+        hybrid_penalty=rcfg.hybrid_penalty,
+    )
+    genuine = question & ~echo & (log_c > torch.log(torch.tensor(0.5)))
+    return [
+        {
+            **r,
+            "log_c": float(log_c[i]),
+            "log_r": float(log_r[i]),
+            "is_question": float(question[i]),
+            "is_echo": float(echo[i]),
+            "genuine": float(genuine[i]),
+        }
+        for i, r in enumerate(records)
+    ]
+
+
+# What a record needs to be judged again (`contraq eval` writes them all).
+_NEEDED = ("method", "fact_index", "edit_fact", "question", "answer", "log_pq", "length")
+
+
+def _load(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(eval.json, {method: records in file order}) of an eval folder."""
+    for name in ("eval.json", "questions.jsonl"):
+        if not (folder / name).is_file():
+            raise ConfigError("records", f"{folder / name} not found (a `contraq eval` folder)")
+    result = json.loads((folder / "eval.json").read_text())
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for lineno, rec in iter_jsonl(folder / "questions.jsonl"):
+            missing = [k for k in _NEEDED if k not in rec]
+            if missing:
+                raise ValueError(f"{folder / 'questions.jsonl'}:{lineno}: no {', '.join(missing)}")
+            by_method.setdefault(str(rec["method"]), []).append(rec)
+    except ValueError as exc:
+        raise ConfigError("records", str(exc)) from None
+    return result, by_method
+
+
+def run_rescore(cfg: DictConfig) -> dict[str, Any]:
+    """`contraq rescore`: judge an eval folder's records again and write a new eval folder."""
+    rc = typed(RescoreConfig, cfg)
+    started = time.time()
+    old, by_method = _load(Path(rc.records))
+    run_dir = Path(rc.run or old["settings"]["run"])
+    try:
+        run_cfg = load_run_config(run_dir)
+    except RunError as exc:
+        raise ConfigError("run", f"{exc} (give run=RUN, the run the evaluation scored)") from None
+    if str(run_cfg.reward.name) != "contradiction":
+        raise ConfigError(
+            "run", f"rescoring needs the contradiction reward, not {run_cfg.reward.name}"
+        )
+    run_cfg.nli.path = str(rc.judge)
+    nli = load_scorer(run_cfg.nli)
+    rcfg = ContradictionRewardConfig.from_mapping(run_cfg.reward)
+    step = reward_step(run_cfg)
+    records = {m: rescore_records(recs, nli, rcfg, step) for m, recs in by_method.items()}
+    settings = {
+        **old["settings"],
+        "judge": str(rc.judge),
+        "rescored_from": str(rc.records),
+        "rescore_seconds": time.time() - started,
+    }
+    seconds = {m: float(s.get("seconds") or float("nan")) for m, s in old["summary"].items()}
+    result = report_records(records, settings, Path(rc.out), seconds)
+    print(eval_table(result["summary"]))
+    print(f"\nwrote {Path(rc.out) / 'eval.md'} (judge {rc.judge}, records of {rc.records})")
+    return result
