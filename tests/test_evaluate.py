@@ -366,6 +366,18 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     assert "| trained | 8 |" in md and "reward_distribution.png" in md
     for png in ("reward_distribution.png", "reward_vs_diversity.png", "rate_vs_diversity.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # baselines_from: the untrained and beam records are taken over, not drawn again.
+    reuse = tmp_path / "reuse"
+    argv_reuse = [*argv[:2], f"out={reuse}", *argv[3:], *settings, f"baselines_from={out}"]
+    assert main(argv_reuse) == 0
+    reused = json.loads((reuse / "eval.json").read_text())
+    assert reused["settings"]["baselines_from"] == str(out)
+    assert read_jsonl(reuse / "questions.jsonl") == qs  # the same seed: the same trained questions
+    for name, m in summary.items():
+        assert reused["summary"][name]["genuine_rate"] == m["genuine_rate"], name
+    changed = [*argv[:2], f"out={tmp_path / 'x'}", *argv[3:], *settings, "n=3"]
+    assert main([*changed, f"baselines_from={out}"]) == 2
+    assert not (tmp_path / "x" / "eval.json").exists()
     # `contraq rescore` with the judge that scored them gives every metric back.
     again = tmp_path / "rescored"
     assert main(["rescore", f"records={out}", f"judge={judge}", f"out={again}"]) == 0

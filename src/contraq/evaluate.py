@@ -31,6 +31,7 @@ from contraq.plots import (
 )
 from contraq.questions import progress_bar
 from contraq.report import eval_markdown, eval_table
+from contraq.reuse import load_baselines
 from contraq.runload import RunRef, heldout_facts, load_parts, pick_device, resolve_run
 from contraq.settings import typed
 from contraq.stats import frontier_value, paired_bootstrap
@@ -51,6 +52,8 @@ class EvalConfig:
         seed: every sampling method starts from a generator seeded with it.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         judge: an NLI checkpoint folder that replaces the run's judge for every method.
+        baselines_from: an earlier eval folder whose untrained and beam records are reused
+            (:mod:`contraq.reuse` checks that nothing that shapes them differs).
     """
 
     n: int
@@ -63,6 +66,7 @@ class EvalConfig:
     seed: int
     device: str
     judge: str | None
+    baselines_from: str | None = None
 
     def __post_init__(self) -> None:
         for key, low in (("n", 1), ("batch_size", 1), ("beam_groups", 1), ("max_facts", 0)):
@@ -81,13 +85,22 @@ class EvalTarget:
     out: str | None
 
 
+def baseline_methods(ecfg: EvalConfig) -> list[str]:
+    """The baselines' method names (``beam`` also stands for ``diverse_beam``)."""
+    names = ["untrained", *(f"untrained_T{t:g}" for t in ecfg.temperatures)]
+    return names + (["beam"] if ecfg.beam else [])
+
+
 def _method_records(
-    parts: Parts, facts: Sequence[EditFact], ecfg: EvalConfig
+    parts: Parts, facts: Sequence[EditFact], ecfg: EvalConfig, baselines: bool = True
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], list[str]]:
-    """Every method's records, seconds per method and notes on what ran."""
+    """Every method's records (``baselines=False``: the trained policy's only), seconds per
+    method and notes on what ran."""
     prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
-    methods = [("trained", 1.0, False), ("untrained", 1.0, True)]
-    methods += [(f"untrained_T{t:g}", float(t), True) for t in ecfg.temperatures]
+    methods = [("trained", 1.0, False)]
+    if baselines:
+        methods += [("untrained", 1.0, True)]
+        methods += [(f"untrained_T{t:g}", float(t), True) for t in ecfg.temperatures]
     records: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     notes: list[str] = []
@@ -107,7 +120,7 @@ def _method_records(
                 progress=progress,
             )
             seconds[name] = time.time() - t0
-        if ecfg.beam:
+        if ecfg.beam and baselines:
             t0 = time.time()
             name, records[name] = beam_records(
                 parts,
@@ -148,6 +161,7 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         **extra,
         "n": ecfg.n,
         "seed": ecfg.seed,
+        "batch_size": ecfg.batch_size,
         "temperatures": list(ecfg.temperatures),
         "beam_groups": ecfg.beam_groups,
         "diversity_penalty": ecfg.diversity_penalty,
@@ -187,8 +201,17 @@ def evaluate_run(
     device = pick_device(ecfg.device)
     parts = load_parts(ref, device=device, judge=ecfg.judge)
     facts, facts_label = _facts(parts, facts_path, ecfg.max_facts)
-    records, seconds, notes = _method_records(parts, facts, ecfg)
     settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
+    reused: dict[str, list[dict[str, Any]]] = {}
+    if ecfg.baselines_from:  # checked before any question is drawn
+        methods = baseline_methods(ecfg)
+        reused, reused_s = load_baselines(ecfg.baselines_from, settings, parts.cfg, facts, methods)
+    records, seconds, notes = _method_records(parts, facts, ecfg, baselines=not reused)
+    if reused:
+        records.update(reused)
+        seconds.update(reused_s)
+        notes.append(f"baseline records reused from {ecfg.baselines_from} (contraq.reuse)")
+        settings["baselines_from"] = str(ecfg.baselines_from)
     settings.update(device=str(device), seconds=time.time() - started, notes=notes)
     return report_records(records, settings, out, seconds, device)
 

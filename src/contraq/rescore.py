@@ -24,8 +24,7 @@ from contraq.files import iter_jsonl
 from contraq.judge.scorer import NLIScorer, load_scorer
 from contraq.questions import reward_step
 from contraq.report import eval_table
-from contraq.reward.combine import combine_log_reward, counted_log_c
-from contraq.reward.contradiction import ContradictionRewardConfig, judge_answers
+from contraq.reward.contradiction import ContradictionRewardConfig, counted_log_r, judge_answers
 from contraq.runload import RunError, load_run_config
 from contraq.settings import typed
 
@@ -58,27 +57,17 @@ def rescore_records(
         [str(r["answer"]) for r in records],
         rcfg.judge_question,
     )
-    if rcfg.count_only_genuine:
-        counted = counted_log_c(log_c, question & ~echo, rcfg.log_c_floor)
-    else:
-        counted = log_c.clamp(min=rcfg.log_c_floor)
     log_pa = None
     if rcfg.w_ans != 0.0:
         log_pa = torch.tensor([float(r["log_pa"]) for r in records])
-    log_r, _ = combine_log_reward(
-        counted,
+    log_r, _ = counted_log_r(
+        rcfg,
+        log_c,
+        question & ~echo,
         torch.tensor([float(r["log_pq"]) for r in records]),
         torch.tensor([float(r["length"]) for r in records]),
-        w_lik=rcfg.w_lik,
-        min_len=rcfg.min_len,
-        min_log_r=rcfg.min_log_r,
-        beta=rcfg.beta,
-        log_pa=log_pa,
-        w_ans=rcfg.w_ans,
-        step=step,
-        hybrid_steps=rcfg.hybrid_steps,
-        hybrid_threshold=rcfg.hybrid_threshold,
-        hybrid_penalty=rcfg.hybrid_penalty,
+        log_pa,
+        step,
     )
     genuine = question & ~echo & (log_c > torch.log(torch.tensor(0.5)))
     return [

@@ -170,6 +170,39 @@ def judge_answers(
     return log_c, question, echo
 
 
+def counted_log_r(
+    cfg: ContradictionRewardConfig,
+    log_c: Tensor,
+    form_ok: Tensor,
+    log_pq: Tensor,
+    n_tok: Tensor,
+    log_pa: Tensor | None = None,
+    step: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``log R`` of N judged questions under ``cfg`` (:func:`counted_log_c`, then
+    :func:`combine_log_reward`): ``log_c`` the judge's, ``form_ok`` a question whose answer is
+    no echo, ``n_tok`` tokens before termination. Returns ``(log_r, n_nonfinite)``, ``[N]``."""
+    if cfg.count_only_genuine:
+        counted = counted_log_c(log_c, form_ok, cfg.log_c_floor)
+    else:
+        counted = log_c.clamp(min=cfg.log_c_floor)
+    return combine_log_reward(
+        counted,
+        log_pq,
+        n_tok,
+        w_lik=cfg.w_lik,
+        min_len=cfg.min_len,
+        min_log_r=cfg.min_log_r,
+        beta=cfg.beta,
+        log_pa=log_pa,
+        w_ans=cfg.w_ans,
+        step=step,
+        hybrid_steps=cfg.hybrid_steps,
+        hybrid_threshold=cfg.hybrid_threshold,
+        hybrid_penalty=cfg.hybrid_penalty,
+    )
+
+
 @dataclass
 class _Judged:
     """What :meth:`ContradictionReward._judge` finds for N (fact, question) rows."""
@@ -245,32 +278,12 @@ class ContradictionReward(BaseLMAnswers):
             ]
         return _Judged(answers, log_c, log_pa, question, echo)
 
-    def _counted(self, judged: _Judged) -> Tensor:
-        """``log C`` as the reward counts it (:func:`counted_log_c`)."""
-        if not self.cfg.count_only_genuine:
-            return judged.log_c.clamp(min=self.cfg.log_c_floor)
-        return counted_log_c(judged.log_c, judged.question & ~judged.echo, self.cfg.log_c_floor)
-
     # ------------------------------------------------------------------ rewards
-    def _combine(
-        self, log_c: Tensor, log_pq: Tensor, n_tok: Tensor, log_pa: Tensor | None, step: int
+    def _log_r(
+        self, judged: _Judged, log_pq: Tensor, n_tok: Tensor, log_pa: Tensor | None, step: int
     ) -> tuple[Tensor, Tensor]:
-        c = self.cfg
-        return combine_log_reward(
-            log_c,
-            log_pq,
-            n_tok,
-            w_lik=c.w_lik,
-            min_len=c.min_len,
-            min_log_r=c.min_log_r,
-            beta=c.beta,
-            log_pa=log_pa,
-            w_ans=c.w_ans,
-            step=step,
-            hybrid_steps=c.hybrid_steps,
-            hybrid_threshold=c.hybrid_threshold,
-            hybrid_penalty=c.hybrid_penalty,
-        )
+        form_ok = judged.question & ~judged.echo
+        return counted_log_r(self.cfg, judged.log_c, form_ok, log_pq, n_tok, log_pa, step)
 
     def terminal(
         self, facts: Sequence[EditFact], batch: SampleBatch, step: int = 0
@@ -287,7 +300,7 @@ class ContradictionReward(BaseLMAnswers):
         log_c, log_pa = judged.log_c, judged.log_pa
         log_pq = tok_lp.sum(1)
         n_tok = question_lengths(actions, lengths, self.term_id)
-        log_r, n_nonfinite = self._combine(self._counted(judged), log_pq, n_tok, log_pa, step)
+        log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step)
         floor = self.cfg.min_log_r
         log_c = torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor)
         components = {
@@ -334,6 +347,6 @@ class ContradictionReward(BaseLMAnswers):
         if judged is None:
             return out
         log_pq = prefix_log_pq(tok_lp, term_lp)[rows, ts]
-        log_r, _ = self._combine(self._counted(judged), log_pq, ts, judged.log_pa, step)
+        log_r, _ = self._log_r(judged, log_pq, ts, judged.log_pa, step)
         out[rows, ts] = log_r
         return out
