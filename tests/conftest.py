@@ -50,9 +50,9 @@ def smoke_train_cmd(out: os.PathLike[str] | str, *overrides: str) -> list[str]:
         "train",
         "experiment=smoke",
         f"output_dir={out}",
-        "callbacks.checkpoint_every_n_steps=2",
-        "callbacks.samples_every_n_steps=1",
-        "callbacks.progress_bar=none",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.sample_writer.every_n_steps=1",
+        "~callbacks.progress_bar",
         *overrides,
     ]
 

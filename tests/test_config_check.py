@@ -66,6 +66,22 @@ def test_every_shipped_choice_validates(override: str) -> None:
         ("reward.w_likk=1", "reward.w_likk: Key 'w_likk' not in 'ContradictionRewardConfig'"),
         ("reward.beta=sharp", "reward.beta: must be a number > 0, got 'sharp'"),
         ("loss=nope", "loss: no option 'nope' (one of: subtb, tb, vargrad)"),
+        (
+            "callbacks.model_checkpoint.every_n_train_steps=0",
+            "callbacks.model_checkpoint.every_n_train_steps: must be an integer >= 1, got 0",
+        ),
+        ("~callbacks.stop_on_signal", "callbacks.stop_on_signal: is required"),
+        ("~callbacks.model_checkpoint", "callbacks.model_checkpoint: is required"),
+        (
+            "callbacks.model_checkpoint.dirpath=elsewhere",
+            "callbacks.model_checkpoint.dirpath: must be <output_dir>/checkpoints",
+        ),
+        (
+            "callbacks.checkpoint_every_n_steps=5",
+            "callbacks.checkpoint_every_n_steps: moved to "
+            "callbacks.model_checkpoint.every_n_train_steps",
+        ),
+        ("callbacks.progress_bar=none", "callbacks.progress_bar: is a callback node"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_accepted(override: str, message: str) -> None:
@@ -90,7 +106,8 @@ def test_relaunch_diff_ignores_length_and_bookkeeping(tmp_path: Path) -> None:
     old = run(10)
     assert config_diff(old, run(20)) == []  # the horizon follows max_steps: not a difference
     new = run(10, lr=1e-3)
-    new["callbacks"]["progress_bar"] = "none"
+    new["callbacks"]["model_checkpoint"]["every_n_train_steps"] = 99  # bookkeeping
+    del new["callbacks"]["progress_bar"]
     assert config_diff(old, new) == ["train.lr: 0.0002 -> 0.001"]
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(old))
     check_relaunch(tmp_path, run(30), "auto")
@@ -120,3 +137,30 @@ def test_saved_configs_of_older_versions_are_upgraded_to_todays_keys():
     }
     assert old["reward"]["reward_temp_start"] == 2.0  # the caller's dict is left alone
     assert upgrade_saved_config(new) == new
+
+
+@pytest.mark.parametrize("bar", ["rich", "none"])
+def test_saved_flat_callbacks_keys_are_upgraded_and_relaunch(tmp_path: Path, bar: str) -> None:
+    """A run folder written before the callbacks became `_target_` nodes."""
+    from contraq.config_check import upgrade_saved_config
+
+    flat = {
+        "checkpoint_every_n_steps": 7,
+        "keep_step_checkpoints": 2,
+        "samples_every_n_steps": 3,
+        "progress_bar": bar,
+    }
+    new = upgrade_saved_config({"callbacks": flat})["callbacks"]
+    assert new["model_checkpoint"] == {"every_n_train_steps": 7, "save_top_k": 2}
+    assert new["sample_writer"] == {"every_n_steps": 3}
+    rich = {"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": True}
+    assert new.get("progress_bar") == (rich if bar == "rich" else None)
+    # Its relaunch with today's configs and the same values is accepted; a trained key is not.
+    saved = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
+    saved["callbacks"] = flat
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    relaunch = OmegaConf.to_container(_compose("train.max_steps=20"), resolve=True)
+    check_relaunch(tmp_path, relaunch, "auto")
+    relaunch["train"]["lr"] = 1e-3
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.0002 -> 0\.001"):
+        check_relaunch(tmp_path, relaunch, "auto")

@@ -42,7 +42,7 @@ FACTS, SAMPLES = 1, 3  # per rank per step: tiny slices, distinct across ranks
 # evaluation only at start and end, no progress bar.
 TINY = [
     "experiment=smoke_ddp",
-    "callbacks.progress_bar=none",
+    "~callbacks.progress_bar",
     f"train.facts_per_step={FACTS}",
     f"train.n_samples={SAMPLES}",
     "sampler.max_len=6",
@@ -249,7 +249,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     run = tmp / "outputs" / name
     common = ["--nproc", "2", "--name", name, *TINY, "train.sampling=rank0"]
     common += [f"buffer.port={port}", f"buffer.data_dir={redis_dir}", "buffer.max_size=1000"]
-    common += ["buffer.near_dup_ratio=0", "callbacks.checkpoint_every_n_steps=2"]
+    common += ["buffer.near_dup_ratio=0", "callbacks.model_checkpoint.every_n_train_steps=2"]
     try:
         # 1) Long run, killed once last.ckpt holds step >= 2 and three steps are recorded.
         audit1 = tmp / "audit1"

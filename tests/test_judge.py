@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,9 +21,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import BertConfig
 
+from contraq.cli import main
 from contraq.errors import UserError
 from contraq.judge.cache import judge_path
-from contraq.judge.cli import cli_main
 from contraq.judge.config import NLITrainConfig
 from contraq.judge.evaluation import classification_metrics
 from contraq.judge.scorer import (
@@ -170,6 +172,50 @@ def test_reward_loading_never_trains(tmp_path: Path) -> None:
     assert not expected.exists() and list(tmp_path.iterdir()) == []
 
 
+def _present_judge(tmp_path: Path) -> Path:
+    """A folder that counts as a complete checkpoint: `contraq nli-train` must not retrain it."""
+    out = tmp_path / "judge"
+    out.mkdir()
+    for name in ("config.json", "metrics.json"):
+        (out / name).write_text("{}")
+    return out
+
+
+def test_nli_train_is_a_no_op_without_torch_when_the_checkpoint_exists(tmp_path: Path) -> None:
+    out = _present_judge(tmp_path)
+    code = (
+        "import sys\nfrom contraq.cli import main\nrc = main(sys.argv[1:])\n"
+        "print('torch' in sys.modules)\nraise SystemExit(rc)"
+    )
+    args = ["nli-train", f"nli.train.out={out}", "nli.train.num_threads=1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [f"{out} exists (force=true retrains)", "False"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("nli.train.epochs=abc", "nli.train.epochs: Value 'abc'"),
+        ("nli.train.epochz=3", "Could not override 'nli.train.epochz'"),
+        ("+nli.train.epochz=3", "nli.train.epochz: unknown key of the judge's recipe"),
+        ("force=yes", "force: must be true or false, got 'yes'"),
+        ("nli=deberta-v3-large-mnli", "nli=deberta-v3-large-mnli has no train: recipe"),
+        ("--force", "contraq nli-train: "),  # the old flags are refused, not ignored
+    ],
+)
+def test_nli_train_bad_input_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    out = _present_judge(tmp_path)  # were the input accepted, nothing would train
+    given = [override] if override.startswith("nli=") else [f"nli.train.out={out}", override]
+    assert main(["nli-train", *given]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("contraq nli-train: ") and message in err and "\n" not in err
+
+
 def test_classification_metrics() -> None:
     gold = [0, 0, 0, 1, 1, 2]
     pred = [0, 0, 1, 1, 2, 2]
@@ -239,7 +285,7 @@ def test_train_nli_tiny_saves_a_loadable_deterministic_checkpoint(
     # ensure_judge and `contraq nli-train` reuse a complete checkpoint (no retraining).
     stamp = (res.path / "metrics.json").stat().st_mtime_ns
     assert ensure_judge(_tiny_train_cfg(tiny_nli_dir, tmp_path / "a")) == res.path
-    assert cli_main(["--out", str(res.path)]) == 0
+    assert main(["nli-train", f"nli.train.out={res.path}"]) == 0
     assert (res.path / "metrics.json").stat().st_mtime_ns == stamp
     # Reward loading finds it.
     group = {"train": {**asdict(_tiny_train_cfg(tiny_nli_dir, tmp_path / "a"))}, "batch_size": 4}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import smoke_train_cmd
 from redis_fixtures import start_server
@@ -150,6 +151,24 @@ def test_differing_relaunch_with_resume_never_keeps_the_previous_config(tmp_path
     assert summary(out)["resumed_from"] is None
 
 
+def test_run_folder_with_the_old_flat_callbacks_keys_relaunches(tmp_path: Path) -> None:
+    """config.yaml written before the callbacks became `_target_` nodes still loads and resumes."""
+    out = tmp_path / "run"
+    train(out, "train.max_steps=2")
+    saved = OmegaConf.load(out / "config.yaml")
+    saved.callbacks = {
+        "checkpoint_every_n_steps": 2,
+        "keep_step_checkpoints": 1,
+        "samples_every_n_steps": 1,
+        "progress_bar": "none",
+    }
+    OmegaConf.save(saved, out / "config.yaml")
+    train(out, "train.max_steps=3")
+    assert summary(out)["resumed_from"].endswith("last.ckpt") and summary(out)["steps"] == 3
+    assert "every_n_train_steps: 2" in (out / "config.yaml").read_text()  # today's layout
+    one_line_error(train(out, "train.max_steps=3", "train.lr=1e-3", rc=2), "train.lr: 0.0002")
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -173,8 +192,15 @@ def test_bad_config_values_get_one_line_naming_the_key(
     ("override", "needle"),
     [
         ("train.lrr=1", "train.lrr: Key 'lrr' not in 'TrainConfig'"),
-        ("reward.reward_temp_start=2", "reward.reward_temp_start: Key 'reward_temp_start' not in"),
+        (
+            "reward.reward_temp_start=2",
+            "reward.reward_temp_start: moved to train.reward_temp.start",
+        ),
         ("loss=nope", "loss: no option 'nope' (one of: subtb, tb, vargrad)"),
+        (
+            "callbacks.checkpoint_every_n_steps=5",
+            "callbacks.checkpoint_every_n_steps: moved to callbacks.model_checkpoint.",
+        ),
     ],
 )
 def test_unknown_keys_and_options_get_one_line(tmp_path: Path, override: str, needle: str) -> None:
@@ -233,7 +259,7 @@ def test_redis_password_never_reaches_the_run_folder(tmp_path: Path) -> None:
 def test_signal_saves_last_checkpoint_and_exits_cleanly(tmp_path: Path, sig: int) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        _cmd(out, "train.max_steps=1000", "callbacks.checkpoint_every_n_steps=1000"),
+        _cmd(out, "train.max_steps=1000", "callbacks.model_checkpoint.every_n_train_steps=1000"),
         cwd=REPO,
         env=_env(),
         stdout=subprocess.DEVNULL,

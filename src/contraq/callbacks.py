@@ -1,4 +1,5 @@
-"""The run's Lightning callbacks, built from the ``callbacks`` config group (and ``eval``).
+"""The run's Lightning callbacks: :func:`build_callbacks` instantiates the ``callbacks`` group
+(``configs/callbacks/``: one ``_target_`` node per callback, Lightning's and these):
 
 - :class:`AdapterCheckpoint`: the LoRA adapter next to every ``last.ckpt``;
 - :class:`SampleWriter`: the step's questions, answers and reward parts to ``samples.jsonl``;
@@ -23,15 +24,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import (
-    LearningRateMonitor,
-    ModelCheckpoint,
-    RichProgressBar,
-    TQDMProgressBar,
-)
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from contraq.config_check import ConfigError
 from contraq.metrics import Embedder
 from contraq.module import save_adapter
 from contraq.sampler import SampleBatch
@@ -42,8 +40,8 @@ log = logging.getLogger(__name__)
 class AdapterCheckpoint(L.Callback):
     """Saves the LoRA adapter next to every last.ckpt, so `contraq sample` needs no Lightning."""
 
-    def __init__(self, out_dir: Path, every_n_steps: int) -> None:
-        self.out_dir, self.every = out_dir, max(1, every_n_steps)
+    def __init__(self, out_dir: str | os.PathLike[str], every_n_steps: int) -> None:
+        self.out_dir, self.every = Path(out_dir), max(1, every_n_steps)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         if trainer.is_global_zero and trainer.global_step % self.every == 0:
@@ -57,8 +55,8 @@ class AdapterCheckpoint(L.Callback):
 class SampleWriter(L.Callback):
     """Appends the step's questions, answers and reward parts to samples.jsonl (rank 0 only)."""
 
-    def __init__(self, path: Path, every_n_steps: int) -> None:
-        self.path, self.every = path, max(1, every_n_steps)
+    def __init__(self, path: str | os.PathLike[str], every_n_steps: int) -> None:
+        self.path, self.every = Path(path), max(1, every_n_steps)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         data = pl_module.last_batch
@@ -86,9 +84,13 @@ class FreshSampleEval(L.Callback):
     and at the end, and appends them to fresh_eval.jsonl (the run's start-vs-end record)."""
 
     def __init__(
-        self, path: Path, every_n_steps: int, n_samples: int, diversity: bool = True
+        self,
+        path: str | os.PathLike[str],
+        every_n_steps: int,
+        n_samples: int,
+        diversity: bool = True,
     ) -> None:
-        self.path, self.every, self.n = path, max(1, every_n_steps), n_samples
+        self.path, self.every, self.n = Path(path), max(1, every_n_steps), n_samples
         self.diversity = diversity
         self._embedder = None
         self._last_step = -1
@@ -121,14 +123,6 @@ class FreshSampleEval(L.Callback):
         self._run(trainer, pl_module)
 
 
-def build_progress_bar(kind: str) -> list[L.Callback]:
-    if kind == "rich":
-        return [RichProgressBar(leave=True)]
-    if kind == "tqdm":
-        return [TQDMProgressBar()]
-    return []
-
-
 class StopOnSignal(L.Callback):
     """SIGINT/SIGTERM: finish the running step, save ``last.ckpt``, stop the fit cleanly.
 
@@ -138,8 +132,8 @@ class StopOnSignal(L.Callback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, ckpt_dir: Path) -> None:
-        self.ckpt_dir = ckpt_dir
+    def __init__(self, ckpt_dir: str | os.PathLike[str]) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
         self.received: int | None = None  # the signal this process got
         self.stopped_by: int | None = None  # set on every rank once any rank got one
         self._previous: dict[int, Any] = {}
@@ -254,32 +248,31 @@ class DDPAudit(L.Callback):
         )
 
 
-def build_callbacks(cfg: DictConfig, out_dir: Path) -> list[L.Callback]:
-    """Every callback of a run writing into ``out_dir`` (``callbacks`` and ``eval`` groups;
-    :class:`DDPAudit` when ``ddp_audit_dir`` is set)."""
-    cb = cfg.callbacks
+# The callbacks that keep a run folder resumable: config_check refuses a config without these
+# names, and here each must build its class (not another _target_).
+REQUIRED = {
+    "model_checkpoint": ModelCheckpoint,
+    "adapter_checkpoint": AdapterCheckpoint,
+    "stop_on_signal": StopOnSignal,
+}
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Every node of the ``callbacks`` group, instantiated, plus :class:`DDPAudit` when
+    ``ddp_audit_dir`` is set. A node that cannot be built raises a ``ConfigError`` naming it."""
+    out: list[L.Callback] = []
+    for name, node in cfg.callbacks.items():
+        key = f"callbacks.{name}"
+        try:
+            callback = instantiate(node)
+        except Exception as e:  # Hydra wraps import and argument errors alike
+            cause = e.__cause__ or e
+            first = (str(cause).splitlines() or [type(cause).__name__])[0]
+            raise ConfigError(key, f"cannot build {node.get('_target_')!r}: {first}") from None
+        want = REQUIRED.get(str(name), L.Callback)
+        if not isinstance(callback, want):
+            got = type(callback).__name__
+            raise ConfigError(key, f"must build a {want.__name__}, got a {got}")
+        out.append(callback)
     audit_dir = OmegaConf.select(cfg, "ddp_audit_dir", default=None)
-    return [
-        ModelCheckpoint(
-            dirpath=str(out_dir / "checkpoints"),
-            filename="step={step}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=int(cb.checkpoint_every_n_steps),
-            save_last=True,
-            save_top_k=int(cb.keep_step_checkpoints),
-            monitor="step",
-            mode="max",
-        ),
-        AdapterCheckpoint(out_dir / "adapter", int(cb.checkpoint_every_n_steps)),
-        SampleWriter(out_dir / "samples.jsonl", int(cb.samples_every_n_steps)),
-        FreshSampleEval(
-            out_dir / "fresh_eval.jsonl",
-            int(cfg.eval.every_n_steps),
-            int(cfg.eval.n_samples),
-            diversity=bool(cfg.eval.get("diversity", True)),
-        ),
-        LearningRateMonitor(logging_interval="step"),
-        StopOnSignal(out_dir / "checkpoints"),
-        *build_progress_bar(str(cb.progress_bar)),
-        *([DDPAudit(audit_dir)] if audit_dir else []),
-    ]
+    return [*out, *([DDPAudit(audit_dir)] if audit_dir else [])]

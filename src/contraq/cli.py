@@ -14,7 +14,8 @@ contraq smooth run=RUN out=DIR [overrides]
 contraq rescore records=EVAL judge=NLI out=DIR [overrides]
                                     an eval's questions and answers judged again
                                     (configs/rescore.yaml)
-contraq nli-train ...               train the offline MiniLM NLI judge
+contraq nli-train [overrides]       train the offline MiniLM NLI judge once
+                                    (configs/nli-train.yaml: nli.train.out=DIR, force=true)
 contraq redis start|stop|status     a local redis-server for buffer=redis
 
 Overrides are Hydra's key=value; `contraq CMD --help` lists a command's settings and their
@@ -146,16 +147,18 @@ def _demo(cfg: Any) -> None:
     )
 
 
-def compose(name: str, overrides: list[str]) -> Any:
+def compose(name: str, overrides: list[str], schemas: bool = True) -> Any:
     """``configs/<name>.yaml`` with the overrides applied (Hydra's compose API: no run folder,
-    no logging setup). Raises :class:`OverrideError` for an override Hydra refuses."""
+    no logging setup). Raises :class:`OverrideError` for an override Hydra refuses.
+    ``schemas=False``: without the run schemas (their import loads torch)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    from contraq.conf import register_schemas
+    if schemas:
+        from contraq.conf import register_schemas
 
-    register_schemas()
+        register_schemas()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             return hydra_compose(config_name=name, overrides=overrides)
@@ -171,17 +174,21 @@ HELP_FILES = {
     "report": ("report.yaml",),
     "smooth": ("smooth.yaml",),
     "rescore": ("rescore.yaml",),
+    "nli-train": ("nli-train.yaml", "nli/minilm-zsre.yaml"),
 }
 
 
 def _command(cmd: str, rest: list[str]) -> int:
-    """`contraq sample|eval|report|smooth|rescore`: compose ``configs/<cmd>.yaml`` and run the command."""
+    """`contraq sample|eval|report|smooth|rescore|nli-train`: compose ``configs/<cmd>.yaml``
+    and run the command."""
     if any(a in ("-h", "--help") for a in rest):
         print("\n".join((config_dir() / f).read_text() for f in HELP_FILES[cmd]))
         return 0
-    cfg = compose(cmd, rest)
+    cfg = compose(cmd, rest, schemas=cmd != "nli-train")
     _offline_env()
-    if cmd == "sample":
+    if cmd == "nli-train":
+        _nli_train(cfg)
+    elif cmd == "sample":
         from contraq.sample import run_sample
 
         run_sample(cfg)
@@ -202,6 +209,26 @@ def _command(cmd: str, rest: list[str]) -> int:
 
         run_report(cfg)
     return 0
+
+
+def _nli_train(cfg: Any) -> None:
+    """The judge's recipe typed (a bad value names its ``nli.train.`` key), then trained once."""
+    from dataclasses import fields
+
+    from contraq.config_check import ConfigError, boolean
+    from contraq.judge.cli import nli_train
+    from contraq.judge.config import NLITrainConfig
+    from contraq.settings import typed
+
+    if cfg.nli.get("train") is None:
+        raise OverrideError(f"nli={cfg.nli.name} has no train: recipe (nothing to train)")
+    unknown = sorted(set(cfg.nli.train) - {f.name for f in fields(NLITrainConfig)})
+    if unknown:  # typed() would skip them: a +key=value added by hand is a typo
+        raise ConfigError(f"nli.train.{unknown[0]}", "unknown key of the judge's recipe")
+    tcfg = typed(NLITrainConfig, cfg.nli.train, prefix="nli.train.")
+    if boolean(cfg.force):  # never train on a misspelt no
+        raise ConfigError("force", f"must be true or false, got {cfg.force!r}")
+    nli_train(tcfg, force=cfg.force)
 
 
 USAGE = __doc__ or ""
@@ -234,10 +261,6 @@ def _dispatch(cmd: str, rest: list[str]) -> int:
         return _hydra(_guarded(cmd, _train), rest, "contraq train", "train")
     if cmd == "demo":
         return _hydra(_guarded(cmd, _demo), rest, "contraq demo", "demo")
-    if cmd == "nli-train":
-        from contraq.judge.cli import cli_main as nli_main
-
-        return nli_main(rest)
     if cmd == "redis":
         from contraq.redis_server import cli_main as redis_main
 

@@ -150,16 +150,6 @@ class DataConfig:
 
 
 @dataclass
-class CallbacksConfig:
-    """How often the run folder is written (``contraq.callbacks.build_callbacks``)."""
-
-    checkpoint_every_n_steps: int = 10  # checkpoints/last.ckpt (resume point) + the adapter
-    keep_step_checkpoints: int = 1
-    samples_every_n_steps: int = 5  # appends sampled questions to <output_dir>/samples.jsonl
-    progress_bar: str = "rich"  # rich | tqdm | none
-
-
-@dataclass
 class RunConfig:
     """The whole ``contraq train`` config (``configs/train.yaml`` and its groups)."""
 
@@ -179,7 +169,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerOptions = field(default_factory=SamplerOptions)
     loss: LossConfig = field(default_factory=LossConfig)
-    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    # name -> a callback's `_target_` node (configs/callbacks/, contraq.callbacks.build_callbacks):
+    # a dict, so a new name needs `+` and an old flat key (callbacks.progress_bar=none) fails.
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     reward: Any = None
     nli: Any = None
     buffer: Any = None

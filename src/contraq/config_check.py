@@ -182,10 +182,11 @@ RULES: dict[str, Check] = {
     "reward.count_only_genuine": boolean,
     "reward.judge_question": boolean,
     "reward.log_c_floor": number(-1e6, 0),
-    "callbacks.checkpoint_every_n_steps": integer(1),
-    "callbacks.keep_step_checkpoints": integer(-1),
-    "callbacks.samples_every_n_steps": integer(1),
-    "callbacks.progress_bar": choice("rich", "tqdm", "none"),
+    "callbacks.model_checkpoint.every_n_train_steps": integer(1),
+    "callbacks.model_checkpoint.save_top_k": integer(-1),
+    "callbacks.model_checkpoint.save_last": choice(True),
+    "callbacks.adapter_checkpoint.every_n_steps": integer(1),
+    "callbacks.sample_writer.every_n_steps": integer(1),
     "data.path": text,
     "data.val_fraction": number(0, 1),
     "data.test_fraction": number(0, 1),
@@ -239,9 +240,38 @@ def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
             "train.n_samples",
             f"must be >= 2 for loss=vargrad (it compares the questions of a fact), got {n}",
         )
+    yield from _checkpoint_dir(cfg)
     resume = get("resume")
     if not (resume is None or resume in ("auto", "never") or isinstance(resume, str)):
         yield ConfigError("resume", f"must be auto, never or a checkpoint path, got {resume!r}")
+
+
+# The callbacks a run folder needs to stay resumable (contraq.callbacks.REQUIRED builds them).
+REQUIRED_CALLBACKS = ("model_checkpoint", "adapter_checkpoint", "stop_on_signal")
+
+
+def _required_callbacks(cfg: Any) -> Iterator[ConfigError]:
+    """Without these the run folder has no resume point or clean stop (checked before
+    resolving: the other callbacks interpolate their arguments)."""
+    callbacks = cfg.get("callbacks") if isinstance(cfg, Mapping) else None
+    for name in REQUIRED_CALLBACKS if isinstance(callbacks, Mapping) else ():
+        if name not in callbacks:
+            yield ConfigError(
+                f"callbacks.{name}",
+                "is required (the run folder's resume point); change its arguments, "
+                "do not remove it",
+            )
+
+
+def _checkpoint_dir(cfg: Any) -> Iterator[ConfigError]:
+    """last.ckpt must be written where resume looks for it."""
+    out, ckpt = _get(cfg, "output_dir")[1], _get(cfg, "callbacks.model_checkpoint.dirpath")[1]
+    paths = isinstance(out, str) and isinstance(ckpt, str)
+    if paths and Path(ckpt).resolve() != Path(out).resolve() / "checkpoints":
+        yield ConfigError(
+            "callbacks.model_checkpoint.dirpath",
+            f"must be <output_dir>/checkpoints (where resume looks), got {ckpt!r}",
+        )
 
 
 def validate(cfg: Any) -> None:
@@ -249,6 +279,8 @@ def validate(cfg: Any) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    for err in _required_callbacks(cfg):
+        raise err
     if OmegaConf.is_config(cfg):
         try:  # every interpolation resolves and no mandatory (???) value is missing
             cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -290,6 +322,13 @@ def composition_error(exc: BaseException) -> ConfigError:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return ConfigError("config", "; ".join(lines))
     value = getattr(cause, "value", None)
+    if str(key) in MOVED_KEYS:  # an override in an older layout
+        return ConfigError(str(key), f"moved to {MOVED_KEYS[str(key)]}")
+    if str(key) == "callbacks.progress_bar" and isinstance(value, str):
+        return ConfigError(
+            str(key),
+            "is a callback node: callbacks/progress_bar=rich|tqdm, none: ~callbacks.progress_bar",
+        )
     rule = RULES.get(str(key))
     expected = rule(value) if rule is not None and value is not None else None
     if expected:
@@ -365,6 +404,14 @@ MOVED_KEYS = {
     "reward.reward_temp_horizon": "train.reward_temp.horizon",
     "buffer.use_buffer_prob": "train.replay.prob",
     "buffer.prioritized": "train.replay.prioritized",
+    "callbacks.checkpoint_every_n_steps": "callbacks.model_checkpoint.every_n_train_steps",
+    "callbacks.keep_step_checkpoints": "callbacks.model_checkpoint.save_top_k",
+    "callbacks.samples_every_n_steps": "callbacks.sample_writer.every_n_steps",
+}
+# callbacks.progress_bar=rich|tqdm|none became a node (configs/callbacks/progress_bar/).
+PROGRESS_BARS = {
+    "rich": {"_target_": "lightning.pytorch.callbacks.RichProgressBar", "leave": True},
+    "tqdm": {"_target_": "lightning.pytorch.callbacks.TQDMProgressBar", "leave": True},
 }
 DROPPED_KEYS = ("demo",)  # the demo's eval settings now live in configs/evaluation/
 
@@ -385,6 +432,11 @@ def upgrade_saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
             for part in parents:
                 node = node.setdefault(part, {})
             node.setdefault(leaf, value)
+    callbacks = out.get("callbacks")
+    if isinstance(callbacks, dict) and isinstance(callbacks.get("progress_bar"), str):
+        bar = PROGRESS_BARS.get(callbacks.pop("progress_bar"))
+        if bar is not None:
+            callbacks["progress_bar"] = dict(bar)
     for key in DROPPED_KEYS:
         out.pop(key, None)
     return out

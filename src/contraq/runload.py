@@ -135,7 +135,7 @@ def load_parts(
         if not (ref.adapter_dir / "adapter_config.json").is_file():
             raise RunError(
                 f"{ref.adapter_dir}: no adapter_config.json (training saves the adapter every "
-                "callbacks.checkpoint_every_n_steps steps; pass a .ckpt or plain=true)"
+                "callbacks.model_checkpoint.every_n_train_steps steps; pass a .ckpt or plain=true)"
             )
         parts = Parts(cfg, adapter_dir=ref.adapter_dir)
     parts.policy.to(device or pick_device()).eval()

@@ -22,6 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from contraq import launch, runs
@@ -51,7 +52,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list[L.Callback]) -
         callbacks=callbacks,
         plugins=[runs.AtomicCheckpointIO()],
         default_root_dir=str(out_dir),
-        enable_progress_bar=str(cfg.callbacks.progress_bar) != "none",
+        # else Lightning adds its own bar when callbacks.progress_bar was dropped
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
     )
 
 
@@ -70,6 +72,7 @@ def run_training(cfg: DictConfig) -> Path:
     saved.pop("evaluation", None)  # the demo's eval settings are not part of the run
     check_relaunch(out_dir, saved, cfg.resume)
     ckpt_path = runs.find_resume_checkpoint(cfg.resume, ckpt_dir, resolve_path)
+    callbacks = build_callbacks(cfg)  # a node that cannot be built fails before any loading
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     split = run_split(cfg)
     parts = Parts(cfg)
@@ -91,7 +94,6 @@ def run_training(cfg: DictConfig) -> Path:
         eval_facts=eval_facts,
         eval_prompts=build_prompts(cfg, eval_facts, parts.tokenizer),
     )
-    callbacks = build_callbacks(cfg, out_dir)
     trainer = build_trainer(cfg, out_dir, callbacks)
     if launch.env_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
