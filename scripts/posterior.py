@@ -14,7 +14,7 @@ untrained policy (the prior, T=1) restricted to counted contradictions. This scr
 
 Usage (the run only supplies its base LM, prompt, reward and held-out split)::
 
-    python scripts/posterior.py run=outputs/cf-genuine judge=~/.cache/contraq/nli/minilm-zsre-v5 \
+    python scripts/posterior.py run=outputs/cf-genuine judge=~/.cache/contraq/nli/minilm-zsre-v8 \
         out=docs/results/posterior pool=64 n=8 max_facts=32
 """
 

@@ -408,9 +408,9 @@ HACKS = [
 ]
 
 
-# Hacks the current judge (v5) still misreads as a contradiction, with its score: a strict
+# Hacks the current judge (v8) still misreads as a contradiction, with its score: a strict
 # xfail records each, so a judge that fixes one makes the test fail until the entry is removed.
-KNOWN_MISSES = {(COLT, "It is a handgun."): 0.68}
+KNOWN_MISSES = {(COLT, "It is a handgun."): 0.80}
 
 
 @pytest.mark.slow
@@ -419,7 +419,7 @@ KNOWN_MISSES = {(COLT, "It is a handgun."): 0.68}
     [
         pytest.param(
             pair,
-            marks=pytest.mark.xfail(strict=True, reason=f"judge v5 P(contra)={KNOWN_MISSES[pair]}"),
+            marks=pytest.mark.xfail(strict=True, reason=f"judge v8 P(contra)={KNOWN_MISSES[pair]}"),
         )
         if pair in KNOWN_MISSES
         else pair

