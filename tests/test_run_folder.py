@@ -282,3 +282,18 @@ def test_signal_saves_last_checkpoint_and_exits_cleanly(tmp_path: Path, sig: int
     train(out, f"train.max_steps={ckpt['global_step'] + 1}")
     assert summary(out)["resumed_from"].endswith("last.ckpt")
     assert summary(out)["steps"] == ckpt["global_step"] + 1
+
+
+def test_a_second_training_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    """Two processes training one folder would write the same checkpoints, adapter and logs
+    twice (seen when a run was relaunched while its first process was still training)."""
+    from filelock import FileLock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with FileLock(str(out / ".train.lock")):  # what a running `contraq train` holds
+        text = train(out, "train.max_steps=1", rc=2)
+    assert "another `contraq train` is training in this folder" in text
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+    train(out, "train.max_steps=1")  # once it is free, the folder trains as usual
+    assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -9,6 +9,8 @@
   ``step=N.ckpt`` with a warning.
 - :class:`AppendingCSVLogger`: ``logs/metrics.csv`` keeps the rows of earlier launches.
 - :func:`write_run_config`: the run's ``config.yaml`` (secrets masked), written atomically.
+- :func:`training_lock`: one training process per run folder (a relaunch while the first is
+  still training would write the same checkpoints and logs twice).
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from contraq.config_check import ConfigError
+from contraq.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -210,3 +214,30 @@ def write_run_config(run_dir: Path, yaml_text: str, keep_previous: bool) -> None
         os.replace(path, run_dir / f"config.prev-{n}.yaml")
         log.warning("kept the previous config of %s as config.prev-%d.yaml", run_dir, n)
     atomic_write(path, lambda fh: fh.write(yaml_text.encode()))
+
+
+class RunBusyError(UserError):
+    """Another process is training in the run folder."""
+
+
+@contextlib.contextmanager
+def training_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.train.lock`` while training (rank 0 only; released when the process
+    ends, also when it is killed: the OS drops the lock with the file descriptor).
+
+    Raises:
+        RunBusyError: another process holds it.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".train.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunBusyError(
+            f"{run_dir}: another `contraq train` is training in this folder; wait for it or "
+            "stop it (Ctrl+C saves last.ckpt), or use another name="
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -13,6 +13,7 @@ The run folder (``output_dir``) holds everything a later command needs::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -67,6 +68,14 @@ def run_training(cfg: DictConfig) -> Path:
     validate(cfg)
     out_dir = Path(cfg.output_dir).resolve()
     launch.prepare(cfg)
+    # One training process per folder (rank 0 holds it; DDP's other ranks are its children).
+    lock = runs.training_lock(out_dir) if launch.env_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return _fit(cfg, out_dir)
+
+
+def _fit(cfg: DictConfig, out_dir: Path) -> Path:
+    """:func:`run_training` once the config is valid and the folder is this process's."""
     ckpt_dir = out_dir / "checkpoints"
     saved = masked(OmegaConf.to_container(cfg, resolve=True))
     saved.pop("evaluation", None)  # the demo's eval settings are not part of the run

@@ -1,0 +1,55 @@
+"""One Markdown row per evaluation folder: the trained policy's counted rate, facts covered and
+diversity with 95% intervals, and its paired differences from T=0.5 and beam search.
+
+Usage::
+
+    python scripts/results_table.py docs/results/cf-genuine/eval-v8 docs/results/cf-vg/eval-v8
+
+The baselines' rows come from the first folder (every folder of one comparison holds the same
+baseline records: same facts, settings and judge).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _ci(summary: dict, key: str) -> str:
+    return f"{summary[key]:.3f} [{summary[key + '_low']:.3f}, {summary[key + '_high']:.3f}]"
+
+
+def _paired(comparisons: dict, method: str) -> str:
+    c = comparisons.get(method)
+    if not c:
+        return ""
+    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] (p {c['p_le_0']:.2f})"
+
+
+def main(folders: list[str]) -> None:
+    print(
+        "| run | counted rate [95% CI] | facts covered [95% CI] | diversity | "
+        "trained - T=0.5, paired | trained - beam, paired |"
+    )
+    print("|---|---|---|---|---|---|")
+    first = None
+    for folder in folders:
+        result = json.loads((Path(folder) / "eval.json").read_text())
+        first = first or result
+        s, comp = result["summary"]["trained"], result["comparisons"]
+        beam = next(m for m in result["summary"] if m.endswith("beam"))
+        print(
+            f"| {folder} | {_ci(s, 'genuine_rate')} | {_ci(s, 'coverage')} | "
+            f"{s['diversity']:.3f} | {_paired(comp, 'untrained_T0.5')} | {_paired(comp, beam)} |"
+        )
+    for name, s in first["summary"].items():
+        if name != "trained":
+            print(
+                f"| {name} | {_ci(s, 'genuine_rate')} | {_ci(s, 'coverage')} | "
+                f"{s['diversity']:.3f} | | |"
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
