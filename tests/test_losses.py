@@ -435,13 +435,20 @@ def _rewards(tree: TabularTree, seed: int) -> dict[tuple[int, ...], float]:
     return {p: float(torch.rand(1, generator=g)) * 4 + 0.2 for p in tree.states}
 
 
-def test_tb_minimisation_gives_p_proportional_to_r():
-    tree = TabularTree(min_len=1, seed=0)
-    reward = _rewards(tree, seed=1)
+def _tree_far_from_target(tree_seed: int) -> tuple[TabularTree, torch.Tensor, torch.Tensor]:
+    """A tree (min_len 1), terminal log-rewards of its objects and the target P ~ R, which the
+    tree's initial policy is far from."""
+    tree = TabularTree(min_len=1, seed=tree_seed)
+    reward = _rewards(tree, seed=tree_seed + 1)
     log_r = torch.tensor([math.log(reward[p]) for p in tree.objects], dtype=torch.float64)
     target = log_r.exp() / log_r.exp().sum()
     with torch.no_grad():
         assert (tree.terminal_probs() - target).abs().max() > 0.05  # far from it at the start
+    return tree, log_r, target
+
+
+def test_tb_minimisation_gives_p_proportional_to_r():
+    tree, log_r, target = _tree_far_from_target(0)
     log_z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([tree.theta, log_z], lr=0.1)
     for _ in range(200):
@@ -460,12 +467,7 @@ def test_tb_minimisation_gives_p_proportional_to_r():
 
 
 def test_vargrad_minimisation_gives_p_proportional_to_r():
-    tree = TabularTree(min_len=1, seed=6)
-    reward = _rewards(tree, seed=7)
-    log_r = torch.tensor([math.log(reward[p]) for p in tree.objects], dtype=torch.float64)
-    target = log_r.exp() / log_r.exp().sum()
-    with torch.no_grad():
-        assert (tree.terminal_probs() - target).abs().max() > 0.05
+    tree, log_r, target = _tree_far_from_target(6)
     opt = torch.optim.Adam([tree.theta], lr=0.1)
     groups = torch.zeros(len(tree.objects), dtype=torch.long)  # one prompt
     for _ in range(200):
