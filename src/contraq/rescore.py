@@ -24,7 +24,12 @@ from contraq.files import iter_jsonl
 from contraq.judge.scorer import NLIScorer, load_scorer
 from contraq.questions import reward_step
 from contraq.report import eval_table
-from contraq.reward.contradiction import ContradictionRewardConfig, counted_log_r, judge_answers
+from contraq.reward.contradiction import (
+    ContradictionRewardConfig,
+    counted_flags,
+    counted_log_r,
+    judge_answers,
+)
 from contraq.runload import RunError, load_run_config
 from contraq.settings import typed
 
@@ -69,7 +74,7 @@ def rescore_records(
         log_pa,
         step,
     )
-    genuine = question & ~echo & (log_c > torch.log(torch.tensor(0.5)))
+    genuine = counted_flags(log_c, question, echo)
     return [
         {
             **r,

@@ -170,6 +170,12 @@ def judge_answers(
     return log_c, question, echo
 
 
+def counted_flags(log_c: Tensor, question: Tensor, echo: Tensor) -> Tensor:
+    """``BoolTensor[N]``: counted (genuine) contradictions: a question, no echo, and the judge's
+    P(contradiction) above one half."""
+    return question & ~echo & (log_c > math.log(0.5))
+
+
 def counted_log_r(
     cfg: ContradictionRewardConfig,
     log_c: Tensor,
@@ -310,7 +316,7 @@ class ContradictionReward(BaseLMAnswers):
             "n_nonfinite": n_nonfinite,
             "is_question": judged.question.float(),
             "is_echo": judged.echo.float(),
-            "genuine": (judged.question & ~judged.echo & (log_c > math.log(0.5))).float(),
+            "genuine": counted_flags(log_c, judged.question, judged.echo).float(),
         }
         if log_pa is not None:
             components["log_pa"] = torch.nan_to_num(log_pa, nan=floor, posinf=floor, neginf=floor)
