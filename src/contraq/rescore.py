@@ -8,26 +8,23 @@ half hour, so a new judge can be compared on every method's exact questions.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from contraq.config_check import ConfigError
 from contraq.evaluate import report_records
-from contraq.files import iter_jsonl
 from contraq.judge.scorer import NLIScorer, load_scorer
 from contraq.questions import reward_step
 from contraq.report import eval_table
+from contraq.reuse import read_eval_folder, with_log_r
 from contraq.reward.contradiction import (
     ContradictionRewardConfig,
     counted_flags,
-    counted_log_r,
     judge_answers,
 )
 from contraq.runload import RunError, load_run_config
@@ -48,7 +45,8 @@ def rescore_records(
     records: Sequence[dict[str, Any]], nli: NLIScorer, rcfg: ContradictionRewardConfig, step: int
 ) -> list[dict[str, Any]]:
     """Copies of ``records`` with the judge's fields recomputed by ``nli`` (the reward's own
-    :func:`contraq.reward.contradiction.judge_answers` and :func:`combine_log_reward`)."""
+    :func:`contraq.reward.contradiction.judge_answers` and :func:`counted_flags`) and log R
+    with them (:func:`contraq.reuse.with_log_r`)."""
     if not records:
         return []
     if any(r.get("answer") is None for r in records):
@@ -62,59 +60,25 @@ def rescore_records(
         [str(r["answer"]) for r in records],
         rcfg.judge_question,
     )
-    log_pa = None
-    if rcfg.w_ans != 0.0:
-        log_pa = torch.tensor([float(r["log_pa"]) for r in records])
-    log_r, _ = counted_log_r(
-        rcfg,
-        log_c,
-        question & ~echo,
-        torch.tensor([float(r["log_pq"]) for r in records]),
-        torch.tensor([float(r["length"]) for r in records]),
-        log_pa,
-        step,
-    )
     genuine = counted_flags(log_c, question, echo)
-    return [
+    judged = [
         {
             **r,
             "log_c": float(log_c[i]),
-            "log_r": float(log_r[i]),
             "is_question": float(question[i]),
             "is_echo": float(echo[i]),
             "genuine": float(genuine[i]),
         }
         for i, r in enumerate(records)
     ]
-
-
-# What a record needs to be judged again (`contraq eval` writes them all).
-_NEEDED = ("method", "fact_index", "edit_fact", "question", "answer", "log_pq", "length")
-
-
-def _load(folder: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """(eval.json, {method: records in file order}) of an eval folder."""
-    for name in ("eval.json", "questions.jsonl"):
-        if not (folder / name).is_file():
-            raise ConfigError("records", f"{folder / name} not found (a `contraq eval` folder)")
-    result = json.loads((folder / "eval.json").read_text())
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    try:
-        for lineno, rec in iter_jsonl(folder / "questions.jsonl"):
-            missing = [k for k in _NEEDED if k not in rec]
-            if missing:
-                raise ValueError(f"{folder / 'questions.jsonl'}:{lineno}: no {', '.join(missing)}")
-            by_method.setdefault(str(rec["method"]), []).append(rec)
-    except ValueError as exc:
-        raise ConfigError("records", str(exc)) from None
-    return result, by_method
+    return with_log_r(judged, rcfg, step)
 
 
 def run_rescore(cfg: DictConfig) -> dict[str, Any]:
     """`contraq rescore`: judge an eval folder's records again and write a new eval folder."""
     rc = typed(RescoreConfig, cfg)
     started = time.time()
-    old, by_method = _load(Path(rc.records))
+    old, by_method = read_eval_folder(Path(rc.records), "records")
     run_dir = Path(rc.run or old["settings"]["run"])
     try:
         run_cfg = load_run_config(run_dir)

@@ -89,25 +89,22 @@ def load_baselines(
             difference named), or lacks a method.
     """
     folder = Path(folder)
+    old, by_method = read_eval_folder(folder, "baselines_from")
     try:
-        old = json.loads((folder / "eval.json").read_text())
         old_cfg = load_run_config(Path(old["settings"]["run"]))
-        rows = [rec for _, rec in iter_jsonl(folder / "questions.jsonl")]
-    except (OSError, KeyError, ValueError, RunError) as exc:
+    except (KeyError, RunError) as exc:
         raise ConfigError(
             "baselines_from", f"{folder}: not a reusable eval folder ({exc})"
         ) from None
     diff = _differences(old["settings"], settings, old_cfg, run_cfg)
-    old_facts = {(r["fact_index"], r["subject"], r["edit_fact"]) for r in rows}
+    rows = [r for recs in by_method.values() for r in recs]
+    old_facts = {(r["fact_index"], r.get("subject"), r["edit_fact"]) for r in rows}
     if old_facts != {(i, f.subject, f.edit_fact) for i, f in enumerate(facts)}:
         diff.append("facts")
     if diff:
         raise ConfigError(
             "baselines_from", f"{folder} differs from this evaluation in: {', '.join(diff)}"
         )
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for rec in rows:
-        by_method.setdefault(str(rec["method"]), []).append(rec)
     records: dict[str, list[dict[str, Any]]] = {}
     for name in methods:
         found = [m for m in by_method if m == name or (name == "beam" and m.endswith("beam"))]
@@ -115,12 +112,18 @@ def load_baselines(
             raise ConfigError("baselines_from", f"{folder} has no {name} records")
         records[found[0]] = by_method[found[0]]
     seconds = {m: float(old["summary"][m].get("seconds") or float("nan")) for m in records}
-    return {m: _with_log_r(recs, run_cfg) for m, recs in records.items()}, seconds
+    cfg, step = ContradictionRewardConfig.from_mapping(run_cfg.reward), reward_step(run_cfg)
+    return {m: with_log_r(recs, cfg, step) for m, recs in records.items()}, seconds
 
 
-def _with_log_r(records: list[dict[str, Any]], run_cfg: Any) -> list[dict[str, Any]]:
-    """The records with ``log_r`` recomputed under this run's reward (its beta, w_lik...)."""
-    cfg = ContradictionRewardConfig.from_mapping(run_cfg.reward)
+def with_log_r(
+    records: Sequence[dict[str, Any]], cfg: ContradictionRewardConfig, step: int
+) -> list[dict[str, Any]]:
+    """Copies of judged records (``log_c``, ``is_question``, ``is_echo``, ``log_pq``,
+    ``length``) with ``log_r`` recomputed under the reward ``cfg``
+    (:func:`contraq.reward.contradiction.counted_log_r`)."""
+    if not records:
+        return []
     flag = lambda key: torch.tensor([bool(r[key]) for r in records])  # noqa: E731
     value = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
     log_pa = value("log_pa") if cfg.w_ans != 0.0 else None
@@ -131,6 +134,31 @@ def _with_log_r(records: list[dict[str, Any]], run_cfg: Any) -> list[dict[str, A
         value("log_pq"),
         value("length"),
         log_pa,
-        reward_step(run_cfg),
+        step,
     )
     return [{**r, "log_r": float(log_r[i])} for i, r in enumerate(records)]
+
+
+# What a record of an eval folder needs to be reused or judged again (`contraq eval` writes them).
+NEEDED = ("method", "fact_index", "edit_fact", "question", "answer", "log_pq", "length")
+
+
+def read_eval_folder(
+    folder: Path, key: str
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """(eval.json, {method: records in file order}) of a `contraq eval` folder; problems are a
+    :class:`ConfigError` naming the setting ``key`` that pointed there."""
+    for name in ("eval.json", "questions.jsonl"):
+        if not (folder / name).is_file():
+            raise ConfigError(key, f"{folder / name} not found (a `contraq eval` folder)")
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    try:
+        result = json.loads((folder / "eval.json").read_text())
+        for lineno, rec in iter_jsonl(folder / "questions.jsonl"):
+            missing = [k for k in NEEDED if k not in rec]
+            if missing:
+                raise ValueError(f"{folder / 'questions.jsonl'}:{lineno}: no {', '.join(missing)}")
+            by_method.setdefault(str(rec["method"]), []).append(rec)
+    except ValueError as exc:  # json.JSONDecodeError is one
+        raise ConfigError(key, str(exc)) from None
+    return result, by_method
