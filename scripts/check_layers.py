@@ -46,6 +46,7 @@ LAYERS: list[list[str]] = [
     ["conf", "distributed"],  # the config schema; a step's batch across ranks
     ["reward", "buffer", "losses", "metrics"],  # the GFlowNet's parts
     ["judge", "redis_server", "runs", "settings", "plots"],  # services of the parts above
+    ["embedding"],  # sentence embeddings (metrics' diversity, the judge's near objects)
     ["sampler", "models", "data", "tokens", "genuine", "stats", "config_check"],  # foundations
     ["files", "errors"],  # no contraq import
 ]

@@ -43,8 +43,17 @@ def main(folders: list[str]) -> None:
             f"| {folder} | {_ci(s, 'genuine_rate')} | {_ci(s, 'coverage')} | "
             f"{s['diversity']:.3f} | {_paired(comp, 'untrained_T0.5')} | {_paired(comp, beam)} |"
         )
+        # The trained policy at other temperatures (eval trained_temperatures=[...]): compared
+        # with the untrained policy at the same temperature instead of T=0.5.
+        for method, matched in (result.get("matched") or {}).items():
+            t, ms = method.removeprefix("trained_T"), result["summary"][method]
+            print(
+                f"| {folder}, T={t} | {_ci(ms, 'genuine_rate')} | {_ci(ms, 'coverage')} | "
+                f"{ms['diversity']:.3f} | vs T={t}: {_paired(matched, 'untrained_T' + t)} | "
+                f"{_paired(matched, beam)} |"
+            )
     for name, s in first["summary"].items():
-        if name != "trained":
+        if not name.startswith("trained"):
             print(
                 f"| {name} | {_ci(s, 'genuine_rate')} | {_ci(s, 'coverage')} | "
                 f"{s['diversity']:.3f} | | |"

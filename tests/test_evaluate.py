@@ -378,6 +378,15 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     changed = [*argv[:2], f"out={tmp_path / 'x'}", *argv[3:], *settings, "n=3"]
     assert main([*changed, f"baselines_from={out}"]) == 2
     assert not (tmp_path / "x" / "eval.json").exists()
+    # trained_temperatures: the trained policy tempered too, compared with its peers.
+    tempered = tmp_path / "tempered"
+    argv_t = [*argv[:2], f"out={tempered}", *argv[3:], *settings, f"baselines_from={out}"]
+    assert main([*argv_t, "trained_temperatures=[1.5]"]) == 0
+    res_t = json.loads((tempered / "eval.json").read_text())
+    assert list(res_t["summary"])[:2] == ["trained", "trained_T1.5"]
+    assert set(res_t["matched"]["trained_T1.5"]) == {"untrained_T1.5", "untrained", beam[0]}
+    assert res_t["summary"]["trained_T1.5"]["n_questions"] == 8
+    assert "## trained_T1.5" in (tempered / "eval.md").read_text()
     # `contraq rescore` with the judge that scored them gives every metric back.
     again = tmp_path / "rescored"
     assert main(["rescore", f"records={out}", f"judge={judge}", f"out={again}"]) == 0

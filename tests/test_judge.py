@@ -408,9 +408,10 @@ HACKS = [
 ]
 
 
-# Hacks the current judge (v8) still misreads as a contradiction, with its score: a strict
+# Hacks the current judge (v9) still misreads as a contradiction, with its score: a strict
 # xfail records each, so a judge that fixes one makes the test fail until the entry is removed.
-KNOWN_MISSES = {(COLT, "It is a handgun."): 0.80}
+# (v8 read "It is a handgun." against COLT as 0.80; v9 reads it as neutral.)
+KNOWN_MISSES: dict[tuple[str, str], float] = {}
 
 
 @pytest.mark.slow
@@ -419,7 +420,7 @@ KNOWN_MISSES = {(COLT, "It is a handgun."): 0.80}
     [
         pytest.param(
             pair,
-            marks=pytest.mark.xfail(strict=True, reason=f"judge v8 P(contra)={KNOWN_MISSES[pair]}"),
+            marks=pytest.mark.xfail(strict=True, reason=f"judge v9 P(contra)={KNOWN_MISSES[pair]}"),
         )
         if pair in KNOWN_MISSES
         else pair

@@ -1,6 +1,7 @@
 """The judge's synthetic pairs (contraq.judge.facts/forms/pairs/datasets): surface forms,
 labels, reward-hack neutrals, the subject split, and the generated pairs pinned byte for byte
-(judges v5, v7 and v8 were trained on exactly these)."""
+(judge v9 was trained on exactly these; v5, v7 and v8 on the same without the near-object
+contradictions and the subjects naming an object)."""
 
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ def test_generated_pairs_are_pinned() -> None:
     cfg = NLITrainConfig(snli_train_pairs=0, ood_eval_files=[])
     train, held, ood, _ = build_datasets(cfg)
     assert (len(train), len(held), len(ood[PROBE_SET])) == (8400, 1500, 1092)
-    assert _digest(train) == "e8f6273e653aa26f30a4a185f752727acb88ec02353151e859cb6a35110722f9"
+    assert _digest(train) == "d9a524b2f0b27bf139134d47936796b2de6455265e0773098a457abd0e206e31"
     assert _digest(held) == "73afdd2f25c18106b9c00c84a31b7e40d875fef84c2d9260df529222469a93bd"
     assert (
         _digest(ood[PROBE_SET])

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ class EvalConfig:
         n: questions per fact and method.
         max_facts: use the first ``max_facts`` facts (0 = all).
         temperatures: tempered sampling of the untrained policy, one method per value.
+        trained_temperatures: tempered sampling of the trained policy (``trained_T<t>``), each
+            compared, paired, with the untrained policy at the same temperature and with beam.
         beam: include beam search on the base LM.
         beam_groups: > 1 tries diverse (group) beam search with that many groups.
         diversity_penalty: group beam search's penalty.
@@ -67,13 +69,15 @@ class EvalConfig:
     device: str
     judge: str | None
     baselines_from: str | None = None
+    trained_temperatures: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for key, low in (("n", 1), ("batch_size", 1), ("beam_groups", 1), ("max_facts", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
-        if any(not t > 0 for t in self.temperatures):
-            raise ConfigError("temperatures", f"must all be > 0, got {self.temperatures}")
+        for key in ("temperatures", "trained_temperatures"):
+            if any(not t > 0 for t in getattr(self, key)):
+                raise ConfigError(key, f"must all be > 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ def _method_records(
     method and notes on what ran."""
     prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
     methods = [("trained", 1.0, False)]
+    methods += [(f"trained_T{t:g}", float(t), False) for t in ecfg.trained_temperatures]
     if baselines:
         methods += [("untrained", 1.0, True)]
         methods += [(f"untrained_T{t:g}", float(t), True) for t in ecfg.temperatures]
@@ -163,6 +168,7 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         "seed": ecfg.seed,
         "batch_size": ecfg.batch_size,
         "temperatures": list(ecfg.temperatures),
+        "trained_temperatures": list(ecfg.trained_temperatures),
         "beam_groups": ecfg.beam_groups,
         "diversity_penalty": ecfg.diversity_penalty,
         "reward": str(parts.cfg.reward.name),
@@ -238,6 +244,7 @@ def report_records(
         "settings": settings,
         "summary": summary,
         "comparisons": compare_to_trained(records),
+        "matched": compare_tempered(records, settings.get("trained_temperatures") or []),
         "frontier": frontier_summary(summary, frontier_methods),
         "examples": {
             name: sorted(pick.sample(recs, min(10, len(recs))), key=lambda r: r["fact_index"])
@@ -279,16 +286,38 @@ def compare_to_trained(
     """Paired bootstrap over facts of the trained policy's rate ``key`` minus each other
     method's (:func:`contraq.stats.paired_bootstrap`); empty without a ``trained`` method or
     where the rate is not measurable."""
-    if "trained" not in records:
-        return {}
+    return compare_method(records, "trained", [m for m in records if m != "trained"], key)
 
-    mine = flag_counts(records["trained"], key)
+
+def compare_method(
+    records: dict[str, list[dict[str, Any]]],
+    method: str,
+    others: Sequence[str],
+    key: str = "genuine_rate",
+) -> dict[str, dict[str, float]]:
+    """Paired bootstrap over facts of ``method``'s rate ``key`` minus each of ``others``
+    (those present); empty when ``method`` is absent or its rate is not measurable."""
+    mine = flag_counts(records[method], key) if method in records else {}
     if not mine:
         return {}
     return {
-        name: paired_bootstrap(mine, flag_counts(recs, key))
-        for name, recs in records.items()
-        if name != "trained"
+        name: paired_bootstrap(mine, flag_counts(records[name], key))
+        for name in others
+        if name in records
+    }
+
+
+def compare_tempered(
+    records: dict[str, list[dict[str, Any]]], temperatures: Sequence[float]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """For each trained policy at temperature t (``trained_T<t>``): paired comparisons with
+    the untrained policy at the same t and with beam search, the baselines nearest to it in
+    diversity."""
+    return {
+        f"trained_T{t:g}": compare_method(
+            records, f"trained_T{t:g}", [f"untrained_T{t:g}", "untrained", "beam", "diverse_beam"]
+        )
+        for t in temperatures
     }
 
 

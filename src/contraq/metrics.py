@@ -1,4 +1,4 @@
-"""Metrics of a method's questions: pure functions on lists and tensors, and the embedder.
+"""Metrics of a method's questions: pure functions on lists and tensors.
 
 - counted (genuine) rate: a question, not an echo, judged a contradiction (:mod:`contraq.genuine`);
   raw judge rate (P(contradiction) > 0.5), question rate and echo rate beside it;
@@ -8,7 +8,8 @@
   (:mod:`contraq.stats`);
 - mean log C, mean log R (unscaled); answer hit rate (:func:`answer_hit`);
 - diversity: 1 - mean pairwise cosine similarity of MiniLM sentence embeddings, per fact, then
-  averaged over facts (:class:`Embedder`, :func:`pairwise_diversity`);
+  averaged over facts (:class:`~contraq.embedding.Embedder` and
+  :func:`~contraq.embedding.pairwise_diversity`, re-exported here);
 - distinct-1/2: distinct word n-grams / all word n-grams (:func:`distinct_n`);
 - mean length (tokens, termination included) and fluency (mean log P_Q per token).
 
@@ -19,14 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from contraq.embedding import Embedder, pairwise_diversity
 from contraq.genuine import normalize_text
-from contraq.models import minilm_dir
 from contraq.stats import bootstrap_rate, per_fact_counts
 
 LOG_HALF = math.log(0.5)
@@ -95,83 +95,11 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def pairwise_diversity(embeddings: Tensor) -> float:
-    """1 - mean cosine similarity over all unordered pairs of rows.
-
-    Args:
-        embeddings: ``[N, D]`` (normalised here, so any scale works).
-
-    Returns:
-        a float in [0, 2] (0 for identical rows); NaN when N < 2.
-    """
-    n = embeddings.shape[0]
-    if n < 2:
-        return float("nan")
-    e = torch.nn.functional.normalize(embeddings.double(), dim=-1)
-    sim = e @ e.T  # [N, N]
-    off_diag = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
-    return float(1.0 - off_diag)
-
-
 def fluency(log_pq: Sequence[float], lengths: Sequence[int]) -> float:
     """Mean over questions of log P_Q / length (nats per token, termination included)."""
     if len(log_pq) != len(lengths):
         raise ValueError(f"fluency: {len(log_pq)} log P_Q values but {len(lengths)} lengths")
     return mean(lp / n for lp, n in zip(log_pq, lengths, strict=True) if n > 0)
-
-
-# --------------------------------------------------------------------------- embeddings
-
-
-class Embedder:
-    """Sentence embeddings as all-MiniLM-L6-v2 defines them: a sentence-transformers model
-    of the encoder, mean pooling over real tokens, L2 normalisation.
-
-    Args:
-        path: a BERT-like HF directory; ``None`` = :func:`minilm_dir`.
-        device: ``None`` = CUDA when available, else CPU.
-        batch_size: texts per forward pass.
-        max_length: tokens per text (MiniLM was trained with 256).
-    """
-
-    def __init__(
-        self,
-        path: str | Path | None = None,
-        device: str | torch.device | None = None,
-        batch_size: int = 64,
-        max_length: int = 256,
-    ) -> None:
-        from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import (
-            Normalize,
-            Pooling,
-            Transformer,
-        )
-
-        self.path = Path(path) if path is not None else minilm_dir()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size = int(batch_size)
-        encoder = Transformer(str(self.path), max_seq_length=int(max_length))
-        pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
-        self.model = SentenceTransformer(
-            modules=[encoder, pooling, Normalize()], device=str(self.device)
-        ).eval()
-
-    def encode(self, texts: Sequence[str]) -> Tensor:
-        """``[N, D]`` float32 unit vectors on the CPU (``[0, D]`` for no text)."""
-        if not texts:
-            return torch.zeros(0, int(self.model.get_embedding_dimension() or 0))
-        emb = self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_tensor=True,
-            show_progress_bar=False,
-        )
-        return emb.float().cpu()
-
-    def diversity(self, texts: Sequence[str]) -> float:
-        """:func:`pairwise_diversity` of the texts' embeddings (NaN for fewer than two)."""
-        return pairwise_diversity(self.encode(texts)) if len(texts) >= 2 else float("nan")
 
 
 def grouped_diversity(groups: Sequence[Sequence[str]], embedder: Embedder) -> float:

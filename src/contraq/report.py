@@ -205,6 +205,21 @@ def _flag(value: Any) -> str:
     return "n/a" if value is None else ("yes" if value else "no")
 
 
+def _comparison_table(comps: Mapping[str, Mapping[str, Any]]) -> str:
+    return markdown_table(
+        ["baseline", "difference", "95% CI", "P(diff <= 0)"],
+        [
+            [
+                name,
+                fmt(c.get("diff")),
+                f"[{fmt(c.get('low'))}, {fmt(c.get('high'))}]",
+                fmt(c.get("p_le_0"), "{:.4f}"),
+            ]
+            for name, c in comps.items()
+        ],
+    )
+
+
 def _comparison_lines(result: Mapping[str, Any]) -> list[str]:
     """The paired comparisons of the trained policy and its place against the frontier."""
     comps = result.get("comparisons") or {}
@@ -213,20 +228,18 @@ def _comparison_lines(result: Mapping[str, Any]) -> list[str]:
         lines += [
             "## Trained policy vs each baseline (counted rate, paired bootstrap over facts)",
             "",
-            markdown_table(
-                ["baseline", "difference", "95% CI", "P(diff <= 0)"],
-                [
-                    [
-                        name,
-                        fmt(c.get("diff")),
-                        f"[{fmt(c.get('low'))}, {fmt(c.get('high'))}]",
-                        fmt(c.get("p_le_0"), "{:.4f}"),
-                    ]
-                    for name, c in comps.items()
-                ],
-            ),
+            _comparison_table(comps),
             "",
         ]
+    for method, comps in (result.get("matched") or {}).items():
+        if comps:
+            lines += [
+                f"## {method} (trained policy at that temperature) vs baselines "
+                "(counted rate, paired bootstrap over facts)",
+                "",
+                _comparison_table(comps),
+                "",
+            ]
     fr = result.get("frontier")
     if fr:
         lines += [

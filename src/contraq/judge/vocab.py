@@ -34,6 +34,7 @@ CATEGORIES: tuple[str, ...] = tuple(_HACK["categories"])
 FILLERS: tuple[str, ...] = tuple(_PHRASES["fillers"])
 SHORT_FORMS: tuple[str, ...] = tuple(_PHRASES["short_forms"])  # {o}: the object
 ROLE_FORMS: tuple[str, ...] = tuple(_PHRASES["role_forms"])  # {s}: subject, {a}: "a <object>"
+OVERLAP_NAMES: tuple[str, ...] = tuple(_PHRASES["overlap_names"])  # {o}: an object of the fact
 
 # Relations answered by a category noun ("X's occupation was judge" vs "X is a lawyer"): there
 # an "is a <category>" answer DOES address the relation, so no descriptive neutral is built.

