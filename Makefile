@@ -8,6 +8,7 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch lies on this machine's disk; elsewhere pip takes it from PyPI.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PYTEST_ARGS ?=
+DEMO_ARGS ?=    # overrides for contraq demo, e.g. DEMO_ARGS=train.max_steps=80
 
 .PHONY: setup redis demo test lint bench clean
 
@@ -28,7 +29,7 @@ redis:
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
 
 demo: setup
-	$(VENV)/bin/contraq nli-train && $(VENV)/bin/contraq demo
+	$(VENV)/bin/contraq nli-train && $(VENV)/bin/contraq demo $(DEMO_ARGS)
 
 test: setup redis
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

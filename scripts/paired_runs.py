@@ -1,16 +1,21 @@
-"""Paired bootstrap over facts of one evaluation's trained policy against another's (same facts,
-settings and judge: e.g. two runs evaluated with `baselines_from` one eval folder).
+"""Paired bootstrap over facts between trained policies of evaluations that hold the same facts,
+settings and judge (e.g. runs evaluated with `baselines_from` one eval folder).
 
     python scripts/paired_runs.py docs/results/cf-t12-160/eval-v9 docs/results/cf-t12/eval-v9
+    python scripts/paired_runs.py --against beam docs/results/cf-t12-160/eval-v9 \\
+        docs/results/cf-t12-160-s1/eval-v9
 
-Prints the difference of the counted rate and of the judge-free independent rate (answer names
-the pre-edit object), each with its 95% interval and P(diff <= 0).
+The first form: the first folder's trained policy minus the second's. The second form: the
+trained policies of all folders pooled (two seeds: 16 questions per fact) minus the first
+folder's ``--against`` method. Each prints the difference of the counted rate and of the
+judge-free independent rate (answer names the pre-edit object), its 95% interval and
+P(diff <= 0).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from contraq.metrics import flag_counts
@@ -22,17 +27,33 @@ def _records(folder: str, method: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["method"] == method]
 
 
-def main(a: str, b: str, method: str = "trained") -> None:
-    mine, other = _records(a, method), _records(b, method)
-    if [r["fact_index"] for r in mine] != [r["fact_index"] for r in other]:
-        raise SystemExit(f"{a} and {b} do not hold the same facts in the same order")
+def _facts(records: list[dict]) -> set[int]:
+    return {r["fact_index"] for r in records}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--against", help="a method of the first folder (e.g. beam)")
+    args = ap.parse_args()
+    if args.against:
+        mine = [r for f in args.folders for r in _records(f, "trained")]
+        other = _records(args.folders[0], args.against)
+        label = f"trained of {len(args.folders)} folder(s) pooled - {args.against}"
+    else:
+        if len(args.folders) != 2:
+            raise SystemExit("give two eval folders, or --against METHOD and one or more")
+        mine, other = (_records(f, "trained") for f in args.folders)
+        label = f"{args.folders[0]} - {args.folders[1]}"
+    if _facts(mine) != _facts(other):
+        raise SystemExit("the folders do not hold the same facts")
     for key in ("genuine_rate", "independent_rate"):
         c = paired_bootstrap(flag_counts(mine, key), flag_counts(other, key))
         print(
-            f"{key}: {a} - {b} = {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] "
+            f"{key}: {label} = {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] "
             f"(P(diff<=0) {c['p_le_0']:.3f})"
         )
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main()

@@ -135,11 +135,12 @@ def _losses(out: Path) -> list[tuple[int, float, float]]:
 
 # Recorded on the code before the config refactor of issue 10: the same seed must give the
 # same losses (TB with a reward-temperature schedule and prioritized replay; SubTB with uniform
-# replay), so moving config keys changed no behaviour.
+# replay), so moving config keys changed no behaviour. Exploration up to T=2, the default then.
 PINNED = {  # case: (overrides, train/loss per step, steps that replayed)
     "tb": (
         [
             "train.max_steps=6",
+            "train.pf_temp_high=2.0",
             "train.replay.prob=0.5",
             "train.reward_temp.start=2.0",
             "train.reward_temp.end=1.0",
@@ -152,6 +153,7 @@ PINNED = {  # case: (overrides, train/loss per step, steps that replayed)
     "subtb": (
         [
             "train.max_steps=5",
+            "train.pf_temp_high=2.0",
             "loss=subtb",
             "loss.subtb_lambda=0.9",
             "train.replay.prob=0.8",
