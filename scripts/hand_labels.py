@@ -31,15 +31,21 @@ def main(labels_path: str, eval_dir: str) -> None:
     summary = json.loads((Path(eval_dir) / "eval.json").read_text())["summary"]
     print("| method | real / labelled | precision [95% CI] | counted rate | counted x precision |")
     print("|---|---|---|---|---|")
+    table = []
     for method in sorted({r["method"] for r in rows}):
         real = [bool(r["real"]) for r in rows if r["method"] == method]
         k, n = sum(real), len(real)
         low, high = wilson(k, n)
+        table.append([k, n - k])
         counted = summary[method]["genuine_rate"]
         print(
             f"| {method} | {k} / {n} | {k / n:.2f} [{low:.2f}, {high:.2f}] | {counted:.3f} | "
             f"{counted * k / n:.3f} |"
         )
+    if len(table) == 2:
+        from scipy.stats import fisher_exact  # a dependency of sentence-transformers
+
+        print(f"\nFisher's exact test, two-sided: P = {fisher_exact(table).pvalue:.3f}")
 
 
 if __name__ == "__main__":
