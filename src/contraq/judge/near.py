@@ -4,7 +4,8 @@ Judge v8 read "The capital of Japan is Tokyo." against the edit "...is Osaka" as
 (0.99), and "Canberra is the capital of Australia." against "...is Sydney" too, while "...is
 Paris" was a clear contradiction: a swap to an object close to the premise's in meaning was
 taken for a restatement. The pairs of v9 contradict an edit with the objects of its relation
-nearest to its own in sentence-embedding space, so closeness stops being a sign of agreement.
+nearest to its own in sentence-embedding space, so that closeness is no sign of agreement. (It
+was not enough for the capitals: v9 still reads those swaps as agreement; see the README.)
 
 The neighbours are a committed table (``tables/near_objects.json``, written by
 ``scripts/near_objects.py``), not computed when pairs are built: float rounding differs across
@@ -60,15 +61,14 @@ def nearest_objects(
         return {}
     emb = torch.nn.functional.normalize(embed(names).double(), dim=-1)
     sim = (emb @ emb.T).tolist()  # [N, N]
+    region = [normalize_text(n) in regions for n in names]
     out: dict[str, list[str]] = {}
     for i, a in enumerate(names):
         order = sorted(range(len(names)), key=lambda j: (-round(sim[i][j], 4), names[j]))
         near = [
             names[j]
             for j in order
-            if j != i
-            and not same_answer(a, names[j])
-            and (normalize_text(a) in regions) == (normalize_text(names[j]) in regions)
+            if j != i and not same_answer(a, names[j]) and region[i] == region[j]
         ][:k]
         if near:
             out[a] = near
