@@ -15,16 +15,18 @@ P(diff <= 0).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from contraq.metrics import flag_counts
+from contraq.reuse import read_eval_folder
 from contraq.stats import paired_bootstrap
 
 
 def _records(folder: str, method: str) -> list[dict]:
-    lines = (Path(folder) / "questions.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["method"] == method]
+    _, by_method = read_eval_folder(Path(folder), "folders")
+    if method not in by_method:
+        raise SystemExit(f"{folder} has no {method} records")
+    return by_method[method]
 
 
 def _facts(records: list[dict]) -> set[int]:
