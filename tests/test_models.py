@@ -192,3 +192,33 @@ def test_smollm2_conversion_matches_gguf(smollm2, smol_tokenizer):
         a = direct(input_ids=ids, attention_mask=mask).logits
         b = cached(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_gradient_checkpointing_same_gradients_fewer_saved_activations(arch, smol_tokenizer):
+    """``model.gradient_checkpointing`` (the GPU preset's memory fix) must not change the LoRA
+    gradients, and must keep fewer tensors for backward in train mode (the loss's pass)."""
+    ids = smol_tokenizer(["Where was Anatole France born?"], return_tensors="pt").input_ids
+
+    def grads_and_saved(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
+        cfg = ModelConfig(source="tiny", tiny_arch=arch, gradient_checkpointing=checkpointing)
+        policy = attach_lora(build_tiny_model(arch, smol_tokenizer, seed=0), cfg)
+        g = torch.Generator().manual_seed(1)  # the same A and B (!= 0) in both policies
+        for p in (p for n, p in policy.named_parameters() if "lora_" in n):
+            torch.nn.init.normal_(p, std=0.1, generator=g)
+        policy.train()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel()) or t, lambda t: t
+        ):
+            logits = policy(input_ids=ids).logits
+        torch.log_softmax(logits, -1)[0, :-1].gather(1, ids[0, 1:, None]).sum().backward()
+        lora = [p for n, p in policy.named_parameters() if p.requires_grad]
+        assert lora and all(p.grad is not None for p in lora)
+        return [p.grad for p in lora], sum(saved)
+
+    plain, plain_saved = grads_and_saved(False)
+    ckpt, ckpt_saved = grads_and_saved(True)
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert ckpt_saved < plain_saved

@@ -12,6 +12,7 @@ from contraq.sampler import (
     SampleBatch,
     SamplerConfig,
     default_banned_token_ids,
+    draw_tokens,
     sample,
     score_actions,
     token_logprobs,
@@ -354,3 +355,17 @@ def test_default_banned_tokens(smol_tokenizer):
     assert set(newline) <= set(banned)
     assert smol_tokenizer.eos_token_id in banned and term not in banned
     assert smol_tokenizer.convert_tokens_to_ids("Paris") not in banned
+
+
+def test_draw_tokens_follows_probs_and_accepts_a_generator_on_another_device():
+    """Training draws with CPU step generators whatever the model's device: on CUDA the draw
+    moves to the generator's device and gives the CPU's tokens (the GPU check caught
+    ``torch.multinomial`` refusing the mix)."""
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]).repeat(200, 1)
+    tokens = draw_tokens(probs, seeded(0))
+    assert tokens.dtype == torch.long and tokens.shape == (400,)
+    assert bool((tokens[0::2] == 1).all()) and set(tokens[1::2].tolist()) == {0, 2}
+    assert torch.equal(tokens, draw_tokens(probs, seeded(0)))
+    if torch.cuda.is_available():  # the device run of this test (no GPU in CI)
+        on_gpu = draw_tokens(probs.cuda(), seeded(0))
+        assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), tokens)

@@ -284,6 +284,21 @@ def _draw(
         probs = torch.softmax(scaled, dim=-1)
     else:
         probs = logp.exp()
+    return draw_tokens(probs, generator)
+
+
+def draw_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One index per row of ``probs`` ``[B, V]`` (LongTensor[B], on ``probs``' device).
+
+    The training step's generators live on the CPU (``contraq.module.step_generator``: one
+    resumable stream whatever the device), and ``torch.multinomial`` refuses a generator on
+    another device than its input: then the draw is made on the generator's device. On CUDA
+    that is one ``[B, V]`` copy per token, small beside the forward pass, and the same draws as
+    on the CPU for the same probabilities.
+    """
+    if generator is not None and generator.device.type != probs.device.type:
+        on_gen = probs.float().to(generator.device)
+        return torch.multinomial(on_gen, 1, generator=generator).squeeze(1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
