@@ -164,3 +164,21 @@ def test_saved_flat_callbacks_keys_are_upgraded_and_relaunch(tmp_path: Path, bar
     relaunch["train"]["lr"] = 1e-3
     with pytest.raises(ConfigError, match=r"train\.lr: 0\.0002 -> 0\.001"):
         check_relaunch(tmp_path, relaunch, "auto")
+
+
+def test_a_key_added_to_the_schema_later_is_no_difference_at_its_default(tmp_path: Path) -> None:
+    """A run written before `model.gradient_checkpointing` existed still resumes (found when
+    a 160-step run was continued), unless the relaunch sets the new key to another value."""
+    from contraq.conf import RunConfig
+
+    schema = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
+    saved = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
+    del saved["model"]["gradient_checkpointing"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    relaunch = OmegaConf.to_container(_compose("train.max_steps=20"), resolve=True)
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing: '<absent>' -> False"):
+        check_relaunch(tmp_path, relaunch, "auto")  # without the schema: refused
+    check_relaunch(tmp_path, relaunch, "auto", defaults=schema)
+    relaunch["model"]["gradient_checkpointing"] = True
+    with pytest.raises(ConfigError, match=r"model.gradient_checkpointing: False -> True"):
+        check_relaunch(tmp_path, relaunch, "auto", defaults=schema)

@@ -380,10 +380,20 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def config_diff(
+    old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> list[str]:
     """``key: old -> new`` for every key that differs, except :data:`RELAUNCH_KEYS`,
-    ``callbacks.*`` and a reward-temperature horizon that follows ``train.max_steps``."""
+    ``callbacks.*`` and a reward-temperature horizon that follows ``train.max_steps``.
+
+    ``defaults`` (the schema's, nested like ``new``) stand in for keys that ``old`` lacks: a
+    key added to the schema after a run was written is no difference while it keeps its
+    default, so such runs still resume.
+    """
     a, b = _flatten(old), _flatten(new)
+    for k, v in _flatten(defaults or {}).items():
+        if k in b:
+            a.setdefault(k, v)
     follows = "train.reward_temp.horizon"
     skip = set(RELAUNCH_KEYS)
     if a.get(follows) == a.get("train.max_steps") and b.get(follows) == b.get("train.max_steps"):
@@ -442,9 +452,12 @@ def upgrade_saved_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def check_relaunch(run_dir: Path, new: Mapping[str, Any], resume: Any) -> None:
+def check_relaunch(
+    run_dir: Path, new: Mapping[str, Any], resume: Any, defaults: Mapping[str, Any] | None = None
+) -> None:
     """Refuse a relaunch whose config differs from ``run_dir/config.yaml`` (masked, resolved)
-    in any key outside :data:`RELAUNCH_KEYS`, unless ``resume`` is ``never``."""
+    in any key outside :data:`RELAUNCH_KEYS`, unless ``resume`` is ``never``; ``defaults``:
+    see :func:`config_diff`."""
     from omegaconf import OmegaConf
 
     path = run_dir / "config.yaml"
@@ -455,7 +468,7 @@ def check_relaunch(run_dir: Path, new: Mapping[str, Any], resume: Any) -> None:
     except Exception as e:  # yaml/omegaconf raise many types: name the file instead
         raise ConfigError("output_dir", f"{path} exists but cannot be read ({e})") from None
     assert isinstance(old, dict)
-    diff = config_diff(masked(upgrade_saved_config(old)), new)
+    diff = config_diff(masked(upgrade_saved_config(old)), new, defaults)
     if diff:
         shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise ConfigError(
