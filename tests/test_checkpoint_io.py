@@ -147,3 +147,18 @@ def test_resume_falls_back_to_the_newest_intact_step_checkpoint(
         find_resume_checkpoint("auto", ckpts, Path)
     with pytest.raises(ConfigError, match="resume: .*empty file"):
         find_resume_checkpoint(str(ckpts / "last.ckpt"), ckpts, Path)
+
+
+def test_resume_takes_the_highest_step_of_last_and_its_versions(tmp_path: Path) -> None:
+    """Lightning writes `last-v1.ckpt` beside a `last.ckpt` it did not write (a copied run
+    folder, continued): the stale `last.ckpt` must not win."""
+    ckpts = tmp_path / "checkpoints"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint(_ckpt(160), ckpts / "last.ckpt")
+    io.save_checkpoint(_ckpt(160), ckpts / "step=160.ckpt")
+    assert find_resume_checkpoint("auto", ckpts, Path) == str(ckpts / "last.ckpt")  # a tie
+    io.save_checkpoint(_ckpt(190), ckpts / "step=190.ckpt")
+    io.save_checkpoint(_ckpt(200), ckpts / "last-v1.ckpt")
+    assert find_resume_checkpoint("auto", ckpts, Path) == str(ckpts / "last-v1.ckpt")
+    (ckpts / "last-v1.ckpt").write_bytes(b"")  # broken: the newest intact step file
+    assert find_resume_checkpoint("auto", ckpts, Path) == str(ckpts / "step=190.ckpt")

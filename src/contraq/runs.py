@@ -112,17 +112,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot resume a run (empty, truncated, not loadable without running
     code, not a training checkpoint), or None when it is intact."""
+    return _inspect(path)[0]
+
+
+def _inspect(path: Path) -> tuple[str | None, int]:
+    """:func:`checkpoint_problem` and the checkpoint's ``global_step`` (-1 when unusable)."""
     try:
         if path.stat().st_size == 0:
-            return "empty file"
+            return "empty file", -1
         ckpt = load_checkpoint_file(path)
     except Exception as e:  # torch raises many types for a bad file: report, never execute
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        return f"unreadable with weights_only=True ({type(e).__name__}: {first})"
+        return f"unreadable with weights_only=True ({type(e).__name__}: {first})", -1
     if not isinstance(ckpt, Mapping):
-        return f"holds a {type(ckpt).__name__}, not a training checkpoint"
+        return f"holds a {type(ckpt).__name__}, not a training checkpoint", -1
     missing = [k for k in CKPT_KEYS if k not in ckpt]
-    return f"not a training checkpoint (no {', '.join(missing)})" if missing else None
+    if missing:
+        return f"not a training checkpoint (no {', '.join(missing)})", -1
+    return None, int(ckpt["global_step"])
 
 
 def step_checkpoints(folder: Path) -> list[Path]:
@@ -138,9 +145,12 @@ def find_resume_checkpoint(
 ) -> str | None:
     """The checkpoint to resume from (``resume``: ``auto``, ``never`` or a path).
 
-    ``auto``: ``last.ckpt`` when intact, else the newest intact ``step=N.ckpt`` (warning
-    naming the broken files), else None when there is no checkpoint at all. A named path must
-    be intact. Raises :class:`ConfigError` when checkpoints exist but none is usable.
+    ``auto``: of ``last.ckpt``, its versions ``last-vN.ckpt`` and the newest intact
+    ``step=N.ckpt``, the intact one with the highest global step (``last.ckpt`` on a tie), with
+    a warning naming any broken file; None when there is no checkpoint at all. (Lightning writes
+    ``last-v1.ckpt`` beside a ``last.ckpt`` it did not write itself, e.g. in a copied run
+    folder: that old ``last.ckpt`` must not win.) A named path must be intact. Raises
+    :class:`ConfigError` when checkpoints exist but none is usable.
     """
     if resume == "never":
         return None
@@ -150,16 +160,22 @@ def find_resume_checkpoint(
         if problem:
             raise ConfigError("resume", f"{path}: {problem}")
         return str(path)
-    last = ckpt_dir / "last.ckpt"
-    candidates = ([last] if last.exists() else []) + step_checkpoints(ckpt_dir)
+    lasts = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
     broken: list[str] = []
-    for cand in candidates:
-        problem = checkpoint_problem(cand)
+    intact: list[tuple[int, Path]] = []
+    for cand in [*lasts, *step_checkpoints(ckpt_dir)]:
+        if cand.name.startswith("step=") and any(c.name.startswith("step=") for _, c in intact):
+            break  # step files come newest first: the first intact one is the newest
+        problem, step = _inspect(cand)
         if problem is None:
-            if broken:
-                log.warning("resuming from %s instead: %s", cand, "; ".join(broken))
-            return str(cand)
-        broken.append(f"{cand} is unusable ({problem})")
+            intact.append((step, cand))
+        else:
+            broken.append(f"{cand} is unusable ({problem})")
+    if intact:
+        best = max(intact, key=lambda sc: sc[0])[1]  # max keeps the first of equal steps
+        if broken:
+            log.warning("resuming from %s instead: %s", best, "; ".join(broken))
+        return str(best)
     if broken:
         raise ConfigError(
             "resume",
