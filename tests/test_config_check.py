@@ -182,3 +182,18 @@ def test_a_key_added_to_the_schema_later_is_no_difference_at_its_default(tmp_pat
     relaunch["model"]["gradient_checkpointing"] = True
     with pytest.raises(ConfigError, match=r"model.gradient_checkpointing: False -> True"):
         check_relaunch(tmp_path, relaunch, "auto", defaults=schema)
+
+
+def test_baselines_of_a_run_written_before_a_new_key_are_reusable() -> None:
+    """`baselines_from` compares the model/prompt/sampler/reward groups of two runs: an older
+    run lacking `model.gradient_checkpointing` is the same model while the key is at its
+    default (found when `cf-t12-320-s1` reused `cf-genuine`'s baselines)."""
+    from contraq.reuse import _differences
+
+    new = _compose("train.max_steps=10")
+    old = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
+    del old["model"]["gradient_checkpointing"]
+    settings = {"batch_size": 32}
+    assert _differences(settings, settings, old, new) == []
+    old["model"]["lora_r"] = 4
+    assert _differences(settings, settings, old, new) == ["run config model"]

@@ -380,6 +380,22 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
+def fill_absent(old: Any, new: Any, defaults: Any) -> Any:
+    """``old`` (a saved config or group, plain) with the keys it lacks but ``new`` has taken
+    from ``defaults`` (the schema's, nested alike): a key added to the schema after ``old``
+    was written then compares equal while it keeps its default. Returns a new dict."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return old
+    defaults = defaults if isinstance(defaults, Mapping) else {}
+    out = dict(old)
+    for k, v in new.items():
+        if k not in out and k in defaults:
+            out[k] = defaults[k]
+        elif k in out:
+            out[k] = fill_absent(out[k], v, defaults.get(k))
+    return out
+
+
 def config_diff(
     old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> list[str]:
@@ -390,10 +406,7 @@ def config_diff(
     key added to the schema after a run was written is no difference while it keeps its
     default, so such runs still resume.
     """
-    a, b = _flatten(old), _flatten(new)
-    for k, v in _flatten(defaults or {}).items():
-        if k in b:
-            a.setdefault(k, v)
+    a, b = _flatten(fill_absent(old, new, defaults or {})), _flatten(new)
     follows = "train.reward_temp.horizon"
     skip = set(RELAUNCH_KEYS)
     if a.get(follows) == a.get("train.max_steps") and b.get(follows) == b.get("train.max_steps"):

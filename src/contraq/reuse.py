@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from contraq.config_check import ConfigError
+from contraq.conf import RunConfig
+from contraq.config_check import ConfigError, fill_absent
 from contraq.data import EditFact
 from contraq.files import iter_jsonl
 from contraq.questions import reward_step
@@ -63,8 +64,12 @@ def _differences(
 ) -> list[str]:
     """What differs between the earlier evaluation and this one (empty: reusable)."""
     diff = [k for k in SETTINGS_KEYS if old.get(k, OLD_DEFAULTS.get(k)) != settings.get(k)]
+    schema = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
     for group in RUN_GROUPS:
-        if _plain(old_cfg.get(group), group) != _plain(run_cfg.get(group), group):
+        mine = _plain(run_cfg.get(group), group)
+        # A key added to the schema since the earlier run was written is no difference.
+        theirs = fill_absent(_plain(old_cfg.get(group), group), mine, schema.get(group))
+        if theirs != mine:
             diff.append(f"run config {group}")
     return diff
 
