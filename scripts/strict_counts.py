@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from contraq.genuine import normalize_text
-from contraq.judge.facts import read_fact_rows, same_answer
+from contraq.judge.facts import FactRow, read_fact_rows, same_answer
 from contraq.judge.pairs import PairBuilder
 from contraq.reuse import read_eval_folder
 from contraq.stats import bootstrap_rate, per_fact_counts
@@ -39,15 +39,16 @@ class Slots:
     def __init__(self) -> None:
         rows = [r for path in DATA for r in read_fact_rows(path)]
         builder = PairBuilder(rows)
+        row_of: dict[tuple[str, str], FactRow] = {}
+        for r in rows:
+            row_of.setdefault((r.subject, r.prompt), r)
         self.by_edit: dict[str, tuple[str, list[str]]] = {}
         for path in DATA:
             for line in Path(path).read_text().splitlines():
                 fact = json.loads(line)
                 if fact.get("edited_answer") is None:
                     continue
-                row = next(
-                    r for r in rows if r.subject == fact["subject"] and r.prompt == fact["prompt"]
-                )
+                row = row_of[(fact["subject"], fact["prompt"])]
                 objects = sorted({o for _, o in builder.objects[builder.rel[id(row)]]})
                 self.by_edit.setdefault(fact["edit_fact"], (row.edited, objects))
 

@@ -195,6 +195,14 @@ def register_schemas() -> None:
     cs.store(group="reward", name="likelihood_schema", node=LikelihoodRewardConfig)
 
 
+def run_defaults() -> dict[str, Any]:
+    """:class:`RunConfig`'s defaults as a plain nested dict (interpolations unresolved): what
+    a run folder written before a key existed is read as having (``config_check.fill_absent``)."""
+    out = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
+    assert isinstance(out, dict)
+    return out
+
+
 def compose_run(
     config_dir: str | Path, overrides: Sequence[str] = (), config: str = "train"
 ) -> DictConfig:

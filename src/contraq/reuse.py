@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from contraq.conf import RunConfig
+from contraq.conf import run_defaults
 from contraq.config_check import ConfigError, fill_absent
 from contraq.data import EditFact
 from contraq.files import iter_jsonl
@@ -64,7 +64,7 @@ def _differences(
 ) -> list[str]:
     """What differs between the earlier evaluation and this one (empty: reusable)."""
     diff = [k for k in SETTINGS_KEYS if old.get(k, OLD_DEFAULTS.get(k)) != settings.get(k)]
-    schema = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
+    schema = run_defaults()
     for group in RUN_GROUPS:
         mine = _plain(run_cfg.get(group), group)
         # A key added to the schema since the earlier run was written is no difference.

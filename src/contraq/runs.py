@@ -163,14 +163,20 @@ def find_resume_checkpoint(
     lasts = sorted(ckpt_dir.glob("last*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
     broken: list[str] = []
     intact: list[tuple[int, Path]] = []
-    for cand in [*lasts, *step_checkpoints(ckpt_dir)]:
-        if cand.name.startswith("step=") and any(c.name.startswith("step=") for _, c in intact):
-            break  # step files come newest first: the first intact one is the newest
+
+    def check(cand: Path) -> bool:
         problem, step = _inspect(cand)
         if problem is None:
             intact.append((step, cand))
         else:
             broken.append(f"{cand} is unusable ({problem})")
+        return problem is None
+
+    for cand in lasts:
+        check(cand)
+    for cand in step_checkpoints(ckpt_dir):  # newest first: the first intact one is enough
+        if check(cand):
+            break
     if intact:
         best = max(intact, key=lambda sc: sc[0])[1]  # max keeps the first of equal steps
         if broken:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from contraq import launch, runs
 from contraq.callbacks import StopOnSignal, build_callbacks
-from contraq.conf import LossConfig, RunConfig, TrainConfig, load_group
+from contraq.conf import LossConfig, TrainConfig, load_group, run_defaults
 from contraq.config_check import check_relaunch, masked, validate
 from contraq.errors import TrainingInterrupted
 from contraq.files import resolve_path
@@ -79,8 +79,7 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
     ckpt_dir = out_dir / "checkpoints"
     saved = masked(OmegaConf.to_container(cfg, resolve=True))
     saved.pop("evaluation", None)  # the demo's eval settings are not part of the run
-    schema = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
-    check_relaunch(out_dir, saved, cfg.resume, defaults=schema)
+    check_relaunch(out_dir, saved, cfg.resume, defaults=run_defaults())
     ckpt_path = runs.find_resume_checkpoint(cfg.resume, ckpt_dir, resolve_path)
     callbacks = build_callbacks(cfg)  # a node that cannot be built fails before any loading
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
