@@ -13,8 +13,11 @@ into the parts of :meth:`contraq.reward.ContradictionReward.terminal` and
 
     python bench/bench_step.py [--facts 2] [--n 8] [--repeats 3] [--threads 2]
 
-Prints seconds per part (median of the repeats), their share of the step, and the end-to-end
-``reward.terminal`` time against the sum of its parts (a check that the split is complete).
+Prints seconds per part (median of the repeats) and their share of the step twice: first with
+every row running its own prompt (``contraq.lm_forward.no_prompt_sharing``, the baseline), then
+as training runs, each distinct prompt once with its KV cache shared; the ratio is baseline /
+shared. Last, the end-to-end ``reward.terminal`` time against the sum of its parts (a check that
+the split is complete).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bench_reward import judge_dir  # noqa: E402
 from contraq.conf import compose_run  # noqa: E402
 from contraq.data import load_split  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
+from contraq.lm_forward import no_prompt_sharing  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
 from contraq.parts import Parts, build_prompts  # noqa: E402
 from contraq.reward.base import base_logprobs, frozen_base  # noqa: E402
@@ -58,6 +62,66 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def time_parts(parts: Parts, reward, nli, ids, mask, rows, repeats: int) -> dict:
+    """Seconds per part of one step (median of ``repeats``), plus the end-to-end reward."""
+    width = ids.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    policy = parts.policy
+    policy.eval()
+
+    def do_sample():
+        gen.manual_seed(0)
+        return sample(policy, ids, mask, parts.sampler_cfg, generator=gen)
+
+    t_sample, batch = timed(do_sample, repeats)
+    questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
+    edits = [f.edit_fact for f in rows]
+    with frozen_base(policy) as lm:
+        t_answer, (answers, _) = timed(lambda: reward.generate_answers(questions, lm), repeats)
+        t_judge, _ = timed(
+            lambda: (
+                nli.log_contradiction(edits, answers),
+                nli.log_contradiction(edits, questions),
+            ),
+            repeats,
+        )
+        t_pq, _ = timed(
+            lambda: base_logprobs(
+                lm, ids, mask, batch.actions, batch.lengths, parts.term_id, reward.cfg.batch_size
+            ),
+            repeats,
+        )
+    t_terminal, out = timed(lambda: reward.terminal(rows, batch), repeats)
+    head = LogZHead(policy.config.hidden_size)
+
+    def loss_backward():
+        policy.train()
+        log_pf, log_pterm, hidden = score_actions(
+            policy, ids, mask, batch.actions, parts.sampler_cfg, return_prompt_hidden=True
+        )
+        log_z = head(hidden.float(), mask)
+        loss = trajectory_balance_loss(
+            log_z, log_pf, log_pterm, out.log_r, batch.generated_text, parts.term_id, width
+        )
+        loss.backward()
+        policy.zero_grad(set_to_none=True)
+        policy.eval()
+
+    t_loss, _ = timed(loss_backward, repeats)
+    return {
+        "parts": {
+            "sampling": t_sample,
+            "answering": t_answer,
+            "judging": t_judge,
+            "log P_Q": t_pq,
+            "loss + backward": t_loss,
+        },
+        "terminal": t_terminal,
+        "batch": batch,
+        "answers": answers,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", type=int, default=2, help="facts per step")
@@ -72,81 +136,33 @@ def main() -> None:
         path, what = judge_dir(Path(tmp))
         nli = NLIScorer(path, device="cpu", batch_size=int(cfg.nli.batch_size))
         reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
-        facts = load_split(cfg.data).train
-        facts = facts[: args.facts]
-        rows = [f for f in facts for _ in range(args.n)]
+        rows = [f for f in load_split(cfg.data).train[: args.facts] for _ in range(args.n)]
         prompts = build_prompts(cfg, rows, parts.tokenizer)
         ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, torch.device("cpu"))
-        width = ids.shape[1]
-        gen = torch.Generator().manual_seed(0)
-        policy = parts.policy
-        policy.eval()
-
-        def do_sample():
-            return sample(policy, ids, mask, parts.sampler_cfg, generator=gen)
-
-        t_sample, batch = timed(do_sample, args.repeats)
-        questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
-        edits = [f.edit_fact for f in rows]
-        with frozen_base(policy) as lm:
-            t_answer, (answers, _) = timed(
-                lambda: reward.generate_answers(questions, lm), args.repeats
-            )
-            t_judge, _ = timed(
-                lambda: (
-                    nli.log_contradiction(edits, answers),
-                    nli.log_contradiction(edits, questions),
-                ),
-                args.repeats,
-            )
-            t_pq, _ = timed(
-                lambda: base_logprobs(
-                    lm,
-                    ids,
-                    mask,
-                    batch.actions,
-                    batch.lengths,
-                    parts.term_id,
-                    reward.cfg.batch_size,
-                ),
-                args.repeats,
-            )
-        t_terminal, out = timed(lambda: reward.terminal(rows, batch), args.repeats)
-        head = LogZHead(policy.config.hidden_size)
-
-        def loss_backward():
-            policy.train()
-            log_pf, log_pterm, hidden = score_actions(
-                policy, ids, mask, batch.actions, parts.sampler_cfg, return_prompt_hidden=True
-            )
-            log_z = head(hidden.float(), mask)
-            loss = trajectory_balance_loss(
-                log_z, log_pf, log_pterm, out.log_r, batch.generated_text, parts.term_id, width
-            )
-            loss.backward()
-            policy.zero_grad(set_to_none=True)
-            policy.eval()
-
-        t_loss, _ = timed(loss_backward, args.repeats)
-    parts_s = {
-        "sampling": t_sample,
-        "answering": t_answer,
-        "judging": t_judge,
-        "log P_Q": t_pq,
-        "loss + backward": t_loss,
-    }
-    total = sum(parts_s.values())
+        with no_prompt_sharing():  # the baseline: every row runs its own prompt
+            base = time_parts(parts, reward, nli, ids, mask, rows, args.repeats)
+        new = time_parts(parts, reward, nli, ids, mask, rows, args.repeats)
+    batch = new["batch"]
     print(f"judge: {what}; {args.facts} facts x {args.n} questions; {args.threads} threads")
     print(
-        f"mean question length {batch.lengths.float().mean():.1f} tokens; answers e.g. {answers[0]!r}"
+        f"prompt {ids.shape[1]} tokens; mean question length "
+        f"{batch.lengths.float().mean():.1f} tokens; answers e.g. {new['answers'][0]!r}"
     )
-    for name, sec in parts_s.items():
-        print(f"  {name:16s} {sec:7.2f} s  {100 * sec / total:5.1f}%")
-    print(f"  {'step':16s} {total:7.2f} s")
-    inner = t_answer + t_judge + t_pq
+    print(f"  {'':16s} {'each prompt':>18s} {'shared prompts':>18s}  ratio")
+    total_b, total_n = sum(base["parts"].values()), sum(new["parts"].values())
+    for name, sec in new["parts"].items():
+        b = base["parts"][name]
+        print(
+            f"  {name:16s} {b:7.2f} s {100 * b / total_b:5.1f}%   "
+            f"{sec:7.2f} s {100 * sec / total_n:5.1f}%  {b / sec:5.2f}x"
+        )
     print(
-        f"reward.terminal end to end {t_terminal:.2f} s vs answering + judging + log P_Q "
-        f"{inner:.2f} s (ratio {t_terminal / inner:.2f})"
+        f"  {'step':16s} {total_b:7.2f} s          {total_n:7.2f} s         {total_b / total_n:5.2f}x"
+    )
+    inner = sum(new["parts"][k] for k in ("answering", "judging", "log P_Q"))
+    print(
+        f"reward.terminal end to end {new['terminal']:.2f} s vs answering + judging + log P_Q "
+        f"{inner:.2f} s (ratio {new['terminal'] / inner:.2f})"
     )
 
 

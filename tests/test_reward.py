@@ -280,15 +280,15 @@ def test_contradiction_batches_generate_and_nli(answering_lm, smol_tokenizer, nl
     batch = make_batch(tok, PROMPTS, question_ids(tok, QUESTIONS, term), pad_id=tok.pad_token_id)
     reward = contradiction(answering_lm, tok, nli, term, batch_size=8)
     calls_before = nli.n_forward_calls
-    with count_calls(answering_lm, "generate") as gen_calls:
+    with count_calls(reward, "greedy_continuations") as gen_calls:
         out = reward.terminal(facts_for(8), batch)
-    assert len(gen_calls) == 1  # 8 questions, one generate call
+    assert len(gen_calls) == 1  # 8 questions, one batched greedy loop
     assert nli.n_forward_calls - calls_before == 1  # and one NLI forward
     assert out.log_r.shape == (8,)
     assert len(out.answers) == 8 and len(set(out.answers)) > 1
     # Halving batch_size halves the chunks: the count follows the config.
     reward.cfg.batch_size = 4
-    with count_calls(answering_lm, "generate") as gen_calls:
+    with count_calls(reward, "greedy_continuations") as gen_calls:
         reward.terminal(facts_for(8), batch)
     assert len(gen_calls) == 2
 
@@ -344,6 +344,39 @@ def test_left_padded_answers_equal_one_by_one_cut_at_newline(
     assert all("\n" not in a for a in batched)
     assert sum(bool(a) for a in batched) >= 6
     assert tok.padding_side == "left"  # restored
+
+
+def test_common_prefix_length_leaves_each_row_a_token() -> None:
+    from contraq.reward.answers import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # the last token stays each row's
+    assert common_prefix_length([[7, 1], [8, 1]]) == 0
+    assert common_prefix_length([[5]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("style", ["chat", "fewshot"])
+def test_answer_prompt_prefix_runs_once(answering_lm, smol_tokenizer, nli, term, style) -> None:
+    """The instruction shared by every answer prompt is one row of the first forward pass;
+    the next pass holds the batch's own tokens only."""
+    tok = smol_tokenizer
+    questions = [q + "?" for q in QUESTIONS]
+    reward = contradiction(answering_lm, tok, nli, term, answer_prompt={"style": style})
+    shapes: list[tuple[int, int]] = []
+    handle = answering_lm.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: shapes.append(tuple(args[0].shape))
+    )
+    try:
+        with base_model(answering_lm) as lm:
+            reward.generate_answers(questions, lm)
+    finally:
+        handle.remove()
+    rows = reward._prompt_rows(questions)
+    k = min(len(r) for r in rows)
+    assert shapes[0][0] == 1 and shapes[0][1] > 10  # the common prefix, once
+    assert shapes[1] == (len(questions), max(len(r) for r in rows) - shapes[0][1])
+    assert shapes[1][1] < k  # far fewer tokens than the full prompts
 
 
 def test_right_padding_would_change_answers(answering_lm, smol_tokenizer, nli, term) -> None:
@@ -480,7 +513,7 @@ def test_contradiction_prefixes_equal_one_prefix_at_a_time(
     reward = contradiction(answering_lm, tok, nli, term, min_len=2, batch_size=4)
     n_prefixes = sum(int(n) - 2 for n in batch.lengths)  # t = 2 .. k per row
     nli_before = nli.n_forward_calls
-    with count_calls(answering_lm, "generate") as gen_calls:
+    with count_calls(reward, "greedy_continuations") as gen_calls:
         prefix = reward.prefixes(facts, batch, min_len=2)
     assert prefix.shape == batch.actions.shape
     assert len(gen_calls) == math.ceil(n_prefixes / 4)  # chunks of batch_size, all distinct here
@@ -546,6 +579,30 @@ def test_smollm2_answers_in_one_sentence(smollm2, smol_tokenizer, nli, term) -> 
         single = [reward.generate_answers([q], lm)[0][0] for q in questions]
     assert batched == single
     assert "Paris" in batched[0] and "Portuguese" in batched[1], batched
+
+
+@pytest.mark.slow
+def test_smollm2_batched_answers_equal_generate(smollm2, smol_tokenizer, nli, term) -> None:
+    """The shared-prefix greedy loop gives SmolLM2's own ``generate`` answers, one at a time."""
+    tok = smol_tokenizer
+    questions = [
+        "Where was Anatole France born?",
+        "What is the mother tongue of Danielle Darrieux?",
+        "Who makes the iPhone?",
+        "What language did Likkutei Sichos first appear in?",
+    ]
+    reward = contradiction(smollm2, tok, nli, term, answer_max_new_tokens=24)
+    with base_model(smollm2) as lm:
+        batched, _ = reward.generate_answers(questions, lm)
+        single = []
+        for q in questions:
+            enc = tok(reward.answer_prompt(q), return_tensors="pt", add_special_tokens=False)
+            out = lm.generate(
+                **enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            single.append(first_line(text))
+    assert batched == single
 
 
 @pytest.mark.parametrize("genuine_gate", [False, True])

@@ -174,4 +174,6 @@ def test_fixed_seed_losses_are_pinned(tmp_path: Path, case: str) -> None:
     got = _losses(out)
     assert [s for s, _, _ in got] == list(range(len(losses)))
     assert [s for s, _, r in got if r == 1.0] == replayed
-    assert [loss for _, loss, _ in got] == pytest.approx(losses, rel=1e-5)
+    # rel 1e-4, not 1e-5: since a step runs each distinct prompt once (contraq.lm_forward), the
+    # log-probs come from a KV-cached pass that rounds differently (about 3e-5 here).
+    assert [loss for _, loss, _ in got] == pytest.approx(losses, rel=1e-4)

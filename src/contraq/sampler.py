@@ -22,7 +22,6 @@ with the termination token. Conventions (see docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from contraq.lm_forward import forward, positions, prefill
 
 
 @dataclass(kw_only=True)
@@ -191,58 +192,6 @@ def _filter_top_k_top_p(logits: Tensor, top_k: int | None, top_p: float | None) 
 
 # --------------------------------------------------------------------------- model calls
 
-_FORWARD_KW: dict[type, tuple[str, bool]] = {}
-
-
-def _hf_model(model: nn.Module) -> nn.Module:
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def _forward_kw(model: nn.Module) -> tuple[str, bool]:
-    """(name of the KV-cache argument, whether ``logits_to_keep`` is accepted) for this
-    transformers version / architecture (5.x renamed ``past_key_values`` to ``cache``)."""
-    cls = type(_hf_model(model))
-    if cls not in _FORWARD_KW:
-        params = inspect.signature(cls.forward).parameters
-        cache_kw = "cache" if "cache" in params else "past_key_values"
-        _FORWARD_KW[cls] = (cache_kw, "logits_to_keep" in params)
-    return _FORWARD_KW[cls]
-
-
-def _call(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    position_ids: Tensor,
-    keep: int,
-    cache: Any = None,
-    use_cache: bool = False,
-    output_hidden_states: bool = False,
-) -> tuple[Tensor, Any, Any]:
-    """One forward pass. Returns (logits of the last ``keep`` positions [B, keep, V], cache,
-    hidden states or None)."""
-    cache_kw, has_keep = _forward_kw(model)
-    kwargs: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "use_cache": use_cache,
-    }
-    if cache is not None:
-        kwargs[cache_kw] = cache
-    if has_keep:
-        kwargs["logits_to_keep"] = keep
-    if output_hidden_states:
-        kwargs["output_hidden_states"] = True
-    out = model(**kwargs)
-    new_cache = getattr(out, cache_kw, None) if use_cache else None
-    return out.logits[:, -keep:], new_cache, getattr(out, "hidden_states", None)
-
-
-def _positions(mask: Tensor) -> Tensor:
-    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
 
 def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -340,9 +289,13 @@ def sample(
     bias: Tensor | None = None
 
     with sampling_mode(model):
-        logits, cache, _ = _call(
-            model, prompt_ids, mask[:, :width], _positions(prompt_mask), keep=1, use_cache=True
-        )
+        shared = prefill(model, prompt_ids, prompt_mask)  # each distinct prompt once
+        if shared is not None:
+            logits, cache, _ = shared
+        else:
+            logits, cache, _ = forward(
+                model, prompt_ids, mask[:, :width], positions(prompt_mask), keep=1, use_cache=True
+            )
         n_steps = max_len
         for t in range(max_len):
             if cache is None:
@@ -364,7 +317,7 @@ def sample(
             if t == max_len - 1 or bool(done.all()):
                 n_steps = t + 1
                 break
-            logits, cache, _ = _call(
+            logits, cache, _ = forward(
                 model,
                 token[:, None],
                 mask[:, : width + t + 1],
@@ -386,7 +339,7 @@ def sample(
 # --------------------------------------------------------------------------- teacher forcing
 
 
-def _teacher_forced(
+def teacher_forced_logits(
     model: nn.Module,
     prompt_ids: Tensor,
     prompt_mask: Tensor,
@@ -394,26 +347,43 @@ def _teacher_forced(
     active: Tensor,
     output_hidden_states: bool = False,
 ) -> tuple[Tensor, Any]:
-    """Logits FloatTensor[B, T, V] predicting each action (float32), and hidden states.
+    """Logits FloatTensor[B, T, V] predicting each action (float32), and hidden states (with
+    ``output_hidden_states``: a sequence whose last item covers at least the prompt, [B, >=P, H]).
 
     The last action is never fed (nothing is predicted from it): input = prompt + a_0..a_{T-2}.
+    Rows that share a prompt share its forward pass (:func:`contraq.lm_forward.prefill`).
     """
     _check_prompt(prompt_ids, prompt_mask)
     if actions.ndim != 2 or actions.shape[0] != prompt_ids.shape[0] or actions.shape[1] == 0:
         raise ValueError(f"actions {tuple(actions.shape)} must be [B, T>0] with B = prompts' B")
-    n_actions = actions.shape[1]
-    input_ids = torch.cat([prompt_ids, actions[:, :-1]], dim=1)
+    n_actions, width = actions.shape[1], prompt_ids.shape[1]
     mask = torch.cat([prompt_mask.long(), active[:, :-1].long()], dim=1)
-    logits, _, hidden = _call(
-        model,
-        input_ids,
-        mask,
-        _positions(mask),
-        keep=n_actions,
-        use_cache=False,
-        output_hidden_states=output_hidden_states,
-    )
-    return logits.float(), hidden
+    shared = prefill(model, prompt_ids, prompt_mask, output_hidden_states)
+    if shared is None:
+        input_ids = torch.cat([prompt_ids, actions[:, :-1]], dim=1)
+        logits, _, hidden = forward(
+            model,
+            input_ids,
+            mask,
+            positions(mask),
+            keep=n_actions,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        return logits.float(), hidden
+    logits, cache, prompt_hidden = shared
+    if n_actions > 1:
+        rest, _, _ = forward(
+            model,
+            actions[:, :-1],
+            mask,
+            positions(mask)[:, width:],
+            keep=n_actions - 1,
+            cache=cache,
+            use_cache=True,
+        )
+        logits = torch.cat([logits, rest], dim=1)
+    return logits.float(), ((prompt_hidden,) if output_hidden_states else None)
 
 
 def score_actions(
@@ -440,7 +410,7 @@ def score_actions(
     if n_actions > cfg.max_len:
         raise ValueError(f"actions have {n_actions} steps > SamplerConfig.max_len={cfg.max_len}")
     active = action_mask_from_actions(actions, cfg.termination_token_id)
-    logits, hidden = _teacher_forced(
+    logits, hidden = teacher_forced_logits(
         model, prompt_ids, prompt_mask, actions, active, output_hidden_states=return_prompt_hidden
     )
     steps = torch.arange(n_actions, device=actions.device)
@@ -486,6 +456,6 @@ def token_logprobs(
         active = action_mask_from_actions(actions, termination_token_id)
     else:
         raise ValueError("token_logprobs needs lengths or termination_token_id to find row ends")
-    logits, _ = _teacher_forced(model, prompt_ids, prompt_mask, actions, active)
+    logits, _ = teacher_forced_logits(model, prompt_ids, prompt_mask, actions, active)
     lp = torch.log_softmax(logits, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
     return torch.where(active, lp, torch.zeros_like(lp))

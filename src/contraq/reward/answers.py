@@ -1,5 +1,6 @@
 """Answering a question with the frozen base LM: the answer prompt, batched greedy generation
-(LEFT padding, cut at the first newline) and the answer's log-likelihood."""
+(the batch's common prompt prefix run once, LEFT padding after it, cut at the first newline)
+and the answer's log-likelihood."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from contraq.lm_forward import forward, positions, sharing_prompts
 from contraq.reward.base import base_logprobs, model_device
-from contraq.tokens import right_pad
+from contraq.tokens import left_pad, right_pad
 
 DEFAULT_CHAT_TEXT = "Answer the question in one short declarative sentence.\nQuestion: {question}"
 DEFAULT_FEWSHOT_TEXT = (
@@ -50,20 +51,17 @@ class AnswerPromptConfig:
     fewshot_text: str = DEFAULT_FEWSHOT_TEXT
 
 
-class _NewlineStop(StoppingCriteria):
-    """Stops a row once its answer (leading whitespace dropped) contains a newline: the rest
-    would be cut anyway, and finished rows are padded by ``generate``."""
-
-    def __init__(self, tokenizer: Any, prompt_width: int) -> None:
-        self.tokenizer = tokenizer
-        self.prompt_width = prompt_width
-
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
-        texts = self.tokenizer.batch_decode(
-            input_ids[:, self.prompt_width :], skip_special_tokens=True
-        )
-        done = ["\n" in t.lstrip() for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens that every row starts with, leaving each row at least one token of its own (its
+    first answer token is predicted from its own last prompt token)."""
+    if not rows:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    k = 0
+    while k < limit and all(r[k] == first[k] for r in rows):
+        k += 1
+    return max(k, 0)
 
 
 class BaseLMAnswers:
@@ -139,43 +137,90 @@ class BaseLMAnswers:
             kept.append(tok)
         return kept
 
+    def _prompt_rows(self, questions: Sequence[str]) -> list[list[int]]:
+        """Unpadded answer-prompt token ids (the chat template already holds its specials)."""
+        enc = self.tokenizer(
+            [self.answer_prompt(q) for q in questions],
+            add_special_tokens=self.answer_style == "fewshot",
+        )
+        return [list(r) for r in enc["input_ids"]]
+
+    def _stops(self, lm: nn.Module) -> set[int]:
+        eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    @torch.no_grad()
+    def greedy_continuations(self, rows: Sequence[list[int]], lm: nn.Module) -> list[list[int]]:
+        """Greedy continuations of prompt token rows, up to ``answer_max_new_tokens`` each.
+
+        The rows' common prefix (the instruction of the answer prompt) runs once and its KV
+        cache is copied to every row; the rest of each row is padded on ``self.padding_side``
+        (left: each row's last token predicts its first answer token). A row stops at an end
+        token or once its text (leading whitespace dropped) holds a newline; its later slots
+        are ``pad_id``, as in ``generate``.
+        """
+        device = model_device(lm)
+        n_rows, stops = len(rows), self._stops(lm)
+        k = common_prefix_length(rows) if sharing_prompts() else 0
+        cache = None
+        if k > 0:
+            prefix = torch.tensor([rows[0][:k]], device=device)
+            ones = torch.ones_like(prefix)
+            _, cache, _ = forward(lm, prefix, ones, positions(ones), keep=1, use_cache=True)
+            cache.reorder_cache(torch.zeros(n_rows, dtype=torch.long, device=device))
+        tails = [r[k:] for r in rows]
+        if self.padding_side == "left":
+            tail_ids, tail_mask = left_pad(tails, self.pad_id, device)
+        else:  # right padding: only for the test that shows it breaks batched answers
+            tail_ids = right_pad(tails, self.pad_id, device)
+            lengths = torch.tensor([len(t) for t in tails], device=device)
+            tail_mask = (
+                torch.arange(tail_ids.shape[1], device=device)[None] < lengths[:, None]
+            ).long()
+        mask = torch.cat([tail_mask.new_ones(n_rows, k), tail_mask.long()], dim=1)
+        logits, cache, _ = forward(
+            lm, tail_ids, mask, positions(mask)[:, k:], keep=1, cache=cache, use_cache=True
+        )
+        next_pos = mask.sum(dim=1, keepdim=True)
+        new = torch.full((n_rows, self.cfg.answer_max_new_tokens), self.pad_id, device=device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        n_new = 0
+        for t in range(self.cfg.answer_max_new_tokens):
+            token = logits[:, -1].argmax(dim=-1).masked_fill(done, self.pad_id)
+            new[:, t] = token
+            n_new = t + 1
+            ended = torch.tensor([int(x) in stops for x in token.tolist()], device=device)
+            texts = self.tokenizer.batch_decode(new[:, : t + 1], skip_special_tokens=True)
+            newline = torch.tensor(["\n" in x.lstrip() for x in texts], device=device)
+            done = done | ended | newline
+            if bool(done.all()) or t == self.cfg.answer_max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)
+            logits, cache, _ = forward(
+                lm, token[:, None], mask, next_pos + t, keep=1, cache=cache, use_cache=True
+            )
+        return new[:, :n_new].tolist()
+
     def generate_answers(
         self, questions: Sequence[str], lm: nn.Module
     ) -> tuple[list[str], list[list[int]]]:
-        """Greedy answers of ``lm`` (call with the base LM), ``batch_size`` questions per
-        ``generate`` call, left-padded.
+        """Greedy answers of ``lm`` (call with the base LM), ``batch_size`` questions at a time
+        (:meth:`greedy_continuations`).
 
         Returns:
             ``(answers, answer_token_ids)``: the kept answer text per question and the
             generated token ids it came from (for ``log P_A``).
         """
-        cfg = self.cfg
-        device = model_device(lm)
-        gen_cfg = GenerationConfig(
-            max_new_tokens=cfg.answer_max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.pad_id,
-            eos_token_id=getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-            or self.tokenizer.eos_token_id,
-        )
         answers: list[str] = []
         answer_ids: list[list[int]] = []
-        prompts = [self.answer_prompt(q) for q in questions]
-        for lo in range(0, len(prompts), cfg.batch_size):
-            ids, mask = self._encode(prompts[lo : lo + cfg.batch_size], device)
-            out = lm.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=gen_cfg,
-                stopping_criteria=StoppingCriteriaList(
-                    [_NewlineStop(self.tokenizer, ids.shape[1])]
-                ),
-            )
-            new = out[:, ids.shape[1] :].tolist()
+        rows = self._prompt_rows(questions)
+        for lo in range(0, len(rows), self.cfg.batch_size):
+            new = self.greedy_continuations(rows[lo : lo + self.cfg.batch_size], lm)
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             answers += [first_line(t) for t in texts]
-            if cfg.w_ans != 0.0:
+            if self.cfg.w_ans != 0.0:
                 answer_ids += [self._answer_ids(row) for row in new]
         return answers, answer_ids
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from contraq.models import base_model
-from contraq.sampler import _teacher_forced, sampling_mode
+from contraq.sampler import sampling_mode, teacher_forced_logits
 
 if TYPE_CHECKING:
     from contraq.data import EditFact
@@ -126,7 +126,9 @@ def base_logprobs(
     for lo in range(0, n_rows, step):
         sl = slice(lo, lo + step)
         # Same pass (positions from the mask, logits of the action slots only) as the sampler's.
-        logits, _ = _teacher_forced(model, prompt_ids[sl], prompt_mask[sl], actions[sl], valid[sl])
+        logits, _ = teacher_forced_logits(
+            model, prompt_ids[sl], prompt_mask[sl], actions[sl], valid[sl]
+        )
         lse = logits.logsumexp(-1)
         tok_parts.append(logits.gather(-1, actions[sl, :, None]).squeeze(-1) - lse)
         term_parts.append(logits[..., termination_token_id] - lse)
