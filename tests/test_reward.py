@@ -359,7 +359,8 @@ def test_common_prefix_length_leaves_each_row_a_token() -> None:
 @pytest.mark.parametrize("style", ["chat", "fewshot"])
 def test_answer_prompt_prefix_runs_once(answering_lm, smol_tokenizer, nli, term, style) -> None:
     """The instruction shared by every answer prompt is one row of the first forward pass;
-    the next pass holds the batch's own tokens only."""
+    the next pass holds the batch's own tokens only, and finished rows leave the batch (the
+    answers themselves are checked against ``generate`` above)."""
     tok = smol_tokenizer
     questions = [q + "?" for q in QUESTIONS]
     reward = contradiction(answering_lm, tok, nli, term, answer_prompt={"style": style})
@@ -377,6 +378,9 @@ def test_answer_prompt_prefix_runs_once(answering_lm, smol_tokenizer, nli, term,
     assert shapes[0][0] == 1 and shapes[0][1] > 10  # the common prefix, once
     assert shapes[1] == (len(questions), max(len(r) for r in rows) - shapes[0][1])
     assert shapes[1][1] < k  # far fewer tokens than the full prompts
+    # Then one token per live row: rows that finished leave the batch.
+    assert all(w == 1 for _, w in shapes[2:])
+    assert shapes[-1][0] < len(questions) and shapes[2][0] == len(questions)
 
 
 def test_right_padding_would_change_answers(answering_lm, smol_tokenizer, nli, term) -> None:

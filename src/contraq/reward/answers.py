@@ -159,7 +159,7 @@ class BaseLMAnswers:
         cache is copied to every row; the rest of each row is padded on ``self.padding_side``
         (left: each row's last token predicts its first answer token). A row stops at an end
         token or once its text (leading whitespace dropped) holds a newline; its later slots
-        are ``pad_id``, as in ``generate``.
+        are ``pad_id``, as in ``generate``, and finished rows leave the batch.
         """
         device = model_device(lm)
         n_rows, stops = len(rows), self._stops(lm)
@@ -185,19 +185,27 @@ class BaseLMAnswers:
         )
         next_pos = mask.sum(dim=1, keepdim=True)
         new = torch.full((n_rows, self.cfg.answer_max_new_tokens), self.pad_id, device=device)
-        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        live = torch.arange(n_rows, device=device)  # the rows in the cache
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # of the live rows
         n_new = 0
         for t in range(self.cfg.answer_max_new_tokens):
             token = logits[:, -1].argmax(dim=-1).masked_fill(done, self.pad_id)
-            new[:, t] = token
+            new[live, t] = token
             n_new = t + 1
             ended = torch.tensor([int(x) in stops for x in token.tolist()], device=device)
-            texts = self.tokenizer.batch_decode(new[:, : t + 1], skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(new[live, : t + 1], skip_special_tokens=True)
             newline = torch.tensor(["\n" in x.lstrip() for x in texts], device=device)
             done = done | ended | newline
             if bool(done.all()) or t == self.cfg.answer_max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(n_rows, 1)], dim=1)
+            if 4 * int((~done).sum()) <= 3 * len(live):
+                # Finished rows (a quarter or more) leave the batch: a rambling answer runs to
+                # the cap while most rows stopped long before.
+                keep = (~done).nonzero().squeeze(1)
+                cache.reorder_cache(keep)
+                live, mask, next_pos, token = live[keep], mask[keep], next_pos[keep], token[keep]
+                done = done[keep]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits, cache, _ = forward(
                 lm, token[:, None], mask, next_pos + t, keep=1, cache=cache, use_cache=True
             )
