@@ -12,7 +12,7 @@ The first form: the first folder's trained policy minus the second's. The second
 trained policies of all folders pooled (two seeds: 16 questions per fact) minus the first
 folder's ``--against`` method. The third: two recipes, each pooled over its runs' folders. Each prints the difference of the counted rate and of the
 judge-free independent rate (answer names the pre-edit object), its 95% interval and
-P(diff <= 0).
+P(diff <= 0); the pooled forms first print each side's rate with its 95% interval over facts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from contraq.metrics import flag_counts
 from contraq.reuse import read_eval_folder
-from contraq.stats import paired_bootstrap
+from contraq.stats import bootstrap_rate, paired_bootstrap
 
 
 def _records(folder: str, method: str) -> list[dict]:
@@ -58,6 +58,12 @@ def main() -> None:
     if _facts(mine) != _facts(other):
         raise SystemExit("the folders do not hold the same facts")
     for key in ("genuine_rate", "independent_rate"):
+        if args.versus or args.against:  # each side's pooled rate and its interval over facts
+            sides = []
+            for records in (mine, other):
+                rate, low, high = bootstrap_rate(flag_counts(records, key))
+                sides.append(f"{rate:.3f} [{low:.3f}, {high:.3f}]")
+            print(f"{key}: pooled {sides[0]} vs {sides[1]}")
         c = paired_bootstrap(flag_counts(mine, key), flag_counts(other, key))
         print(
             f"{key}: {label} = {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] "
