@@ -190,9 +190,6 @@ def _filter_top_k_top_p(logits: Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-# --------------------------------------------------------------------------- model calls
-
-
 def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(

@@ -61,7 +61,7 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     k = 0
     while k < limit and all(r[k] == first[k] for r in rows):
         k += 1
-    return max(k, 0)
+    return k
 
 
 class BaseLMAnswers:
