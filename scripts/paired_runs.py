@@ -5,14 +5,15 @@ settings and judge (e.g. runs evaluated with `baselines_from` one eval folder).
     python scripts/paired_runs.py --against beam docs/results/cf-t12-160/eval-v9 \\
         docs/results/cf-t12-160-s1/eval-v9
 
-    python scripts/paired_runs.py docs/results/cf-f4n4-s{0,1}/eval89-v9 \
+    python scripts/paired_runs.py docs/results/cf-f4n4-s{0,1}/eval89-v9 \\
         --versus docs/results/cf-t12-160{,-s1,-v9}/eval89-v9
 
 The first form: the first folder's trained policy minus the second's. The second form: the
 trained policies of all folders pooled (two seeds: 16 questions per fact) minus the first
-folder's ``--against`` method. The third: two recipes, each pooled over its runs' folders. Each prints the difference of the counted rate and of the
-judge-free independent rate (answer names the pre-edit object), its 95% interval and
-P(diff <= 0); the pooled forms first print each side's rate with its 95% interval over facts.
+folder's ``--against`` method. The third: two recipes, each pooled over its runs' folders.
+Each prints the difference of the counted rate and of the judge-free independent rate (answer
+names the pre-edit object), its 95% interval and P(diff <= 0); the pooled forms first print
+each side's rate with its 95% interval over facts.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ def _records(folder: str, method: str) -> list[dict]:
     return by_method[method]
 
 
+def _pooled(folders: list[str]) -> list[dict]:
+    """The trained policy's records of every folder, one list (questions per fact add up)."""
+    return [r for f in folders for r in _records(f, "trained")]
+
+
 def _facts(records: list[dict]) -> set[int]:
     return {r["fact_index"] for r in records}
 
@@ -43,12 +49,10 @@ def main() -> None:
     ap.add_argument("--versus", nargs="+", help="eval folders of the other recipe, pooled")
     args = ap.parse_args()
     if args.versus:
-        mine = [r for f in args.folders for r in _records(f, "trained")]
-        other = [r for f in args.versus for r in _records(f, "trained")]
+        mine, other = _pooled(args.folders), _pooled(args.versus)
         label = f"trained of {len(args.folders)} pooled - trained of {len(args.versus)} pooled"
     elif args.against:
-        mine = [r for f in args.folders for r in _records(f, "trained")]
-        other = _records(args.folders[0], args.against)
+        mine, other = _pooled(args.folders), _records(args.folders[0], args.against)
         label = f"trained of {len(args.folders)} folder(s) pooled - {args.against}"
     else:
         if len(args.folders) != 2:

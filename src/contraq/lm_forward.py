@@ -126,7 +126,7 @@ def prefill(
         or None)``; ``None`` when every row's prompt is distinct or the model would drop the
         cache (then the caller's full pass is as fast).
     """
-    if not _SHARING[0]:
+    if not sharing_prompts():
         return None
     ids, mask, inverse = distinct_prompts(prompt_ids, prompt_mask)
     if ids.shape[0] == prompt_ids.shape[0] or not cache_usable(model):
