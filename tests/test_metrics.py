@@ -12,6 +12,7 @@ from contraq.metrics import (
     Embedder,
     answer_hit,
     contradiction_rate,
+    counted_texts,
     distinct_n,
     fluency,
     grouped_diversity,
@@ -137,6 +138,39 @@ def test_embedder_is_mean_pooled_minilm(embedder: Embedder) -> None:
     got = embedder.encode(texts)
     assert torch.allclose((got * expected).sum(-1), torch.ones(len(texts)), atol=1e-5)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_counted_texts_and_their_summary(embedder: Embedder) -> None:
+    """Distinct counted questions per fact: rewordings that normalise alike are one, uncounted
+    questions are none, and a fact without any counts as zero."""
+    rows = [
+        (0, "Who is A?", 1),
+        (0, "who is A", 1),
+        (0, "Where does A live?", 1),
+        (0, "What is A?", 0),
+        (1, "Who is B?", 0),
+        (2, "Who is C?", 1),
+    ]
+    recs = [
+        {
+            "fact_index": f,
+            "question": q,
+            "genuine": float(g),
+            "log_c": -0.1,
+            "log_r": -1.0,
+            "log_pq": -5.0,
+            "length": 3.0,
+            "n_actions": 4,
+        }
+        for f, q, g in rows
+    ]
+    counted = counted_texts(recs)
+    assert counted == {0: ["Who is A?", "Where does A live?"], 1: [], 2: ["Who is C?"]}
+    s = summarize(recs, embedder)
+    assert s["counted_distinct"] == pytest.approx(1.0)  # (2 + 0 + 1) / 3
+    # Only fact 0 has two: the diversity of its two distinct counted questions.
+    assert s["counted_diversity"] == pytest.approx(embedder.diversity(counted[0]), abs=1e-6)
+    assert math.isnan(summarize(recs[4:5], embedder)["counted_diversity"])
 
 
 def test_summarize_known_values() -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from contraq.conf import compose_run
 from contraq.data import EditFact
+from contraq.embedding import Embedder, group_novelty, pairwise_diversity
 from contraq.genuine import echo_flags
 from contraq.judge.scorer import NLIScorer
 from contraq.models import (
@@ -31,7 +32,11 @@ from contraq.reward.answers import first_line
 from contraq.reward.base import question_lengths
 from contraq.reward.build import build_reward
 from contraq.reward.combine import combine_log_reward, counted_log_c
-from contraq.reward.contradiction import ContradictionReward, ContradictionRewardConfig
+from contraq.reward.contradiction import (
+    ContradictionReward,
+    ContradictionRewardConfig,
+    counted_log_r,
+)
 from contraq.reward.likelihood import LikelihoodReward
 from contraq.sampler import SampleBatch, token_logprobs
 
@@ -154,7 +159,7 @@ def count_calls(obj: object, name: str) -> Iterator[list[int]]:
         delattr(obj, name)  # back to the class method
 
 
-def contradiction(policy, tok, nli, term, **cfg) -> ContradictionReward:
+def contradiction(policy, tok, nli, term, embedder=None, **cfg) -> ContradictionReward:
     base = {
         "w_lik": 0.05,
         "min_len": 0,
@@ -167,7 +172,7 @@ def contradiction(policy, tok, nli, term, **cfg) -> ContradictionReward:
         "log_c_floor": -1e9,
     }
     base.update(cfg)
-    return ContradictionReward(policy, tok, nli, base, term)
+    return ContradictionReward(policy, tok, nli, base, term, embedder)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -607,6 +612,82 @@ def test_smollm2_batched_answers_equal_generate(smollm2, smol_tokenizer, nli, te
             text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             single.append(first_line(text))
     assert batched == single
+
+
+# --------------------------------------------------------------------------- novelty term
+
+
+def test_group_novelty_by_hand_and_its_group_mean_is_the_diversity() -> None:
+    e = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [5.0, 5.0]])
+    novelty = group_novelty(e, ["a", "a", "a", "b"])
+    # cosines within "a": (0,1)=0, (0,2)=-1, (1,2)=0; row 3 is alone in "b".
+    assert novelty.tolist() == pytest.approx([1.5, 1.0, 1.5, 0.0])
+    assert novelty[:3].mean().item() == pytest.approx(pairwise_diversity(e[:3]))
+    assert group_novelty(torch.ones(3, 2), [0, 0, 0]).tolist() == pytest.approx([0.0] * 3)
+    with pytest.raises(ValueError, match="2 keys for 4"):
+        group_novelty(e, ["a", "b"])
+
+
+def test_novelty_term_by_hand() -> None:
+    log_r, _ = combine_log_reward(
+        torch.tensor([-0.1, -2.0]),
+        torch.tensor([-10.0, -20.0]),
+        torch.full((2,), 9),
+        w_lik=1.0,
+        min_len=0,
+        min_log_r=-500.0,
+        beta=0.1,
+        novelty=torch.tensor([0.5, 0.0]),
+        w_div=20.0,
+    )
+    assert log_r.tolist() == pytest.approx([-1.0 - 10.0 + 10.0, -20.0 - 20.0])
+    cfg = ContradictionRewardConfig(w_div=20.0)
+    ones = torch.ones(2)
+    with pytest.raises(ValueError, match="needs each question's novelty"):
+        counted_log_r(cfg, -ones, ones.bool(), -ones, ones)
+    with pytest.raises(ValueError, match="w_div=-1.0"):
+        ContradictionRewardConfig(w_div=-1.0)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    """The real all-MiniLM-L6-v2 of the novelty term."""
+    return Embedder(device="cpu")
+
+
+def test_novelty_reward_adds_w_div_times_novelty_among_the_facts_rows(
+    answering_lm, smol_tokenizer, nli, term, embedder
+) -> None:
+    """Rows 0-3 belong to one fact, 4-7 to another (row 1 repeats row 0): each question's
+    novelty is counted among its own fact's rows only, and adds w_div x novelty to log R; a
+    rescore of the records (novelty dropped) computes the same values again."""
+    from contraq.reuse import with_log_r
+
+    tok = smol_tokenizer
+    texts = [QUESTIONS[0], *QUESTIONS[:3], *QUESTIONS[4:]]
+    batch = make_batch(tok, PROMPTS, question_ids(tok, texts, term), pad_id=tok.pad_token_id)
+    two = facts_for(2)
+    facts = [two[0]] * 4 + [two[1]] * 4
+    plain = contradiction(answering_lm, tok, nli, term).terminal(facts, batch)
+    reward = contradiction(answering_lm, tok, nli, term, embedder, w_div=20.0)
+    out = reward.terminal(facts, batch)
+    first = group_novelty(embedder.encode(out.questions[:4]), ["a"] * 4)
+    second = group_novelty(embedder.encode(out.questions[4:]), ["b"] * 4)
+    expected = torch.cat([first, second])
+    torch.testing.assert_close(out.components["novelty"], expected, atol=1e-5, rtol=0)
+    assert out.components["novelty"][0] < out.components["novelty"][2]  # row 0 has a twin
+    torch.testing.assert_close(out.log_r, plain.log_r + 20.0 * expected, atol=1e-4, rtol=0)
+    assert "novelty" not in plain.components
+    records = [
+        {"method": "m", "fact_index": 0 if b < 4 else 1, "question": out.questions[b]}
+        | {k: v for k, v in out.row_components(b).items() if k != "novelty"}
+        for b in range(8)
+    ]
+    again = with_log_r(records, reward.cfg, step=0)
+    got = torch.tensor([r["log_r"] for r in again])
+    torch.testing.assert_close(got, out.log_r, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="needs a sentence embedder"):
+        contradiction(answering_lm, tok, nli, term, w_div=1.0)
 
 
 @pytest.mark.parametrize("genuine_gate", [False, True])

@@ -174,6 +174,7 @@ RULES: dict[str, Check] = {
     "reward.min_log_r": number(),
     "reward.w_lik": number(),
     "reward.w_ans": number(),
+    "reward.w_div": number(0),
     "reward.batch_size": integer(0),
     "reward.answer_max_new_tokens": integer(1),
     "reward.hybrid_steps": integer(0),
@@ -239,6 +240,12 @@ def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
         yield ConfigError(
             "train.n_samples",
             f"must be >= 2 for loss=vargrad (it compares the questions of a fact), got {n}",
+        )
+    w_div = get("reward.w_div")
+    if get("loss.name") == "subtb" and _is_num(w_div) and w_div != 0:
+        yield ConfigError(
+            "reward.w_div",
+            f"must be 0 with loss=subtb (a prefix has no batch to be novel in), got {w_div}",
         )
     yield from _checkpoint_dir(cfg)
     resume = get("resume")

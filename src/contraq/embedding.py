@@ -4,7 +4,7 @@ and by the judge's pair generator (objects close to one another in meaning)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +29,32 @@ def pairwise_diversity(embeddings: Tensor) -> float:
     sim = e @ e.T  # [N, N]
     off_diag = (sim.sum() - sim.diagonal().sum()) / (n * (n - 1))
     return float(1.0 - off_diag)
+
+
+def group_novelty(embeddings: Tensor, groups: Sequence[Hashable]) -> Tensor:
+    """Each row's leave-one-out diversity within its group: 1 - its mean cosine similarity to
+    the other rows of the same group (0 for a row alone in its group).
+
+    The mean of a group's values is :func:`pairwise_diversity` of that group, so a reward
+    that adds this term pays for the diversity that the metric measures.
+
+    Args:
+        embeddings: ``[N, D]`` (normalised here).
+        groups: ``N`` hashable keys (e.g. each row's edit fact).
+
+    Returns:
+        ``FloatTensor[N]`` on the embeddings' device.
+    """
+    n = embeddings.shape[0]
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} keys for {n} embeddings")
+    ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    gid = torch.tensor([ids[g] for g in groups], device=embeddings.device)
+    e = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    same = (gid[:, None] == gid[None, :]) & ~torch.eye(n, dtype=torch.bool, device=gid.device)
+    others = same.sum(1)  # [N]
+    sim = ((e @ e.T) * same).sum(1) / others.clamp(min=1)
+    return torch.where(others > 0, 1.0 - sim, torch.zeros_like(sim)).float()
 
 
 class Embedder:

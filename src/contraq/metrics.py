@@ -11,6 +11,9 @@
   averaged over facts (:class:`~contraq.embedding.Embedder` and
   :func:`~contraq.embedding.pairwise_diversity`, re-exported here);
 - distinct-1/2: distinct word n-grams / all word n-grams (:func:`distinct_n`);
+- distinct counted questions per fact, and the diversity among them (:func:`counted_texts`):
+  how many *different* real contradictions a method finds, which the diversity of all its
+  questions does not say (off-topic questions raise it);
 - mean length (tokens, termination included) and fluency (mean log P_Q per token).
 
 Imported by training (fresh-sample metrics) and by evaluation alike.
@@ -116,6 +119,17 @@ def grouped_diversity(groups: Sequence[Sequence[str]], embedder: Embedder) -> fl
     return mean(values)
 
 
+def counted_texts(records: Sequence[dict[str, Any]]) -> dict[int, list[str]]:
+    """``{fact: its distinct counted questions}`` (texts told apart after
+    :func:`normalize_text`; first wording kept), with an empty list for a fact without any."""
+    out: dict[int, dict[str, str]] = {}
+    for r in records:
+        texts = out.setdefault(int(r["fact_index"]), {})
+        if rate_flags(r, "genuine_rate"):
+            texts.setdefault(normalize_text(str(r["question"])), str(r["question"]))
+    return {f: list(t.values()) for f, t in out.items()}
+
+
 # --------------------------------------------------------------------------- summaries
 
 SUMMARY_KEYS = (
@@ -131,6 +145,8 @@ SUMMARY_KEYS = (
     "mean_log_r",
     "hit_rate",
     "diversity",
+    "counted_distinct",
+    "counted_diversity",
     "distinct_1",
     "distinct_2",
     "mean_length",
@@ -219,13 +235,16 @@ def summarize(
     Returns:
         ``{key: value}`` for :data:`SUMMARY_KEYS` plus ``<key>_low``/``<key>_high`` for
         :data:`CI_KEYS` (NaN where a metric does not apply, e.g. ``log_c`` under the
-        likelihood reward). ``genuine_rate`` is the counted rate: a question, not an echo,
+        likelihood reward). ``counted_distinct``: distinct counted questions per fact (mean
+        over facts); ``counted_diversity``: the diversity among them, over facts with two or
+        more. ``genuine_rate`` is the counted rate: a question, not an echo,
         judged a contradiction (:mod:`contraq.genuine`).
     """
     by_fact: dict[int, list[str]] = {}
     for r in records:
         by_fact.setdefault(int(r["fact_index"]), []).append(str(r["question"]))
     log_c = [float(r["log_c"]) for r in records if r.get("log_c") is not None]
+    counted = counted_texts(records) if log_c else {}
     answers = [r.get("answer") for r in records if r.get("answer") is not None]
     originals = [r.get("original_answer") for r in records if r.get("answer") is not None]
     return {
@@ -237,6 +256,10 @@ def summarize(
         "hit_rate": hit_rate(answers, originals) if answers else float("nan"),
         "diversity": grouped_diversity(list(by_fact.values()), embedder)
         if embedder
+        else float("nan"),
+        "counted_distinct": mean(len(t) for t in counted.values()),
+        "counted_diversity": grouped_diversity(list(counted.values()), embedder)
+        if embedder and counted
         else float("nan"),
         "distinct_1": distinct_n([str(r["question"]) for r in records], 1),
         "distinct_2": distinct_n([str(r["question"]) for r in records], 2),

@@ -86,6 +86,8 @@ EVAL_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("mean_log_c", "mean log C", "{:.3f}"),
     ("mean_log_r", "mean log R", "{:.2f}"),
     ("diversity", "diversity", "{:.3f}"),
+    ("counted_distinct", "distinct counted / fact", "{:.2f}"),
+    ("counted_diversity", "diversity of counted", "{:.3f}"),
     ("distinct_1", "distinct-1", "{:.3f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
     ("mean_length", "mean length", "{:.1f}"),

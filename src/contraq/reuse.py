@@ -41,6 +41,7 @@ RUN_GROUPS = ("model", "prompt", "sampler", "reward")
 LOG_R_KEYS = (
     "beta",
     "w_lik",
+    "w_div",
     "log_c_floor",
     "min_len",
     "min_log_r",
@@ -126,9 +127,18 @@ def with_log_r(
 ) -> list[dict[str, Any]]:
     """Copies of judged records (``log_c``, ``is_question``, ``is_echo``, ``log_pq``,
     ``length``) with ``log_r`` recomputed under the reward ``cfg``
-    (:func:`contraq.reward.contradiction.counted_log_r`)."""
+    (:func:`contraq.reward.contradiction.counted_log_r`). With ``cfg.w_div != 0`` each record's
+    ``novelty`` is used, or computed among the records of its method and fact when any lacks
+    it (records written before the term existed)."""
     if not records:
         return []
+    novelty = None
+    if cfg.w_div != 0.0:
+        if all("novelty" in r for r in records):
+            novelty = torch.tensor([float(r["novelty"]) for r in records])
+        else:
+            novelty = records_novelty(records)
+        records = [{**r, "novelty": float(novelty[i])} for i, r in enumerate(records)]
     flag = lambda key: torch.tensor([bool(r[key]) for r in records])  # noqa: E731
     value = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
     log_pa = value("log_pa") if cfg.w_ans != 0.0 else None
@@ -140,8 +150,18 @@ def with_log_r(
         value("length"),
         log_pa,
         step,
+        novelty,
     )
     return [{**r, "log_r": float(log_r[i])} for i, r in enumerate(records)]
+
+
+def records_novelty(records: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``FloatTensor[N]``: each record's :func:`contraq.embedding.group_novelty` among the
+    records of the same method and fact."""
+    from contraq.embedding import Embedder, group_novelty
+
+    embeddings = Embedder().encode([str(r["question"]) for r in records])
+    return group_novelty(embeddings, [(r.get("method"), r["fact_index"]) for r in records])
 
 
 # What a record of an eval folder needs to be reused or judged again (`contraq eval` writes them).

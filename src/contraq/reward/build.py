@@ -38,7 +38,12 @@ def build_reward(
     if name == "contradiction":
         if nli is None:
             raise ValueError("reward config name='contradiction' needs an NLIScorer (nli=...)")
-        return ContradictionReward(policy, tokenizer, nli, cfg, termination_token_id)
+        embedder = None
+        if float(cfg.get("w_div", 0.0) or 0.0) != 0.0:
+            from contraq.embedding import Embedder
+
+            embedder = Embedder(device=next(policy.parameters()).device)
+        return ContradictionReward(policy, tokenizer, nli, cfg, termination_token_id, embedder)
     if name == "likelihood":
         c = dataclass_from(LikelihoodRewardConfig, cfg, "reward")
         return LikelihoodReward(

@@ -35,6 +35,7 @@ from contraq.tokens import decode_questions
 
 if TYPE_CHECKING:
     from contraq.data import EditFact
+    from contraq.embedding import Embedder
     from contraq.judge.scorer import NLIScorer
     from contraq.sampler import SampleBatch
 
@@ -49,6 +50,11 @@ class ContradictionRewardConfig:
             weight makes the target nearly flat over all token strings (gibberish wins by sheer
             number: with 0.05, log P_Q fell from -66 to -120 nats in 20 steps).
         w_ans: weight of the answer's log-likelihood (0: not computed).
+        w_div: weight of the question's novelty among the batch's questions for the same edit
+            fact (:func:`contraq.embedding.group_novelty` of all-MiniLM-L6-v2 embeddings; 0: not
+            computed). The term depends on the other questions of the batch, so it is no fixed
+            reward: it pushes the policy away from one question per fact. Replayed questions
+            keep the log R of the batch they were sampled in. Not with ``loss=subtb``.
         min_len: questions with fewer tokens before termination get ``min_log_r``.
         min_log_r: floor log-reward (min-length and non-finite rows).
         hybrid_steps: warm-up steps with
@@ -72,6 +78,7 @@ class ContradictionRewardConfig:
     name: str = "contradiction"
     w_lik: float = 1.0
     w_ans: float = 0.0
+    w_div: float = 0.0
     min_len: int = 0
     min_log_r: float = -50.0
     hybrid_steps: int = 0
@@ -94,6 +101,7 @@ class ContradictionRewardConfig:
         checks = [
             (math.isfinite(self.w_lik), "w_lik", "must be finite"),
             (math.isfinite(self.w_ans), "w_ans", "must be finite"),
+            (math.isfinite(self.w_div) and self.w_div >= 0, "w_div", "must be finite and >= 0"),
             (math.isfinite(self.min_log_r), "min_log_r", "must be finite"),
             (math.isfinite(self.beta) and self.beta > 0, "beta", "must be > 0"),
             (
@@ -184,10 +192,15 @@ def counted_log_r(
     n_tok: Tensor,
     log_pa: Tensor | None = None,
     step: int = 0,
+    novelty: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``log R`` of N judged questions under ``cfg`` (:func:`counted_log_c`, then
     :func:`combine_log_reward`): ``log_c`` the judge's, ``form_ok`` a question whose answer is
-    no echo, ``n_tok`` tokens before termination. Returns ``(log_r, n_nonfinite)``, ``[N]``."""
+    no echo, ``n_tok`` tokens before termination, ``novelty`` each question's
+    :func:`contraq.embedding.group_novelty` (needed when ``cfg.w_div != 0``). Returns
+    ``(log_r, n_nonfinite)``, ``[N]``."""
+    if cfg.w_div != 0.0 and novelty is None:
+        raise ValueError("reward.w_div != 0 needs each question's novelty")
     if cfg.count_only_genuine:
         counted = counted_log_c(log_c, form_ok, cfg.log_c_floor)
     else:
@@ -202,6 +215,8 @@ def counted_log_r(
         beta=cfg.beta,
         log_pa=log_pa,
         w_ans=cfg.w_ans,
+        novelty=novelty,
+        w_div=cfg.w_div,
         step=step,
         hybrid_steps=cfg.hybrid_steps,
         hybrid_threshold=cfg.hybrid_threshold,
@@ -245,6 +260,7 @@ class ContradictionReward(BaseLMAnswers):
         nli: NLIScorer,
         cfg: ContradictionRewardConfig | Mapping[str, Any],
         termination_token_id: int,
+        embedder: Embedder | None = None,
     ) -> None:
         """
         Args:
@@ -253,6 +269,8 @@ class ContradictionReward(BaseLMAnswers):
             nli: the NLI judge.
             cfg: a :class:`ContradictionRewardConfig` or its mapping.
             termination_token_id: id of the token ending a question.
+            embedder: the sentence embedder of the novelty term (required when
+                ``cfg.w_div != 0``).
         """
         self.policy = policy
         self.tokenizer = tokenizer
@@ -263,6 +281,9 @@ class ContradictionReward(BaseLMAnswers):
             else ContradictionRewardConfig.from_mapping(cfg)
         )
         self.term_id = int(termination_token_id)
+        if self.cfg.w_div != 0.0 and embedder is None:
+            raise ValueError("reward config field w_div != 0 needs a sentence embedder")
+        self.embedder = embedder
         self._setup_answers(tokenizer)
 
     def _judge(self, edit_facts: Sequence[str], questions: Sequence[str], lm: nn.Module) -> _Judged:
@@ -286,10 +307,25 @@ class ContradictionReward(BaseLMAnswers):
 
     # ------------------------------------------------------------------ rewards
     def _log_r(
-        self, judged: _Judged, log_pq: Tensor, n_tok: Tensor, log_pa: Tensor | None, step: int
+        self,
+        judged: _Judged,
+        log_pq: Tensor,
+        n_tok: Tensor,
+        log_pa: Tensor | None,
+        step: int,
+        novelty: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         form_ok = judged.question & ~judged.echo
-        return counted_log_r(self.cfg, judged.log_c, form_ok, log_pq, n_tok, log_pa, step)
+        return counted_log_r(self.cfg, judged.log_c, form_ok, log_pq, n_tok, log_pa, step, novelty)
+
+    def novelty(self, edit_facts: Sequence[str], questions: Sequence[str]) -> Tensor | None:
+        """``FloatTensor[N]`` each question's novelty among the rows of the same edit fact
+        (:func:`contraq.embedding.group_novelty`); ``None`` when ``w_div`` is 0."""
+        if self.cfg.w_div == 0.0 or self.embedder is None:
+            return None
+        from contraq.embedding import group_novelty
+
+        return group_novelty(self.embedder.encode(questions), edit_facts)
 
     def terminal(
         self, facts: Sequence[EditFact], batch: SampleBatch, step: int = 0
@@ -306,7 +342,10 @@ class ContradictionReward(BaseLMAnswers):
         log_c, log_pa = judged.log_c, judged.log_pa
         log_pq = tok_lp.sum(1)
         n_tok = question_lengths(actions, lengths, self.term_id)
-        log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step)
+        novelty = self.novelty([f.edit_fact for f in facts], questions)
+        if novelty is not None:
+            novelty = novelty.to(log_pq.device)
+        log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step, novelty)
         floor = self.cfg.min_log_r
         log_c = torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor)
         components = {
@@ -320,6 +359,8 @@ class ContradictionReward(BaseLMAnswers):
         }
         if log_pa is not None:
             components["log_pa"] = torch.nan_to_num(log_pa, nan=floor, posinf=floor, neginf=floor)
+        if novelty is not None:
+            components["novelty"] = novelty
         return RewardOutput(
             log_r=log_r, components=components, answers=judged.answers, questions=questions
         )
