@@ -8,7 +8,11 @@ settings and judge (e.g. runs evaluated with `baselines_from` one eval folder).
     python scripts/paired_runs.py docs/results/cf-f4n4-s{0,1}/eval89-v9 \\
         --versus docs/results/cf-t12-160{,-s1,-v9}/eval89-v9
 
-The first form: the first folder's trained policy minus the second's. The second form: the
+    python scripts/paired_runs.py docs/results/cf-div40/eval-v9 \\
+        docs/results/cf-t12-160-v9/eval-v9-T13@trained_T1.3
+
+The first form: the first folder's trained policy minus the second's (``FOLDER@METHOD`` takes
+another method of a folder, e.g. the trained policy sampled hotter). The second form: the
 trained policies of all folders pooled (two seeds: 16 questions per fact) minus the first
 folder's ``--against`` method. The third: two recipes, each pooled over its runs' folders.
 Each prints the difference of the counted rate and of the judge-free independent rate (answer
@@ -33,9 +37,15 @@ def _records(folder: str, method: str) -> list[dict]:
     return by_method[method]
 
 
+def _method(spec: str) -> list[dict]:
+    """``FOLDER`` (its trained policy) or ``FOLDER@METHOD``."""
+    folder, _, method = spec.partition("@")
+    return _records(folder, method or "trained")
+
+
 def _pooled(folders: list[str]) -> list[dict]:
     """The trained policy's records of every folder, one list (questions per fact add up)."""
-    return [r for f in folders for r in _records(f, "trained")]
+    return [r for f in folders for r in _method(f)]
 
 
 def _facts(records: list[dict]) -> set[int]:
@@ -57,7 +67,7 @@ def main() -> None:
     else:
         if len(args.folders) != 2:
             raise SystemExit("give two eval folders, or --against METHOD and one or more")
-        mine, other = (_records(f, "trained") for f in args.folders)
+        mine, other = (_method(f) for f in args.folders)
         label = f"{args.folders[0]} - {args.folders[1]}"
     if _facts(mine) != _facts(other):
         raise SystemExit("the folders do not hold the same facts")
