@@ -34,7 +34,8 @@ def combine_log_reward(
     """The contradiction log-reward from its parts (all ``FloatTensor[N]``).
 
     ``log R = log C / beta + w_lik * log P_Q (+ w_ans * log P_A) (+ w_div * novelty)``; during
-    the hybrid warm-up (``step < hybrid_steps``) ``log R = log P_Q - hybrid_penalty * [log C < log hybrid_threshold]``.
+    the hybrid warm-up (``step < hybrid_steps``)
+    ``log R = log P_Q - hybrid_penalty * [log C < log hybrid_threshold]``.
     Questions with ``n_tokens < min_len`` get ``min_log_r``; so does any row where a component
     or the result is NaN/inf (never raised).
 

@@ -236,9 +236,10 @@ class _Judged:
 
 
 class ContradictionReward(BaseLMAnswers):
-    """``log R(x) = log C(x) / beta + w_lik * log P_Q(x) [+ w_ans * log P_A(x)]`` (DESIGN.md
-    section 2), with ``log C`` as :func:`counted_log_c` counts it (non-questions and echoes get
-    ``log_c_floor``; ``count_only_genuine: false`` only clamps).
+    """``log R(x) = log C(x) / beta + w_lik * log P_Q(x) [+ w_ans * log P_A(x)]
+    [+ w_div * novelty(x)]`` (DESIGN.md section 2), with ``log C`` as :func:`counted_log_c`
+    counts it (non-questions and echoes get ``log_c_floor``; ``count_only_genuine: false`` only
+    clamps).
 
     - answer ``a(x)``: the frozen base LM, greedy, batched with LEFT padding, cut at the first
       newline (:func:`first_line`);
@@ -246,7 +247,8 @@ class ContradictionReward(BaseLMAnswers):
     - ``log P_Q``: base-LM log-prob of the question tokens (termination included) given the
       question prompt the policy saw;
     - ``log P_A``: base-LM log-prob of the answer tokens as generated (cut before the newline)
-      given the answer prompt; computed only when ``w_ans != 0``.
+      given the answer prompt; computed only when ``w_ans != 0``;
+    - ``novelty``: :meth:`novelty`, computed only when ``w_div != 0``.
 
     Identical question texts are answered once, identical (fact, answer) pairs judged once
     (greedy decoding is deterministic), which matters for ``prefixes``: rows often share
