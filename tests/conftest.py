@@ -128,6 +128,14 @@ def save_tiny_nli(
 
 
 @pytest.fixture(scope="session")
+def embedder():
+    """The real all-MiniLM-L6-v2 sentence embedder (metrics' diversity, the novelty term)."""
+    from contraq.embedding import Embedder
+
+    return Embedder(device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_nli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer 3-way judge (labels :data:`TINY_NLI_LABELS`) with MiniLM's tokenizer."""
     return save_tiny_nli(tmp_path_factory.mktemp("tiny_nli"))

@@ -86,11 +86,6 @@ def test_pairwise_diversity_and_fluency() -> None:
     assert fluency([-10.0, -4.0], [5, 2]) == pytest.approx(-2.0)
 
 
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return Embedder(device="cpu")
-
-
 @pytest.mark.slow
 def test_embedder_diversity(embedder: Embedder) -> None:
     emb = embedder.encode(["Where is the Eiffel Tower?", "hello"])

@@ -18,7 +18,7 @@ from torch import nn
 
 from contraq.conf import compose_run
 from contraq.data import EditFact
-from contraq.embedding import Embedder, group_novelty, pairwise_diversity
+from contraq.embedding import group_novelty, pairwise_diversity
 from contraq.genuine import echo_flags
 from contraq.judge.scorer import NLIScorer
 from contraq.models import (
@@ -647,12 +647,6 @@ def test_novelty_term_by_hand() -> None:
         counted_log_r(cfg, -ones, ones.bool(), -ones, ones)
     with pytest.raises(ValueError, match="w_div=-1.0"):
         ContradictionRewardConfig(w_div=-1.0)
-
-
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    """The real all-MiniLM-L6-v2 of the novelty term."""
-    return Embedder(device="cpu")
 
 
 def test_novelty_reward_adds_w_div_times_novelty_among_the_facts_rows(
