@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from contraq.genuine import content_words, echo_flags, is_echo, is_question, novel_words
+from contraq.genuine import (
+    content_words,
+    echo_flags,
+    is_echo,
+    is_question,
+    names_subject,
+    novel_words,
+)
 
 
 @pytest.mark.parametrize(
@@ -91,3 +98,19 @@ def test_echo_flags_rows_and_length_check() -> None:
     assert flags == [False, True]
     with pytest.raises(ValueError, match="echo_flags"):
         echo_flags(["a"], [], ["f"])
+
+
+@pytest.mark.parametrize(
+    ("question", "subject", "named"),
+    [
+        ("Where was Gilles Grimandi born?", "Gilles Grimandi", True),
+        ("What did gilles-grimandi play?", "Gilles Grimandi", True),
+        ("Who is Gilles Grimandi's coach?", "Gilles Grimandi", True),
+        ("Who was born in France?", "Gilles Grimandi", False),
+        ("Where was Grimandi born?", "Gilles Grimandi", False),
+        ("Where was Gilles Grimandis born?", "Gilles Grimandi", False),
+        ("Where is it?", "", False),
+    ],
+)
+def test_names_subject(question: str, subject: str, named: bool) -> None:
+    assert names_subject(question, subject) is named

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from contraq.reward.contradiction import (
     ContradictionReward,
     ContradictionRewardConfig,
     counted_log_r,
+    novelty_credit,
 )
 from contraq.reward.likelihood import LikelihoodReward
 from contraq.sampler import SampleBatch, token_logprobs
@@ -682,6 +684,37 @@ def test_novelty_reward_adds_w_div_times_novelty_among_the_facts_rows(
     torch.testing.assert_close(got, out.log_r, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="needs a sentence embedder"):
         contradiction(answering_lm, tok, nli, term, w_div=1.0)
+
+    # div_gate=subject: only rows that name their fact's subject earn the term (rows 0, 1
+    # name "Marie Curie", row 4 "Messi"); the stored novelty stays ungated, and a rescore
+    # of the records applies the gate again from each record's question and subject.
+    named = [replace(two[0], subject="Marie Curie")] * 4 + [replace(two[1], subject="Messi")] * 4
+    gated = contradiction(answering_lm, tok, nli, term, embedder, w_div=20.0, div_gate="subject")
+    out_gated = gated.terminal(named, batch)
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(out_gated.components["novelty"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        out_gated.log_r, plain.log_r + 20.0 * expected * mask, atol=1e-4, rtol=0
+    )
+    records = [
+        r | {"subject": named[b].subject} | {"novelty": float(expected[b])}
+        for b, r in enumerate(records)
+    ]
+    again = with_log_r(records, gated.cfg, step=0)
+    got = torch.tensor([r["log_r"] for r in again])
+    torch.testing.assert_close(got, out_gated.log_r, atol=1e-4, rtol=0)
+
+
+def test_novelty_credit_gates_by_subject() -> None:
+    novelty = torch.tensor([0.5, 0.25, 0.75])
+    questions = ["Where was Marie Curie born?", "Who was born in Warsaw?", "Was curie a chemist?"]
+    subjects = ["Marie Curie", "Marie Curie", "Curie"]
+    assert novelty_credit(novelty, questions, subjects, "none").tolist() == [0.5, 0.25, 0.75]
+    assert novelty_credit(novelty, questions, subjects, "subject").tolist() == [0.5, 0.0, 0.75]
+    with pytest.raises(ValueError, match="div_gate='facts'"):
+        novelty_credit(novelty, questions, subjects, "facts")
+    with pytest.raises(ValueError, match="div_gate=.facts.: expected none or subject"):
+        ContradictionRewardConfig(div_gate="facts")
 
 
 @pytest.mark.parametrize("genuine_gate", [False, True])

@@ -175,6 +175,7 @@ RULES: dict[str, Check] = {
     "reward.w_lik": number(),
     "reward.w_ans": number(),
     "reward.w_div": number(0),
+    "reward.div_gate": choice("none", "subject"),
     "reward.batch_size": integer(0),
     "reward.answer_max_new_tokens": integer(1),
     "reward.hybrid_steps": integer(0),

@@ -27,6 +27,7 @@ __all__ = [
     "content_words",
     "is_echo",
     "is_question",
+    "names_subject",
     "normalize_text",
     "novel_words",
 ]
@@ -43,6 +44,14 @@ def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).lower()
     text = _PUNCT_RE.sub(" ", text).replace("_", " ")
     return " ".join(text.split())
+
+
+def names_subject(question: str, subject: str) -> bool:
+    """Whether ``question`` names ``subject`` in full (normalised words, on word boundaries):
+    "Where was Gilles Grimandi born?" names "Gilles Grimandi"; "Who was born in France?"
+    does not."""
+    target = normalize_text(subject)
+    return bool(target) and f" {target} " in f" {normalize_text(question)} "
 
 
 def _wordset(text: str) -> frozenset[str]:

@@ -21,7 +21,11 @@ from contraq.config_check import ConfigError, fill_absent
 from contraq.data import EditFact
 from contraq.files import iter_jsonl
 from contraq.questions import reward_step
-from contraq.reward.contradiction import ContradictionRewardConfig, counted_log_r
+from contraq.reward.contradiction import (
+    ContradictionRewardConfig,
+    counted_log_r,
+    novelty_credit,
+)
 from contraq.runload import RunError, load_run_config
 
 # eval.json settings that must agree, and the run-config groups that shape baseline records.
@@ -42,6 +46,7 @@ LOG_R_KEYS = (
     "beta",
     "w_lik",
     "w_div",
+    "div_gate",
     "log_c_floor",
     "min_len",
     "min_log_r",
@@ -129,7 +134,8 @@ def with_log_r(
     ``length``) with ``log_r`` recomputed under the reward ``cfg``
     (:func:`contraq.reward.contradiction.counted_log_r`). With ``cfg.w_div != 0`` each record's
     ``novelty`` is used, or computed among the records of its method and fact when any lacks
-    it (records written before the term existed)."""
+    it (records written before the term existed); ``cfg.div_gate`` reads each record's
+    ``question`` and ``subject``."""
     if not records:
         return []
     novelty = None
@@ -139,6 +145,10 @@ def with_log_r(
         else:
             novelty = records_novelty(records)
         records = [{**r, "novelty": float(novelty[i])} for i, r in enumerate(records)]
+        questions = [str(r["question"]) for r in records]
+        novelty = novelty_credit(
+            novelty, questions, [str(r.get("subject") or "") for r in records], cfg.div_gate
+        )
     flag = lambda key: torch.tensor([bool(r[key]) for r in records])  # noqa: E731
     value = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
     log_pa = value("log_pa") if cfg.w_ans != 0.0 else None

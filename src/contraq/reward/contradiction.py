@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from contraq.genuine import echo_flags, is_question
+from contraq.genuine import echo_flags, is_question, names_subject
 from contraq.reward.answers import AnswerPromptConfig, BaseLMAnswers
 from contraq.reward.base import (
     RewardOutput,
@@ -40,6 +40,23 @@ if TYPE_CHECKING:
     from contraq.sampler import SampleBatch
 
 
+# Which questions earn the novelty term (ContradictionRewardConfig.div_gate).
+DIV_GATES = ("none", "subject")
+
+
+def novelty_credit(
+    novelty: Tensor, questions: Sequence[str], subjects: Sequence[str], gate: str
+) -> Tensor:
+    """``FloatTensor[N]``: the novelty that the reward pays, ``novelty`` (``[N]``) where the
+    ``gate`` lets a question through and 0 elsewhere (``gate`` one of :data:`DIV_GATES`)."""
+    if gate == "none":
+        return novelty
+    if gate != "subject":
+        raise ValueError(f"div_gate={gate!r}: expected {' or '.join(DIV_GATES)}")
+    named = [names_subject(q, s) for q, s in zip(questions, subjects, strict=True)]
+    return novelty * torch.tensor(named, dtype=novelty.dtype, device=novelty.device)
+
+
 @dataclass
 class ContradictionRewardConfig:
     """Keys of ``configs/reward/contradiction.yaml`` read by :class:`ContradictionReward`.
@@ -55,6 +72,9 @@ class ContradictionRewardConfig:
             computed). The term depends on the other questions of the batch, so it is no fixed
             reward: it pushes the policy away from one question per fact. Replayed questions
             keep the log R of the batch they were sampled in. Not with ``loss=subtb``.
+        div_gate: which questions earn the novelty term: ``none`` every question, ``subject``
+            only questions that name the edit's subject (:func:`contraq.genuine.names_subject`).
+            Ungated, the cheapest novelty is a question about some other subject.
         min_len: questions with fewer tokens before termination get ``min_log_r``.
         min_log_r: floor log-reward (min-length and non-finite rows).
         hybrid_steps: warm-up steps with
@@ -79,6 +99,7 @@ class ContradictionRewardConfig:
     w_lik: float = 1.0
     w_ans: float = 0.0
     w_div: float = 0.0
+    div_gate: str = "none"
     min_len: int = 0
     min_log_r: float = -50.0
     hybrid_steps: int = 0
@@ -102,6 +123,7 @@ class ContradictionRewardConfig:
             (math.isfinite(self.w_lik), "w_lik", "must be finite"),
             (math.isfinite(self.w_ans), "w_ans", "must be finite"),
             (math.isfinite(self.w_div) and self.w_div >= 0, "w_div", "must be finite and >= 0"),
+            (self.div_gate in DIV_GATES, "div_gate", f"expected {' or '.join(DIV_GATES)}"),
             (math.isfinite(self.min_log_r), "min_log_r", "must be finite"),
             (math.isfinite(self.beta) and self.beta > 0, "beta", "must be > 0"),
             (
@@ -345,9 +367,12 @@ class ContradictionReward(BaseLMAnswers):
         log_pq = tok_lp.sum(1)
         n_tok = question_lengths(actions, lengths, self.term_id)
         novelty = self.novelty([f.edit_fact for f in facts], questions)
+        credit = None
         if novelty is not None:
             novelty = novelty.to(log_pq.device)
-        log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step, novelty)
+            subjects = [f.subject for f in facts]
+            credit = novelty_credit(novelty, questions, subjects, self.cfg.div_gate)
+        log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step, credit)
         floor = self.cfg.min_log_r
         log_c = torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor)
         components = {
