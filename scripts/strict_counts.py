@@ -24,7 +24,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from contraq.genuine import normalize_text
+from contraq.genuine import names_subject, normalize_text
 from contraq.judge.facts import FactRow, read_fact_rows, same_answer
 from contraq.judge.pairs import PairBuilder
 from contraq.reuse import read_eval_folder
@@ -58,13 +58,9 @@ class Slots:
         return any(f" {normalize_text(o)} " in text and not same_answer(o, edited) for o in objects)
 
 
-def names_subject(rec: dict) -> bool:
-    return normalize_text(str(rec["subject"])) in normalize_text(str(rec["question"]))
-
-
 def readings(rec: dict, slots: Slots) -> dict[str, bool]:
     counted = bool(rec.get("genuine"))
-    subject = counted and names_subject(rec)
+    subject = counted and names_subject(str(rec["question"]), str(rec["subject"]))
     slot = subject and slots.hit(str(rec["edit_fact"]), str(rec.get("answer") or ""))
     return {"counted": counted, "subject": subject, "slot": slot}
 

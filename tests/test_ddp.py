@@ -29,7 +29,7 @@ import torch
 from contraq import redis_server
 from contraq.buffer import RedisBuffer
 from contraq.distributed import check_sampling, pack_rows, slice_reward_output, unpack_rows
-from contraq.launch import trainer_kwargs_from_env
+from contraq.launch import train_overrides, trainer_kwargs_from_env
 from contraq.module import step_generator
 from contraq.reward.base import RewardOutput
 from contraq.sampler import SampleBatch
@@ -174,6 +174,14 @@ def test_sampling_mode_and_torchrun_devices(monkeypatch: pytest.MonkeyPatch) -> 
 # --------------------------------------------------------------------------------------------
 # per_rank, SubTB, processes started by Lightning
 # --------------------------------------------------------------------------------------------
+
+
+def test_relaunched_ranks_get_the_demos_training_overrides() -> None:
+    """`contraq demo trainer=ddp`: Lightning re-runs the other ranks as `contraq train`, which
+    has no `evaluation` group."""
+    given = ["trainer=ddp", "evaluation.n=2", "+evaluation.x=1", "evaluation=default", "seed=3"]
+    given += ["eval.n_facts=2", "name=evaluation_run"]
+    assert train_overrides(given) == ["trainer=ddp", "seed=3", "eval.n_facts=2", given[-1]]
 
 
 @pytest.mark.distributed

@@ -153,6 +153,17 @@ def build_run_buffer(buffer_cfg: Any, wait_s: float = 600.0) -> ReplayBuffer:
             time.sleep(0.5)
 
 
+def train_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that ``contraq train`` understands: ``contraq demo``'s own group
+    (``evaluation``, read after training by rank 0 only) left out, so that the ranks Lightning
+    re-launches as ``contraq train`` accept the demo's command line."""
+
+    def key(o: str) -> str:
+        return o.lstrip("+~").split("=", 1)[0]
+
+    return [o for o in overrides if key(o).split(".", 1)[0] != "evaluation"]
+
+
 @contextlib.contextmanager
 def lightning_relaunch(trainer: L.Trainer) -> Iterator[None]:
     """Make Lightning's own process launch re-run ``contraq train``.
@@ -188,7 +199,7 @@ def lightning_relaunch(trainer: L.Trainer) -> Iterator[None]:
     import __main__
 
     old_argv, old_spec = list(sys.argv), getattr(__main__, "__spec__", None)
-    sys.argv = [old_argv[0], "train", *old_argv[1:]]
+    sys.argv = [old_argv[0], "train", *train_overrides(old_argv[1:])]
     __main__.__spec__ = importlib.util.find_spec("contraq.cli")
     try:
         yield
