@@ -29,7 +29,12 @@ import torch
 from contraq import redis_server
 from contraq.buffer import RedisBuffer
 from contraq.distributed import check_sampling, pack_rows, slice_reward_output, unpack_rows
-from contraq.launch import train_overrides, trainer_kwargs_from_env
+from contraq.launch import (
+    shared_cpu_threads,
+    train_overrides,
+    trainer_kwargs_from_env,
+    usable_cores,
+)
 from contraq.module import step_generator
 from contraq.reward.base import RewardOutput
 from contraq.sampler import SampleBatch
@@ -182,6 +187,27 @@ def test_relaunched_ranks_get_the_demos_training_overrides() -> None:
     given = ["trainer=ddp", "evaluation.n=2", "+evaluation.x=1", "evaluation=default", "seed=3"]
     given += ["eval.n_facts=2", "name=evaluation_run"]
     assert train_overrides(given) == ["trainer=ddp", "seed=3", "eval.n_facts=2", given[-1]]
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two CPU ranks on one machine: each gets cores // 2 threads during fit (children inherit
+    OMP_NUM_THREADS), and the old count comes back; a user's OMP_NUM_THREADS is kept."""
+    import lightning as L
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    old = torch.get_num_threads()
+    two = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    want = max(1, usable_cores() // 2)
+    with shared_cpu_threads(two):
+        assert os.environ["OMP_NUM_THREADS"] == str(want)
+        assert torch.get_num_threads() == want
+    assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == old
+    one = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    with shared_cpu_threads(one):
+        assert "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() == old
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    with shared_cpu_threads(two):
+        assert os.environ["OMP_NUM_THREADS"] == "7" and torch.get_num_threads() == old
 
 
 @pytest.mark.distributed

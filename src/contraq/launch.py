@@ -153,6 +153,44 @@ def build_run_buffer(buffer_cfg: Any, wait_s: float = 600.0) -> ReplayBuffer:
             time.sleep(0.5)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def shared_cpu_threads(trainer: L.Trainer) -> Iterator[None]:
+    """Several CPU ranks on one machine and no ``OMP_NUM_THREADS``: each rank gets
+    ``cores // ranks`` torch threads during ``fit`` (the ranks that Lightning starts inherit
+    the variable). Without it every rank takes every core, and the oversubscribed ranks are
+    slower together than one. The old thread count comes back afterwards (``contraq demo``
+    evaluates in this process)."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    ranks = int(trainer.num_devices)
+    if (
+        "OMP_NUM_THREADS" in os.environ
+        or ranks <= 1
+        or not isinstance(trainer.accelerator, CPUAccelerator)
+    ):
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    n = max(1, usable_cores() // ranks)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+        torch.set_num_threads(old)
+
+
 def train_overrides(overrides: list[str]) -> list[str]:
     """The overrides that ``contraq train`` understands: ``contraq demo``'s own group
     (``evaluation``, read after training by rank 0 only) left out, so that the ranks Lightning

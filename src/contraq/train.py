@@ -109,7 +109,7 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
         runs.write_run_config(out_dir, OmegaConf.to_yaml(saved), cfg.resume == "never")
         runs.remove_stale_temp_files(ckpt_dir)
     started = time.time()
-    with launch.lightning_relaunch(trainer):
+    with launch.shared_cpu_threads(trainer), launch.lightning_relaunch(trainer):
         trainer.fit(module, train_dataloaders=step_loader(), ckpt_path=ckpt_path)
     stop = next(c for c in callbacks if isinstance(c, StopOnSignal))
     if trainer.is_global_zero:
