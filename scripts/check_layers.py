@@ -40,6 +40,7 @@ LAYERS: list[list[str]] = [
     ["cli"],  # the `contraq` command
     ["rescore"],  # an eval folder judged again (reuses evaluate's report)
     ["evaluate", "sample", "smooth", "preset_check"],  # commands that load a trained run
+    ["eval_methods"],  # eval's methods, in one process or several
     ["baselines", "report", "train", "reuse"],  # eval's methods, tables, reused baselines; train
     ["questions", "runload", "callbacks", "launch"],  # a run loaded back; around the Lightning run
     ["module", "parts"],  # one training step; a run's parts built from its config

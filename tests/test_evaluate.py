@@ -366,6 +366,18 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     assert "| trained | 8 |" in md and "reward_distribution.png" in md
     for png in ("reward_distribution.png", "reward_vs_diversity.png", "rate_vs_diversity.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # workers=1: the same records from one process at the workers' thread count (workers=2,
+    # the default, split the methods over this process and one more).
+    from contraq.eval_methods import torch_threads
+    from contraq.launch import usable_cores
+
+    alone = tmp_path / "one_process"
+    with torch_threads(max(1, usable_cores() // 2)):
+        assert main([*argv[:2], f"out={alone}", *argv[3:], *settings, "workers=1"]) == 0
+    assert read_jsonl(alone / "questions.jsonl") == qs
+    assert any(n.startswith("2 processes") for n in result["settings"]["notes"])
+    notes = json.loads((alone / "eval.json").read_text())["settings"]["notes"]
+    assert not any("processes" in n for n in notes)
     # baselines_from: the untrained and beam records are taken over, not drawn again.
     reuse = tmp_path / "reuse"
     argv_reuse = [*argv[:2], f"out={reuse}", *argv[3:], *settings, f"baselines_from={out}"]

@@ -13,71 +13,31 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from contraq.baselines import beam_records, policy_records
-from contraq.config_check import ConfigError
-from contraq.data import EditFact, load_facts
+from contraq.eval_methods import (
+    EvalConfig,
+    baseline_methods,
+    eval_facts,
+    method_names,
+    records_in_workers,
+)
 from contraq.metrics import Embedder, flag_counts, summarize
-from contraq.parts import Parts, build_prompts
+from contraq.parts import Parts
 from contraq.plots import (
     plot_rate_vs_diversity,
     plot_reward_distributions,
     plot_reward_vs_diversity,
 )
-from contraq.questions import progress_bar
 from contraq.report import eval_markdown, eval_table
 from contraq.reuse import load_baselines
-from contraq.runload import RunRef, heldout_facts, load_parts, pick_device, resolve_run
+from contraq.runload import RunRef, load_parts, pick_device, resolve_run
 from contraq.settings import typed
 from contraq.stats import frontier_value, paired_bootstrap
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """The comparison's settings (``configs/evaluation/default.yaml`` has their defaults).
-
-    Attributes:
-        n: questions per fact and method.
-        max_facts: use the first ``max_facts`` facts (0 = all).
-        temperatures: tempered sampling of the untrained policy, one method per value.
-        trained_temperatures: tempered sampling of the trained policy (``trained_T<t>``), each
-            compared, paired, with the untrained policy at the same temperature and with beam.
-        beam: include beam search on the base LM.
-        beam_groups: > 1 tries diverse (group) beam search with that many groups.
-        diversity_penalty: group beam search's penalty.
-        batch_size: sequences per sampling call.
-        seed: every sampling method starts from a generator seeded with it.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
-        judge: an NLI checkpoint folder that replaces the run's judge for every method.
-        baselines_from: an earlier eval folder whose untrained and beam records are reused
-            (:mod:`contraq.reuse` checks that nothing that shapes them differs).
-    """
-
-    n: int
-    max_facts: int
-    temperatures: list[float]
-    beam: bool
-    beam_groups: int
-    diversity_penalty: float
-    batch_size: int
-    seed: int
-    device: str
-    judge: str | None
-    baselines_from: str | None = None
-    trained_temperatures: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for key, low in (("n", 1), ("batch_size", 1), ("beam_groups", 1), ("max_facts", 0)):
-            if getattr(self, key) < low:
-                raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
-        for key in ("temperatures", "trained_temperatures"):
-            if any(not t > 0 for t in getattr(self, key)):
-                raise ConfigError(key, f"must all be > 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -87,75 +47,6 @@ class EvalTarget:
     checkpoint: str
     facts: str | None
     out: str | None
-
-
-def baseline_methods(ecfg: EvalConfig) -> list[str]:
-    """The baselines' method names (``beam`` also stands for ``diverse_beam``)."""
-    names = ["untrained", *(f"untrained_T{t:g}" for t in ecfg.temperatures)]
-    return names + (["beam"] if ecfg.beam else [])
-
-
-def _method_records(
-    parts: Parts, facts: Sequence[EditFact], ecfg: EvalConfig, baselines: bool = True
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], list[str]]:
-    """Every method's records (``baselines=False``: the trained policy's only), seconds per
-    method and notes on what ran."""
-    prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
-    methods = [("trained", 1.0, False)]
-    methods += [(f"trained_T{t:g}", float(t), False) for t in ecfg.trained_temperatures]
-    if baselines:
-        methods += [("untrained", 1.0, True)]
-        methods += [(f"untrained_T{t:g}", float(t), True) for t in ecfg.temperatures]
-    records: dict[str, list[dict[str, Any]]] = {}
-    seconds: dict[str, float] = {}
-    notes: list[str] = []
-    with progress_bar() as progress:
-        for name, temp, base in methods:
-            t0 = time.time()
-            records[name] = policy_records(
-                parts,
-                facts,
-                prompts,
-                name,
-                temp,
-                base,
-                n=ecfg.n,
-                batch_size=ecfg.batch_size,
-                seed=ecfg.seed,
-                progress=progress,
-            )
-            seconds[name] = time.time() - t0
-        if ecfg.beam and baselines:
-            t0 = time.time()
-            name, records[name] = beam_records(
-                parts,
-                facts,
-                prompts,
-                groups=ecfg.beam_groups,
-                diversity_penalty=ecfg.diversity_penalty,
-                n=ecfg.n,
-                batch_size=ecfg.batch_size,
-                progress=progress,
-            )
-            seconds[name] = time.time() - t0
-            if ecfg.beam_groups > 1 and name == "beam":
-                notes.append(
-                    "diverse beam search is not available in the installed transformers "
-                    "(moved to a hub repository); plain beam search was used"
-                )
-    return records, seconds, notes
-
-
-def _facts(
-    parts: Parts, facts_path: str | Path | None, max_facts: int
-) -> tuple[list[EditFact], str]:
-    """The facts to evaluate on and how to name them: a file, else the run's held-out split."""
-    if facts_path is not None:
-        facts, label = load_facts(facts_path, minimal_ok=True, on_error="raise"), str(facts_path)
-    else:
-        facts = heldout_facts(parts.cfg)
-        label = f"{parts.cfg.data.path} (held-out test split)"
-    return (facts[:max_facts] if max_facts > 0 else facts), label
 
 
 def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict[str, Any]:
@@ -206,13 +97,15 @@ def evaluate_run(
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(ecfg.device)
     parts = load_parts(ref, device=device, judge=ecfg.judge)
-    facts, facts_label = _facts(parts, facts_path, ecfg.max_facts)
+    facts, facts_label = eval_facts(parts, facts_path, ecfg.max_facts)
     settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
     reused: dict[str, list[dict[str, Any]]] = {}
     if ecfg.baselines_from:  # checked before any question is drawn
         methods = baseline_methods(ecfg)
         reused, reused_s = load_baselines(ecfg.baselines_from, settings, parts.cfg, facts, methods)
-    records, seconds, notes = _method_records(parts, facts, ecfg, baselines=not reused)
+    spec = {"checkpoint": str(checkpoint), "judge": ecfg.judge, "facts": facts_path}
+    names = method_names(ecfg, baselines=not reused)
+    records, seconds, notes = records_in_workers(parts, facts, ecfg, names, spec)
     if reused:
         records.update(reused)
         seconds.update(reused_s)

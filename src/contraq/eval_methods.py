@@ -1,0 +1,270 @@
+"""The evaluation's methods and their records: which methods an eval runs (``EvalConfig``),
+each method's scored questions (:mod:`contraq.baselines`), in this process or split over
+several worker processes on a CPU.
+
+Why workers: one decode step of a small LM on a few rows gains little from a second thread,
+so on a 2-core machine two processes of one thread each, each with half of the methods, finish
+sooner than one process with two threads. A worker is ``python -m contraq.eval_methods
+SPEC.json``: it loads the run itself, writes its records as JSON Lines and exits (plain JSON
+both ways, no pickle). Every method starts from a generator seeded with ``seed``, so the split
+does not change which questions a method draws (beyond float rounding with another thread
+count, which can flip a rare near-tie token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contraq.baselines import beam_records, policy_records
+from contraq.config_check import ConfigError
+from contraq.data import EditFact, load_facts
+from contraq.files import iter_jsonl
+from contraq.launch import usable_cores
+from contraq.parts import Parts, build_prompts
+from contraq.questions import progress_bar
+from contraq.runload import heldout_facts, load_parts, pick_device, resolve_run
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The comparison's settings (``configs/evaluation/default.yaml`` has their defaults).
+
+    Attributes:
+        n: questions per fact and method.
+        max_facts: use the first ``max_facts`` facts (0 = all).
+        temperatures: tempered sampling of the untrained policy, one method per value.
+        trained_temperatures: tempered sampling of the trained policy (``trained_T<t>``), each
+            compared, paired, with the untrained policy at the same temperature and with beam.
+        beam: include beam search on the base LM.
+        beam_groups: > 1 tries diverse (group) beam search with that many groups.
+        diversity_penalty: group beam search's penalty.
+        batch_size: sequences per sampling call.
+        seed: every sampling method starts from a generator seeded with it.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
+        judge: an NLI checkpoint folder that replaces the run's judge for every method.
+        baselines_from: an earlier eval folder whose untrained and beam records are reused
+            (:mod:`contraq.reuse` checks that nothing that shapes them differs).
+        workers: processes that share the methods on a CPU, each with ``cores // workers``
+            threads (1: all in this process; ignored on CUDA).
+    """
+
+    n: int
+    max_facts: int
+    temperatures: list[float]
+    beam: bool
+    beam_groups: int
+    diversity_penalty: float
+    batch_size: int
+    seed: int
+    device: str
+    judge: str | None
+    baselines_from: str | None = None
+    trained_temperatures: list[float] = field(default_factory=list)
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        for key, low in (
+            ("n", 1),
+            ("batch_size", 1),
+            ("beam_groups", 1),
+            ("max_facts", 0),
+            ("workers", 1),
+        ):
+            if getattr(self, key) < low:
+                raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
+        for key in ("temperatures", "trained_temperatures"):
+            if any(not t > 0 for t in getattr(self, key)):
+                raise ConfigError(key, f"must all be > 0, got {getattr(self, key)}")
+
+
+def baseline_methods(ecfg: EvalConfig) -> list[str]:
+    """The baselines' method names (``beam`` also stands for ``diverse_beam``)."""
+    names = ["untrained", *(f"untrained_T{t:g}" for t in ecfg.temperatures)]
+    return names + (["beam"] if ecfg.beam else [])
+
+
+def method_names(ecfg: EvalConfig, baselines: bool = True) -> list[str]:
+    """Every method the eval runs, in report order (``baselines=False``: the trained
+    policy's only)."""
+    names = ["trained", *(f"trained_T{t:g}" for t in ecfg.trained_temperatures)]
+    return names + (baseline_methods(ecfg) if baselines else [])
+
+
+def split_methods(names: Sequence[str], workers: int) -> list[list[str]]:
+    """``names`` dealt to ``workers`` groups (group 0 runs in the calling process): the trained
+    methods, whose questions are short and cheap, go to group 0, and the baselines are dealt
+    from the last group backwards, which keeps the groups' costs close."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(names))))]
+    baselines = [m for m in names if not m.startswith("trained")]
+    groups[0] += [m for m in names if m.startswith("trained")]
+    for i, name in enumerate(baselines):
+        groups[len(groups) - 1 - i % len(groups)].append(name)
+    return [g for g in groups if g]
+
+
+def method_records(
+    parts: Parts, facts: Sequence[EditFact], ecfg: EvalConfig, names: Sequence[str]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], list[str]]:
+    """The records of the methods ``names`` (see :func:`method_names`), seconds per method
+    and notes on what ran."""
+    prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
+    temps = {"trained": (1.0, False), "untrained": (1.0, True)}
+    temps |= {f"trained_T{t:g}": (float(t), False) for t in ecfg.trained_temperatures}
+    temps |= {f"untrained_T{t:g}": (float(t), True) for t in ecfg.temperatures}
+    records: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    with progress_bar() as progress:
+        for name in names:
+            t0 = time.time()
+            if name == "beam":
+                name, records[name] = beam_records(
+                    parts,
+                    facts,
+                    prompts,
+                    groups=ecfg.beam_groups,
+                    diversity_penalty=ecfg.diversity_penalty,
+                    n=ecfg.n,
+                    batch_size=ecfg.batch_size,
+                    progress=progress,
+                )
+                if ecfg.beam_groups > 1 and name == "beam":
+                    notes.append(
+                        "diverse beam search is not available in the installed transformers "
+                        "(moved to a hub repository); plain beam search was used"
+                    )
+            else:
+                temp, base = temps[name]
+                records[name] = policy_records(
+                    parts,
+                    facts,
+                    prompts,
+                    name,
+                    temp,
+                    base,
+                    n=ecfg.n,
+                    batch_size=ecfg.batch_size,
+                    seed=ecfg.seed,
+                    progress=progress,
+                )
+            seconds[name] = time.time() - t0
+    return records, seconds, notes
+
+
+def eval_facts(
+    parts: Parts, facts_path: str | Path | None, max_facts: int
+) -> tuple[list[EditFact], str]:
+    """The facts to evaluate on and how to name them: a file, else the run's held-out split."""
+    if facts_path is not None:
+        facts, label = load_facts(facts_path, minimal_ok=True, on_error="raise"), str(facts_path)
+    else:
+        facts = heldout_facts(parts.cfg)
+        label = f"{parts.cfg.data.path} (held-out test split)"
+    return (facts[:max_facts] if max_facts > 0 else facts), label
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``n`` torch threads inside the block, the old count after it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def records_in_workers(
+    parts: Parts,
+    facts: Sequence[EditFact],
+    ecfg: EvalConfig,
+    names: Sequence[str],
+    spec: dict[str, Any],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], list[str]]:
+    """:func:`method_records` of ``names``, split over ``ecfg.workers`` processes on a CPU
+    (in this process alone on CUDA or with one worker). ``spec``: what a worker needs to load
+    the same run and facts (``checkpoint``, ``judge``, ``facts``). Returns the records in the
+    order of ``names``."""
+    groups = split_methods(names, ecfg.workers)
+    device = next(parts.policy.parameters()).device
+    if len(groups) == 1 or device.type != "cpu":
+        return method_records(parts, facts, ecfg, names)
+    threads = max(1, usable_cores() // len(groups))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory(prefix="contraq-eval-") as tmp:
+        procs = []
+        for k, group in enumerate(groups[1:], start=1):
+            folder = Path(tmp) / f"worker{k}"
+            folder.mkdir()
+            job = {**spec, "ecfg": asdict(ecfg), "methods": group, "out": str(folder)}
+            (folder / "spec.json").write_text(json.dumps(job))
+            log = (folder / "worker.log").open("w")
+            cmd = [sys.executable, "-m", "contraq.eval_methods", str(folder / "spec.json")]
+            procs.append((folder, subprocess.Popen(cmd, env=env, stdout=log, stderr=log)))
+        try:
+            with torch_threads(threads):
+                records, seconds, notes = method_records(parts, facts, ecfg, groups[0])
+            for folder, proc in procs:
+                _collect(folder, proc, records, seconds, notes)
+        finally:
+            for _, proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    notes.append(f"{len(groups)} processes of {threads} thread(s) shared the methods: {groups}")
+    order = [m for m in names if m in records] + [m for m in records if m not in names]
+    return {m: records[m] for m in order}, seconds, notes
+
+
+def _collect(
+    folder: Path,
+    proc: subprocess.Popen,
+    records: dict[str, list[dict[str, Any]]],
+    seconds: dict[str, float],
+    notes: list[str],
+) -> None:
+    """Wait for one worker and add what it wrote; its failure is an error with its log."""
+    if proc.wait() != 0:
+        log = (folder / "worker.log").read_text(errors="replace").strip().splitlines()
+        raise RuntimeError(
+            f"eval worker (methods {json.loads((folder / 'spec.json').read_text())['methods']}) "
+            f"exited {proc.returncode}:\n" + "\n".join(log[-20:])
+        )
+    for _, rec in iter_jsonl(folder / "records.jsonl"):
+        records.setdefault(str(rec["method"]), []).append(rec)
+    done = json.loads((folder / "done.json").read_text())
+    seconds.update(done["seconds"])
+    notes.extend(n for n in done["notes"] if n not in notes)
+
+
+def worker_main(spec_path: str) -> None:
+    """One worker: the methods of ``SPEC.json`` on its run and facts, written to its folder
+    (``records.jsonl``, then ``done.json`` with seconds and notes)."""
+    spec = json.loads(Path(spec_path).read_text())
+    ecfg = EvalConfig(**spec["ecfg"])
+    ref = resolve_run(spec["checkpoint"])
+    parts = load_parts(ref, device=pick_device(ecfg.device), judge=spec.get("judge"))
+    facts, _ = eval_facts(parts, spec.get("facts"), ecfg.max_facts)
+    records, seconds, notes = method_records(parts, facts, ecfg, spec["methods"])
+    out = Path(spec["out"])
+    with (out / "records.jsonl").open("w") as fh:
+        for recs in records.values():
+            for r in recs:
+                fh.write(json.dumps(r) + "\n")
+    (out / "done.json").write_text(json.dumps({"seconds": seconds, "notes": notes}))
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])
