@@ -50,7 +50,8 @@ class EvalConfig:
         beam: include beam search on the base LM.
         beam_groups: > 1 tries diverse (group) beam search with that many groups.
         diversity_penalty: group beam search's penalty.
-        batch_size: sequences per sampling call.
+        batch_size: sequences per sampling call, and questions per answering call (it
+            replaces the run's ``reward.batch_size``).
         seed: every sampling method starts from a generator seeded with it.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         judge: an NLI checkpoint folder that replaces the run's judge for every method.
@@ -255,7 +256,9 @@ def worker_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     ecfg = EvalConfig(**spec["ecfg"])
     ref = resolve_run(spec["checkpoint"])
-    parts = load_parts(ref, device=pick_device(ecfg.device), judge=spec.get("judge"))
+    parts = load_parts(
+        ref, device=pick_device(ecfg.device), judge=spec.get("judge"), reward_batch=ecfg.batch_size
+    )
     facts, _ = eval_facts(parts, spec.get("facts"), ecfg.max_facts)
     records, seconds, notes = method_records(parts, facts, ecfg, spec["methods"])
     out = Path(spec["out"])

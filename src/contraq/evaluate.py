@@ -96,7 +96,7 @@ def evaluate_run(
     out = Path(out_dir) if out_dir is not None else ref.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(ecfg.device)
-    parts = load_parts(ref, device=device, judge=ecfg.judge)
+    parts = load_parts(ref, device=device, judge=ecfg.judge, reward_batch=ecfg.batch_size)
     facts, facts_label = eval_facts(parts, facts_path, ecfg.max_facts)
     settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
     reused: dict[str, list[dict[str, Any]]] = {}

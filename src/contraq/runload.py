@@ -114,6 +114,7 @@ def load_parts(
     plain: bool = False,
     device: torch.device | None = None,
     judge: str | None = None,
+    reward_batch: int | None = None,
 ) -> Parts:
     """The :class:`contraq.parts.Parts` of a run: its base LM with the trained adapter (from
     the ``.ckpt`` when one was named, else ``adapter/``).
@@ -122,10 +123,15 @@ def load_parts(
     peft model (its base LM is the policy with adapters disabled), so callers sample a plain
     policy with ``base=True``. ``judge``: an NLI checkpoint folder (or hub id) that replaces the
     run's judge (``nli.path``), e.g. to score every method with a judge training never saw.
+    ``reward_batch``: replaces the run's ``reward.batch_size`` (questions per answering call):
+    a greedy decode step costs about the same for 16 rows as for 64, so an eval answers more
+    at a time than a training step has.
     """
     cfg = load_run_config(ref.run_dir)
     if judge is not None:
         cfg.nli.path = str(judge)
+    if reward_batch is not None:
+        cfg.reward.batch_size = int(reward_batch)
     if plain:
         parts = Parts(cfg, with_lora=True)
     elif ref.ckpt is not None:
