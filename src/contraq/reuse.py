@@ -61,7 +61,8 @@ OLD_DEFAULTS = {"batch_size": 32}
 def _plain(node: Any, group: str) -> Any:
     plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     if group == "reward" and isinstance(plain, dict):
-        plain = {k: v for k, v in plain.items() if k not in LOG_R_KEYS}
+        # batch_size only chunks the work (an eval replaces it with its own batch_size).
+        plain = {k: v for k, v in plain.items() if k not in (*LOG_R_KEYS, "batch_size")}
     return plain
 
 
