@@ -434,3 +434,20 @@ def test_lora_from_a_lightning_checkpoint(tiny_run: Path, tmp_path: Path) -> Non
     torch.save({"state_dict": {"policy.something.else": torch.zeros(1)}}, bad)
     with pytest.raises(RunError, match="do not match"):
         load_parts(resolve_run(bad), device=torch.device("cpu"))
+
+
+def test_split_methods_deals_every_method_once() -> None:
+    from contraq.eval_methods import split_methods
+
+    names = ["trained", "trained_T0.7", "untrained", "untrained_T0.5", "untrained_T0.7", "beam"]
+    for workers in (1, 2, 3, 10):
+        groups = split_methods(names, workers)
+        assert sorted(m for g in groups for m in g) == sorted(names)
+        assert len(groups) <= workers and all(groups)
+        assert groups[0][:2] == ["trained", "trained_T0.7"]  # this process runs the trained
+    # Costliest baseline (beam) first, to the idle worker; then to whichever has least.
+    assert split_methods(names[:1] + names[2:], 2) == [
+        ["trained", "untrained", "untrained_T0.7"],
+        ["beam", "untrained_T0.5"],
+    ]
+    assert split_methods(["trained"], 2) == [["trained"]]
