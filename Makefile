@@ -41,6 +41,7 @@ bench: setup
 	$(PY) bench/bench_sampler.py
 	$(PY) bench/bench_reward.py
 	$(PY) bench/bench_ddp.py
+	$(PY) bench/bench_decode.py
 
 clean:
 	rm -rf $(VENV) .cache outputs

@@ -1,0 +1,64 @@
+"""What one greedy decode step of the embedded base LM costs as the batch grows.
+
+One KV-cached decode step of SmolLM2-135M-Instruct (the embedded default, random tokens after an
+80-token prompt), timed for several batch sizes in one process, with the ratio to the 16-row
+step (the batch of a default training step). If the step is bound by reading the weights, more
+rows cost little: a bigger batch is cheap, and splitting a batch over processes saves little.
+
+    python bench/bench_decode.py [--threads 1] [--rows 1 8 16 32 64] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from contraq.conf import compose_run  # noqa: E402
+from contraq.parts import Parts  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@torch.no_grad()
+def decode_step_seconds(lm: torch.nn.Module, rows: int, prompt: int, steps: int) -> float:
+    """Mean seconds of one cached decode step for ``rows`` sequences after a ``prompt``-token
+    prefill."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 10_000, (rows, prompt), generator=gen)
+    out = lm(input_ids=ids, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = lm(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
+    ap.add_argument("--prompt", type=int, default=80, help="prompt tokens before decoding")
+    ap.add_argument("--steps", type=int, default=10, help="decode steps timed per batch size")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = Parts(compose_run(str(REPO / "configs"), [])).policy.get_base_model().eval()
+    decode_step_seconds(lm, 2, args.prompt, 2)  # warm-up
+    seconds = {r: decode_step_seconds(lm, r, args.prompt, args.steps) for r in args.rows}
+    base = seconds.get(16, seconds[args.rows[0]])
+    print(f"SmolLM2-135M decode step, {args.threads} thread(s), {args.prompt}-token prompt")
+    print("  rows   seconds   vs 16 rows   seconds per row")
+    for r, sec in seconds.items():
+        print(f"  {r:4d}   {sec:7.4f}   {sec / base:9.2f}x   {sec / r:10.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
