@@ -451,3 +451,20 @@ def test_split_methods_deals_every_method_once() -> None:
         ["beam", "untrained_T0.5"],
     ]
     assert split_methods(["trained"], 2) == [["trained"]]
+
+
+def test_a_failed_eval_worker_is_an_error_with_its_log(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from contraq.eval_methods import _collect
+
+    (tmp_path / "spec.json").write_text(json.dumps({"methods": ["beam"]}))
+    with (tmp_path / "worker.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('out of memory'); sys.exit(3)"],
+            stdout=log,
+            stderr=log,
+        )
+    with pytest.raises(RuntimeError, match=r"(?s)methods \['beam'\]\) exited 3.*out of memory"):
+        _collect(tmp_path, proc, {}, {}, [])
