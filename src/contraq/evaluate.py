@@ -103,7 +103,8 @@ def evaluate_run(
     if ecfg.baselines_from:  # checked before any question is drawn
         methods = baseline_methods(ecfg)
         reused, reused_s = load_baselines(ecfg.baselines_from, settings, parts.cfg, facts, methods)
-    spec = {"checkpoint": str(checkpoint), "judge": ecfg.judge, "facts": facts_path}
+    facts_arg = None if facts_path is None else str(facts_path)
+    spec = {"checkpoint": str(checkpoint), "judge": ecfg.judge, "facts": facts_arg}
     names = method_names(ecfg, baselines=not reused)
     records, seconds, notes = records_in_workers(parts, facts, ecfg, names, spec)
     if reused:
