@@ -124,8 +124,8 @@ def load_parts(
     policy with ``base=True``. ``judge``: an NLI checkpoint folder (or hub id) that replaces the
     run's judge (``nli.path``), e.g. to score every method with a judge training never saw.
     ``reward_batch``: replaces the run's ``reward.batch_size`` (questions per answering call):
-    a greedy decode step costs about the same for 16 rows as for 64, so an eval answers more
-    at a time than a training step has.
+    a greedy decode step of 32 rows costs about 1.5x one of 16 (``bench/bench_decode.py``),
+    so an eval answers more at a time than a training step has.
     """
     cfg = load_run_config(ref.run_dir)
     if judge is not None:
