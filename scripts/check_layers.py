@@ -49,7 +49,7 @@ LAYERS: list[list[str]] = [
     ["judge", "redis_server", "runs", "settings", "plots"],  # services of the parts above
     ["embedding"],  # sentence embeddings (metrics' diversity, the judge's near objects)
     ["sampler", "models", "data", "tokens", "genuine", "stats", "config_check"],  # foundations
-    ["files", "errors", "lm_forward"],  # no contraq import
+    ["files", "errors", "lm_forward", "threads"],  # no contraq import
 ]
 
 

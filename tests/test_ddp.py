@@ -29,15 +29,11 @@ import torch
 from contraq import redis_server
 from contraq.buffer import RedisBuffer
 from contraq.distributed import check_sampling, pack_rows, slice_reward_output, unpack_rows
-from contraq.launch import (
-    shared_cpu_threads,
-    train_overrides,
-    trainer_kwargs_from_env,
-    usable_cores,
-)
+from contraq.launch import shared_cpu_threads, train_overrides, trainer_kwargs_from_env
 from contraq.module import step_generator
 from contraq.reward.base import RewardOutput
 from contraq.sampler import SampleBatch
+from contraq.threads import usable_cores
 from redis_fixtures import free_port, require_redis_binary
 
 REPO = Path(__file__).resolve().parents[1]

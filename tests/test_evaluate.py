@@ -368,8 +368,7 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # workers=1: the same records from one process at the workers' thread count (workers=2,
     # the default, split the methods over this process and one more).
-    from contraq.eval_methods import torch_threads
-    from contraq.launch import usable_cores
+    from contraq.threads import torch_threads, usable_cores
 
     alone = tmp_path / "one_process"
     with torch_threads(max(1, usable_cores() // 2)):

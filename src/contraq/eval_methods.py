@@ -13,28 +13,25 @@ count, which can flip a rare near-tie token).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from contraq.baselines import beam_records, policy_records
 from contraq.config_check import ConfigError
 from contraq.data import EditFact, load_facts
 from contraq.files import iter_jsonl
-from contraq.launch import usable_cores
 from contraq.parts import Parts, build_prompts
 from contraq.questions import progress_bar
 from contraq.runload import heldout_facts, load_parts, pick_device, resolve_run
+from contraq.threads import torch_threads, usable_cores
 
 
 @dataclass(frozen=True)
@@ -190,17 +187,6 @@ def eval_facts(
         facts = heldout_facts(parts.cfg)
         label = f"{parts.cfg.data.path} (held-out test split)"
     return (facts[:max_facts] if max_facts > 0 else facts), label
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """``n`` torch threads inside the block, the old count after it."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def records_in_workers(

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from contraq.buffer import BufferUnavailableError, ReplayBuffer, build_buffer
 from contraq.distributed import check_sampling
+from contraq.threads import torch_threads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +154,6 @@ def build_run_buffer(buffer_cfg: Any, wait_s: float = 600.0) -> ReplayBuffer:
             time.sleep(0.5)
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def shared_cpu_threads(trainer: L.Trainer) -> Iterator[None]:
     """Several CPU ranks on one machine and no ``OMP_NUM_THREADS``: each rank gets
@@ -178,17 +171,13 @@ def shared_cpu_threads(trainer: L.Trainer) -> Iterator[None]:
     ):
         yield
         return
-    import torch
-
-    old = torch.get_num_threads()
     n = max(1, usable_cores() // ranks)
     os.environ["OMP_NUM_THREADS"] = str(n)
-    torch.set_num_threads(n)
     try:
-        yield
+        with torch_threads(n):
+            yield
     finally:
         del os.environ["OMP_NUM_THREADS"]
-        torch.set_num_threads(old)
 
 
 def train_overrides(overrides: list[str]) -> list[str]:

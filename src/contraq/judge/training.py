@@ -37,6 +37,7 @@ from contraq.judge.evaluation import (
 )
 from contraq.judge.pairs import TRAIN_LABELS, NLIPair
 from contraq.models import minilm_dir
+from contraq.threads import torch_threads
 
 
 @dataclass
@@ -171,10 +172,7 @@ def train_nli(cfg: Any = None, *, force: bool = True, verbose: bool = True) -> N
     out = cfg.output_dir()
     console = Console(quiet=not verbose)
     t0 = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-    try:
+    with torch_threads(cfg.num_threads if cfg.num_threads > 0 else None):
         torch.manual_seed(cfg.seed)
         train, held, ood, sizes = build_datasets(cfg)
         console.print(f"[bold]NLI judge[/bold] {cfg.name}: {sizes}")
@@ -200,8 +198,6 @@ def train_nli(cfg: Any = None, *, force: bool = True, verbose: bool = True) -> N
             f"{metrics['heldout']['accuracy']:.3f}"
         )
         return NLITrainResult(path=out, metrics=metrics)
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def ensure_judge(cfg: Any = None, *, verbose: bool = True) -> Path:
