@@ -213,9 +213,9 @@ def records_in_workers(
             folder.mkdir()
             job = {**spec, "ecfg": asdict(ecfg), "methods": group, "out": str(folder)}
             (folder / "spec.json").write_text(json.dumps(job))
-            log = (folder / "worker.log").open("w")
             cmd = [sys.executable, "-m", "contraq.eval_methods", str(folder / "spec.json")]
-            procs.append((folder, subprocess.Popen(cmd, env=env, stdout=log, stderr=log)))
+            with (folder / "worker.log").open("w") as log:  # the worker keeps its own handle
+                procs.append((folder, subprocess.Popen(cmd, env=env, stdout=log, stderr=log)))
         try:
             with torch_threads(threads):
                 records, seconds, notes = method_records(parts, facts, ecfg, groups[0])
