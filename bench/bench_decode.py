@@ -5,7 +5,10 @@ One KV-cached decode step of SmolLM2-135M-Instruct (the embedded default, random
 step (the batch of a default training step). If the step is bound by reading the weights, more
 rows cost little: a bigger batch is cheap, and splitting a batch over processes saves little.
 
-    python bench/bench_decode.py [--threads 1] [--rows 1 8 16 32 64] [--steps 10]
+    python bench/bench_decode.py [--threads 1] [--rows 1 8 16 32 64] [--steps 10] [--bf16]
+
+``--bf16`` times the same steps with the weights in bfloat16 too (CPUs with avx512_bf16 or
+AMX run its matrix products natively), with the ratio fp32 / bf16 per batch size.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     ap.add_argument("--prompt", type=int, default=80, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=10, help="decode steps timed per batch size")
+    ap.add_argument("--bf16", action="store_true", help="also time bfloat16 weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = Parts(compose_run(str(REPO / "configs"), [])).policy.get_base_model().eval()
@@ -58,6 +62,13 @@ def main() -> None:
     print("  rows   seconds   vs 16 rows   seconds per row")
     for r, sec in seconds.items():
         print(f"  {r:4d}   {sec:7.4f}   {sec / base:9.2f}x   {sec / r:10.4f}")
+    if args.bf16:
+        lm = lm.to(torch.bfloat16)
+        decode_step_seconds(lm, 2, args.prompt, 2)
+        print("  rows   bf16 seconds   fp32 / bf16")
+        for r in args.rows:
+            sec = decode_step_seconds(lm, r, args.prompt, args.steps)
+            print(f"  {r:4d}   {sec:12.4f}   {seconds[r] / sec:10.2f}x")
 
 
 if __name__ == "__main__":
