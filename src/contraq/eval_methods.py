@@ -30,7 +30,7 @@ from contraq.data import EditFact, load_facts
 from contraq.files import iter_jsonl
 from contraq.parts import Parts, build_prompts
 from contraq.questions import progress_bar
-from contraq.runload import heldout_facts, load_parts, pick_device, resolve_run
+from contraq.runload import RunRef, heldout_facts, load_parts, pick_device, resolve_run
 from contraq.threads import torch_threads, usable_cores
 
 
@@ -177,6 +177,17 @@ def method_records(
     return records, seconds, notes
 
 
+def eval_parts(
+    ref: RunRef, ecfg: EvalConfig, facts_path: str | Path | None
+) -> tuple[Parts, list[EditFact], str]:
+    """The run's parts as an eval uses them (``ecfg``'s device and judge, answers
+    ``ecfg.batch_size`` at a time), its facts and their label (:func:`eval_facts`)."""
+    device = pick_device(ecfg.device)
+    parts = load_parts(ref, device=device, judge=ecfg.judge, reward_batch=ecfg.batch_size)
+    facts, label = eval_facts(parts, facts_path, ecfg.max_facts)
+    return parts, facts, label
+
+
 def eval_facts(
     parts: Parts, facts_path: str | Path | None, max_facts: int
 ) -> tuple[list[EditFact], str]:
@@ -198,7 +209,7 @@ def records_in_workers(
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], list[str]]:
     """:func:`method_records` of ``names``, split over ``ecfg.workers`` processes on a CPU
     (in this process alone on CUDA or with one worker). ``spec``: what a worker needs to load
-    the same run and facts (``checkpoint``, ``judge``, ``facts``). Returns the records in the
+    the same run and facts (``checkpoint``, ``facts``). Returns the records in the
     order of ``names``."""
     groups = split_methods(names, ecfg.workers)
     device = next(parts.policy.parameters()).device
@@ -257,11 +268,7 @@ def worker_main(spec_path: str) -> None:
     (``records.jsonl``, then ``done.json`` with seconds and notes)."""
     spec = json.loads(Path(spec_path).read_text())
     ecfg = EvalConfig(**spec["ecfg"])
-    ref = resolve_run(spec["checkpoint"])
-    parts = load_parts(
-        ref, device=pick_device(ecfg.device), judge=spec.get("judge"), reward_batch=ecfg.batch_size
-    )
-    facts, _ = eval_facts(parts, spec.get("facts"), ecfg.max_facts)
+    parts, facts, _ = eval_parts(resolve_run(spec["checkpoint"]), ecfg, spec.get("facts"))
     records, seconds, notes = method_records(parts, facts, ecfg, spec["methods"])
     out = Path(spec["out"])
     with (out / "records.jsonl").open("w") as fh:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from contraq.eval_methods import (
     EvalConfig,
     baseline_methods,
-    eval_facts,
+    eval_parts,
     method_names,
     records_in_workers,
 )
@@ -35,7 +35,7 @@ from contraq.plots import (
 )
 from contraq.report import eval_markdown, eval_table
 from contraq.reuse import load_baselines
-from contraq.runload import RunRef, load_parts, pick_device, resolve_run
+from contraq.runload import RunRef, pick_device, resolve_run
 from contraq.settings import typed
 from contraq.stats import frontier_value, paired_bootstrap
 
@@ -95,16 +95,15 @@ def evaluate_run(
     ref = resolve_run(checkpoint)
     out = Path(out_dir) if out_dir is not None else ref.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    parts, facts, facts_label = eval_parts(ref, ecfg, facts_path)
     device = pick_device(ecfg.device)
-    parts = load_parts(ref, device=device, judge=ecfg.judge, reward_batch=ecfg.batch_size)
-    facts, facts_label = eval_facts(parts, facts_path, ecfg.max_facts)
     settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
     reused: dict[str, list[dict[str, Any]]] = {}
     if ecfg.baselines_from:  # checked before any question is drawn
         methods = baseline_methods(ecfg)
         reused, reused_s = load_baselines(ecfg.baselines_from, settings, parts.cfg, facts, methods)
     facts_arg = None if facts_path is None else str(facts_path)
-    spec = {"checkpoint": str(checkpoint), "judge": ecfg.judge, "facts": facts_arg}
+    spec = {"checkpoint": str(checkpoint), "facts": facts_arg}
     names = method_names(ecfg, baselines=not reused)
     records, seconds, notes = records_in_workers(parts, facts, ecfg, names, spec)
     if reused:
