@@ -122,6 +122,7 @@ def test_other_losses_train(tmp_path: Path, loss: str) -> None:
     assert ckpt["global_step"] == 2
     losses = _losses(out)
     assert len(losses) == 2 and all(math.isfinite(loss) for _, loss, _ in losses)
+    assert len(seconds := _step_seconds(out)) == 2 and all(s > 0 for s in seconds)
 
 
 def _losses(out: Path) -> list[tuple[int, float, float]]:
@@ -131,6 +132,14 @@ def _losses(out: Path) -> list[tuple[int, float, float]]:
     with (out / "logs" / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
     return [(int(r["step"]), float(r["train/loss"]), float(r["train/replay"])) for r in rows]
+
+
+def _step_seconds(out: Path) -> list[float]:
+    """train/step_seconds of every logged training step (contraq.callbacks.StepTimer)."""
+    import csv
+
+    with (out / "logs" / "metrics.csv").open() as f:
+        return [float(r["train/step_seconds"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 # Recorded on the code before the config refactor of issue 10: the same seed must give the

@@ -5,6 +5,7 @@
 - :class:`SampleWriter`: the step's questions, answers and reward parts to ``samples.jsonl``;
 - :class:`FreshSampleEval`: on-policy ``val/`` metrics to the loggers and ``fresh_eval.jsonl``;
 - :class:`StopOnSignal`: SIGINT/SIGTERM finish the step, save ``last.ckpt`` and stop;
+- :class:`StepTimer`: each step's wall seconds as ``train/step_seconds``;
 - :class:`DDPAudit`: per-rank digests of weights and trained rows (``+ddp_audit_dir=PATH``).
 """
 
@@ -121,6 +122,22 @@ class FreshSampleEval(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._run(trainer, pl_module)
+
+
+class StepTimer(L.Callback):
+    """Logs each training step's wall seconds (sampling or replay, reward, loss, backward and
+    the optimizer step) as ``train/step_seconds``: with ``train/replay`` beside it, where a
+    run's time goes without a profiler."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        seconds = time.perf_counter() - self.start
+        pl_module.log("train/step_seconds", seconds, on_step=True, on_epoch=False)
 
 
 class StopOnSignal(L.Callback):
