@@ -13,6 +13,7 @@ from contraq.callbacks import (
     DDPAudit,
     FreshSampleEval,
     SampleWriter,
+    StepTimer,
     StopOnSignal,
     build_callbacks,
 )
@@ -39,6 +40,9 @@ def test_default_callbacks_write_into_the_run_folder() -> None:
     assert (fresh.every, fresh.n, fresh.diversity) == (7, 3, True)
     assert built[StopOnSignal].ckpt_dir == Path("/tmp/contraq-cb/checkpoints")
     assert RichProgressBar in built and DDPAudit not in built
+    # the step timer ends before the fresh-sample eval, so step_seconds leaves that eval out
+    order = list(built)
+    assert order.index(StepTimer) < order.index(FreshSampleEval)
 
 
 def test_overrides_change_drop_and_swap_callbacks() -> None:
