@@ -125,21 +125,23 @@ def test_other_losses_train(tmp_path: Path, loss: str) -> None:
     assert len(seconds := _step_seconds(out)) == 2 and all(s > 0 for s in seconds)
 
 
-def _losses(out: Path) -> list[tuple[int, float, float]]:
-    """(step, train/loss, train/replay) of every logged training step."""
+def _step_rows(out: Path) -> list[dict[str, str]]:
+    """The metrics.csv rows of every logged training step."""
     import csv
 
     with (out / "logs" / "metrics.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        return [r for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def _losses(out: Path) -> list[tuple[int, float, float]]:
+    """(step, train/loss, train/replay) of every logged training step."""
+    rows = _step_rows(out)
     return [(int(r["step"]), float(r["train/loss"]), float(r["train/replay"])) for r in rows]
 
 
 def _step_seconds(out: Path) -> list[float]:
     """train/step_seconds of every logged training step (contraq.callbacks.StepTimer)."""
-    import csv
-
-    with (out / "logs" / "metrics.csv").open() as f:
-        return [float(r["train/step_seconds"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    return [float(r["train/step_seconds"]) for r in _step_rows(out)]
 
 
 # Recorded on the code before the config refactor of issue 10: the same seed must give the
