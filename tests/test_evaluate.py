@@ -89,6 +89,7 @@ def test_eval_and_demo_read_one_set_of_defaults() -> None:
         (["temperatures=[0.5,0]"], "temperatures"),
         (["batch_size=x"], "batch_size"),
         (["judge=???"], "judge"),
+        (["split=train"], "split"),
     ],
 )
 def test_eval_settings_name_the_bad_key(overrides: list[str], key: str) -> None:
@@ -245,6 +246,28 @@ def test_resolve_run(tiny_run: Path, tmp_path: Path) -> None:
         resolve_run(tmp_path)
     with pytest.raises(RunError, match="no such"):
         resolve_run(tmp_path / "missing")
+
+
+def test_eval_facts_from_either_split(tiny_run: Path) -> None:
+    """With no facts file, eval takes the run's test split (its label unchanged, so earlier
+    eval folders stay reusable) or, with split=val, the validation split: disjoint facts."""
+    from contraq.data import load_facts, split_facts
+    from contraq.eval_methods import eval_facts
+    from contraq.runload import heldout_facts
+
+    parts = load_parts(resolve_run(tiny_run), device=torch.device("cpu"))
+    data = tiny_run.parent / "facts.jsonl"
+    split = split_facts(load_facts(data), 0.2, 0.4, 0)
+    test, test_label = eval_facts(parts, None, 0)
+    val, val_label = eval_facts(parts, None, 0, "val")
+    assert [f.subject for f in test] == [f.subject for f in split.test]
+    assert [f.subject for f in val] == [f.subject for f in split.val]
+    assert not {f.subject for f in test} & {f.subject for f in val}
+    assert test_label == f"{data} (held-out test split)"
+    assert val_label == f"{data} (validation split)"
+    assert len(eval_facts(parts, None, 1, "val")[0]) == 1
+    with pytest.raises(RunError, match="split='train': expected one of"):
+        heldout_facts(parts.cfg, "train")
 
 
 def test_sample_writes_scored_distinct_questions(tiny_run: Path, tmp_path: Path) -> None:

@@ -30,7 +30,14 @@ from contraq.data import EditFact, load_facts
 from contraq.files import iter_jsonl
 from contraq.parts import Parts, build_prompts
 from contraq.questions import progress_bar
-from contraq.runload import RunRef, heldout_facts, load_parts, pick_device, resolve_run
+from contraq.runload import (
+    SPLITS,
+    RunRef,
+    heldout_facts,
+    load_parts,
+    pick_device,
+    resolve_run,
+)
 from contraq.threads import torch_threads, usable_cores
 
 
@@ -41,6 +48,8 @@ class EvalConfig:
     Attributes:
         n: questions per fact and method.
         max_facts: use the first ``max_facts`` facts (0 = all).
+        split: the run's split to evaluate on when no facts file is given: ``test`` (held
+            out) or ``val`` (never trained on).
         temperatures: tempered sampling of the untrained policy, one method per value.
         trained_temperatures: tempered sampling of the trained policy (``trained_T<t>``), each
             compared, paired, with the untrained policy at the same temperature and with beam.
@@ -71,8 +80,11 @@ class EvalConfig:
     baselines_from: str | None = None
     trained_temperatures: list[float] = field(default_factory=list)
     workers: int = 1
+    split: str = "test"
 
     def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError("split", f"must be one of {sorted(SPLITS)}, got {self.split!r}")
         for key, low in (
             ("n", 1),
             ("batch_size", 1),
@@ -184,19 +196,19 @@ def eval_parts(
     ``ecfg.batch_size`` at a time), its facts and their label (:func:`eval_facts`)."""
     device = pick_device(ecfg.device)
     parts = load_parts(ref, device=device, judge=ecfg.judge, reward_batch=ecfg.batch_size)
-    facts, label = eval_facts(parts, facts_path, ecfg.max_facts)
+    facts, label = eval_facts(parts, facts_path, ecfg.max_facts, ecfg.split)
     return parts, facts, label
 
 
 def eval_facts(
-    parts: Parts, facts_path: str | Path | None, max_facts: int
+    parts: Parts, facts_path: str | Path | None, max_facts: int, split: str = "test"
 ) -> tuple[list[EditFact], str]:
-    """The facts to evaluate on and how to name them: a file, else the run's held-out split."""
+    """The facts to evaluate on and how to name them: a file, else the run's ``split``."""
     if facts_path is not None:
         facts, label = load_facts(facts_path, minimal_ok=True, on_error="raise"), str(facts_path)
     else:
-        facts = heldout_facts(parts.cfg)
-        label = f"{parts.cfg.data.path} (held-out test split)"
+        facts = heldout_facts(parts.cfg, split)
+        label = f"{parts.cfg.data.path} ({SPLITS[split]})"
     return (facts[:max_facts] if max_facts > 0 else facts), label
 
 

@@ -148,13 +148,19 @@ def load_parts(
     return parts
 
 
-def heldout_facts(cfg: Any) -> list[EditFact]:
-    """The run's held-out test facts: the split training made (:func:`contraq.parts.run_split`)
-    and never trained or validated on."""
-    test = run_split(cfg).test
-    if not test:
+SPLITS = {"test": "held-out test split", "val": "validation split"}
+
+
+def heldout_facts(cfg: Any, split: str = "test") -> list[EditFact]:
+    """Facts that training never trained on, from the split it made
+    (:func:`contraq.parts.run_split`): ``test`` (never trained or validated on) or ``val``
+    (training samples the first ``eval.n_facts`` of them for its ``val/`` metrics only)."""
+    if split not in SPLITS:
+        raise RunError(f"split={split!r}: expected one of {sorted(SPLITS)}")
+    facts = getattr(run_split(cfg), split)
+    if not facts:
         raise RunError(
-            f"the held-out test split of {cfg.data.path} is empty "
-            f"(data.test_fraction={cfg.data.test_fraction}); pass facts=FILE"
+            f"the {SPLITS[split]} of {cfg.data.path} is empty "
+            f"(data.{split}_fraction={getattr(cfg.data, f'{split}_fraction')}); pass facts=FILE"
         )
-    return test
+    return facts
