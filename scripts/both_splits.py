@@ -1,0 +1,108 @@
+"""Counted rates over the union of two disjoint fact sets (the held-out test split and the
+validation split), for several runs evaluated on both with the same baselines.
+
+    python scripts/both_splits.py \\
+        --pair docs/results/cf-t12-160/eval89-v9 docs/results/cf-t12-160/val-v9 \\
+        --pair docs/results/cf-t12-160-s1/eval89-v9 docs/results/cf-t12-160-s1/val-v9
+
+Each pair is one run's eval on the test split and on the validation split (``contraq eval
+split=val``), each made with ``baselines_from`` one eval folder of that split, so every run's
+baselines are the same records (checked). A fact of the union is (split, fact_index), and the
+intervals resample the union's facts. Prints a Markdown table: each run's trained policy, every
+run pooled and each baseline, with its rate on each split and on both (95% bootstrap interval
+over facts), whether its interval lies above every baseline's, and its paired difference with
+beam.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from contraq.metrics import flag_counts
+from contraq.reuse import read_eval_folder
+from contraq.stats import bootstrap_rate, paired_bootstrap
+
+KEY = "genuine_rate"
+SPLITS = ("test", "val")
+
+
+def _union(folders: dict[str, Path]) -> dict[str, list[dict]]:
+    """{method: records of both splits}, each record's fact renamed to (split, fact)."""
+    out: dict[str, list[dict]] = {}
+    for k, (split, folder) in enumerate(folders.items()):
+        _, by_method = read_eval_folder(folder, split)
+        for method, records in by_method.items():
+            out.setdefault(method, []).extend(
+                {**r, "fact_index": k * 1_000_000 + int(r["fact_index"])} for r in records
+            )
+    return out
+
+
+def _fmt(records: list[dict]) -> tuple[str, float, float]:
+    rate, low, high = bootstrap_rate(flag_counts(records, KEY))
+    return f"{rate:.3f} [{low:.3f}, {high:.3f}]", low, high
+
+
+def _split_rate(records: list[dict], k: int) -> str:
+    part = [r for r in records if r["fact_index"] // 1_000_000 == k]
+    return _fmt(part)[0]
+
+
+def _same_baselines(runs: dict[str, dict[str, list[dict]]], names: list[str]) -> None:
+    """Every run holds the first run's baseline questions, answers and counts (log R may differ:
+    ``baselines_from`` recomputes it under each run's reward)."""
+
+    def key(records: list[dict] | None) -> list[tuple] | None:
+        fields = ("fact_index", "question", "answer", KEY.removesuffix("_rate"))
+        return None if records is None else [tuple(r.get(f) for f in fields) for r in records]
+
+    first = next(iter(runs.values()))
+    for run, methods in runs.items():
+        for name in names:
+            if key(methods.get(name)) != key(first[name]):
+                raise SystemExit(f"{run}: its {name} records differ from the first run's")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        required=True,
+        metavar=("TEST", "VAL"),
+        help="one run's eval folders on the test and the validation split",
+    )
+    args = ap.parse_args()
+    runs = {test: _union({"test": Path(test), "val": Path(val)}) for test, val in args.pair}
+    first = next(iter(runs.values()))
+    baselines = [m for m in first if m != "trained" and not m.startswith("trained_")]
+    _same_baselines(runs, baselines)
+    n_facts = len(flag_counts(first["trained"], KEY))
+    print(
+        f"| method ({n_facts} facts x 8) | test | val | both [95% CI] | above every "
+        "baseline's interval | minus beam, paired (both) |"
+    )
+    print("|---|---|---|---|---|---|")
+    highest = max(_fmt(first[m])[2] for m in baselines)
+    rows = {run: m["trained"] for run, m in runs.items()}
+    rows["every run pooled"] = [r for m in runs.values() for r in m["trained"]]
+    for name, records in rows.items():
+        both, low, _ = _fmt(records)
+        c = paired_bootstrap(flag_counts(records, KEY), flag_counts(first["beam"], KEY))
+        print(
+            f"| {name} | {_split_rate(records, 0)} | {_split_rate(records, 1)} | {both} | "
+            f"{'yes' if low > highest else 'no'} ({low:.3f} vs {highest:.3f}) | "
+            f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] |"
+        )
+    for name in baselines:
+        records = first[name]
+        print(
+            f"| {name} | {_split_rate(records, 0)} | {_split_rate(records, 1)} | "
+            f"{_fmt(records)[0]} | | |"
+        )
+
+
+if __name__ == "__main__":
+    main()
