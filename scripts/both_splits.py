@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contraq.config_check import ConfigError
 from contraq.metrics import flag_counts
 from contraq.reuse import read_eval_folder
 from contraq.stats import bootstrap_rate, paired_bootstrap
@@ -64,7 +65,7 @@ def _same_baselines(runs: dict[str, dict[str, list[dict]]], names: list[str]) ->
                 raise SystemExit(f"{run}: its {name} records differ from the first run's")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--pair",
@@ -74,8 +75,11 @@ def main() -> None:
         metavar=("TEST", "VAL"),
         help="one run's eval folders on the test and the validation split",
     )
-    args = ap.parse_args()
-    runs = {test: _union({"test": Path(test), "val": Path(val)}) for test, val in args.pair}
+    args = ap.parse_args(argv)
+    try:
+        runs = {test: _union({"test": Path(test), "val": Path(val)}) for test, val in args.pair}
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
     first = next(iter(runs.values()))
     baselines = [m for m in first if m != "trained" and not m.startswith("trained_")]
     _same_baselines(runs, baselines)
