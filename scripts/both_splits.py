@@ -24,7 +24,7 @@ from contraq.metrics import flag_counts
 from contraq.reuse import read_eval_folder
 from contraq.stats import bootstrap_rate, paired_bootstrap
 
-KEY = "genuine_rate"
+KEYS = ("genuine_rate", "independent_rate")  # counted; answer names the pre-edit object
 SPLITS = ("test", "val")
 
 
@@ -40,14 +40,14 @@ def _union(folders: dict[str, Path]) -> dict[str, list[dict]]:
     return out
 
 
-def _fmt(records: list[dict]) -> tuple[str, float, float]:
-    rate, low, high = bootstrap_rate(flag_counts(records, KEY))
+def _fmt(records: list[dict], key: str) -> tuple[str, float, float]:
+    rate, low, high = bootstrap_rate(flag_counts(records, key))
     return f"{rate:.3f} [{low:.3f}, {high:.3f}]", low, high
 
 
-def _split_rate(records: list[dict], k: int) -> str:
+def _split_rate(records: list[dict], k: int, key: str) -> str:
     part = [r for r in records if r["fact_index"] // 1_000_000 == k]
-    return _fmt(part)[0]
+    return _fmt(part, key)[0]
 
 
 def _same_baselines(runs: dict[str, dict[str, list[dict]]], names: list[str]) -> None:
@@ -55,7 +55,7 @@ def _same_baselines(runs: dict[str, dict[str, list[dict]]], names: list[str]) ->
     ``baselines_from`` recomputes it under each run's reward)."""
 
     def key(records: list[dict] | None) -> list[tuple] | None:
-        fields = ("fact_index", "question", "answer", KEY.removesuffix("_rate"))
+        fields = ("fact_index", "question", "answer", "genuine")
         return None if records is None else [tuple(r.get(f) for f in fields) for r in records]
 
     first = next(iter(runs.values()))
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar=("TEST", "VAL"),
         help="one run's eval folders on the test and the validation split",
     )
+    ap.add_argument("--key", choices=KEYS, default=KEYS[0], help="the rate (default: counted)")
     args = ap.parse_args(argv)
     try:
         runs = {test: _union({"test": Path(test), "val": Path(val)}) for test, val in args.pair}
@@ -83,28 +84,30 @@ def main(argv: list[str] | None = None) -> None:
     first = next(iter(runs.values()))
     baselines = [m for m in first if m != "trained" and not m.startswith("trained_")]
     _same_baselines(runs, baselines)
-    n_facts = len(flag_counts(first["trained"], KEY))
+    key = args.key
+    counts = flag_counts(first["trained"], key)
+    per_fact = sum(n for _, n in counts.values()) / max(len(counts), 1)
     print(
-        f"| method ({n_facts} facts x 8) | test | val | both [95% CI] | above every "
-        "baseline's interval | minus beam, paired (both) |"
+        f"| method ({len(counts)} facts x {per_fact:g}), {key} | test | val | both [95% CI] | "
+        "above every baseline's interval | minus beam, paired (both) |"
     )
     print("|---|---|---|---|---|---|")
-    highest = max(_fmt(first[m])[2] for m in baselines)
+    highest = max(_fmt(first[m], key)[2] for m in baselines)
     rows = {run: m["trained"] for run, m in runs.items()}
     rows["every run pooled"] = [r for m in runs.values() for r in m["trained"]]
     for name, records in rows.items():
-        both, low, _ = _fmt(records)
-        c = paired_bootstrap(flag_counts(records, KEY), flag_counts(first["beam"], KEY))
+        both, low, _ = _fmt(records, key)
+        c = paired_bootstrap(flag_counts(records, key), flag_counts(first["beam"], key))
         print(
-            f"| {name} | {_split_rate(records, 0)} | {_split_rate(records, 1)} | {both} | "
-            f"{'yes' if low > highest else 'no'} ({low:.3f} vs {highest:.3f}) | "
+            f"| {name} | {_split_rate(records, 0, key)} | {_split_rate(records, 1, key)} | "
+            f"{both} | {'yes' if low > highest else 'no'} ({low:.3f} vs {highest:.3f}) | "
             f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] |"
         )
     for name in baselines:
         records = first[name]
         print(
-            f"| {name} | {_split_rate(records, 0)} | {_split_rate(records, 1)} | "
-            f"{_fmt(records)[0]} | | |"
+            f"| {name} | {_split_rate(records, 0, key)} | {_split_rate(records, 1, key)} | "
+            f"{_fmt(records, key)[0]} | | |"
         )
 
 

@@ -60,7 +60,7 @@ def test_union_keeps_the_splits_facts_apart(
     test = _folder(tmp_path / "test", [1, 1, 0, 0], [0, 0, 0, 0])
     val = _folder(tmp_path / "val", [1, 1, 1, 1], [0, 1, 0, 0])
     out = _run(capsys, (test, val))
-    assert "(8 facts x 8)" in out  # 4 + 4 facts, not 4
+    assert "(8 facts x 1), genuine_rate" in out  # 4 + 4 facts, not 4
     trained = _row(out, str(test))
     assert trained[1].startswith("0.500 ") and trained[2].startswith("1.000 ")
     assert trained[3].startswith("0.750 ")
