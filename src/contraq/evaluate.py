@@ -85,8 +85,8 @@ def evaluate_run(
     Args:
         checkpoint: run folder, its ``adapter/`` or a ``.ckpt`` (see
             :func:`contraq.runload.resolve_run`).
-        facts_path: a facts file (full or minimal schema); ``None`` = the run's held-out
-            test split.
+        facts_path: a facts file (full or minimal schema); ``None`` = the run's split named
+            by ``ecfg.split`` (the held-out test split by default).
 
     Returns:
         the ``eval.json`` object.
