@@ -415,12 +415,26 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     # trained_temperatures: the trained policy tempered too, compared with its peers.
     tempered = tmp_path / "tempered"
     argv_t = [*argv[:2], f"out={tempered}", *argv[3:], *settings, f"baselines_from={out}"]
-    assert main([*argv_t, "trained_temperatures=[1.5]"]) == 0
+    # trained_distinct: the trained policy drawn until n distinct questions per fact.
+    assert main([*argv_t, "trained_temperatures=[1.5]", "trained_distinct=true"]) == 0
     res_t = json.loads((tempered / "eval.json").read_text())
-    assert list(res_t["summary"])[:2] == ["trained", "trained_T1.5"]
+    assert list(res_t["summary"])[:3] == ["trained", "trained_T1.5", "trained_distinct"]
     assert set(res_t["matched"]["trained_T1.5"]) == {"untrained_T1.5", "untrained", beam[0]}
+    assert set(res_t["matched"]["trained_distinct"]) == {"untrained", beam[0]}
     assert res_t["summary"]["trained_T1.5"]["n_questions"] == 8
-    assert "## trained_T1.5" in (tempered / "eval.md").read_text()
+    assert res_t["settings"]["trained_distinct"] is True
+    distinct = [
+        r for r in read_jsonl(tempered / "questions.jsonl") if r["method"] == "trained_distinct"
+    ]
+    for fact in (0, 1):
+        qs_f = [
+            " ".join(r["question"].lower().split()) for r in distinct if r["fact_index"] == fact
+        ]
+        assert 1 <= len(qs_f) <= 4 and len(set(qs_f)) == len(qs_f)
+    shortfall = 8 - len(distinct)
+    assert any("fewer than 4 distinct" in n for n in res_t["settings"]["notes"]) == (shortfall > 0)
+    md = (tempered / "eval.md").read_text()
+    assert "## trained_T1.5" in md and "## trained_distinct (n distinct questions" in md
     # `contraq rescore` with the judge that scored them gives every metric back.
     again = tmp_path / "rescored"
     assert main(["rescore", f"records={out}", f"judge={judge}", f"out={again}"]) == 0

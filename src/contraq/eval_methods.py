@@ -29,7 +29,7 @@ from contraq.config_check import ConfigError
 from contraq.data import EditFact, load_facts
 from contraq.files import iter_jsonl
 from contraq.parts import Parts, build_prompts
-from contraq.questions import progress_bar
+from contraq.questions import progress_bar, sample_unique
 from contraq.runload import (
     SPLITS,
     RunRef,
@@ -53,6 +53,9 @@ class EvalConfig:
         temperatures: tempered sampling of the untrained policy, one method per value.
         trained_temperatures: tempered sampling of the trained policy (``trained_T<t>``), each
             compared, paired, with the untrained policy at the same temperature and with beam.
+        trained_distinct: also the trained policy as `contraq sample` uses it
+            (``trained_distinct``): drawn until each fact has ``n`` distinct questions (up to
+            ``distinct_rounds`` rounds), compared, paired, with beam, whose beams are distinct.
         beam: include beam search on the base LM.
         beam_groups: > 1 tries diverse (group) beam search with that many groups.
         diversity_penalty: group beam search's penalty.
@@ -81,6 +84,8 @@ class EvalConfig:
     trained_temperatures: list[float] = field(default_factory=list)
     workers: int = 1
     split: str = "test"
+    trained_distinct: bool = False
+    distinct_rounds: int = 10
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -91,6 +96,7 @@ class EvalConfig:
             ("beam_groups", 1),
             ("max_facts", 0),
             ("workers", 1),
+            ("distinct_rounds", 1),
         ):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
@@ -109,12 +115,14 @@ def method_names(ecfg: EvalConfig, baselines: bool = True) -> list[str]:
     """Every method the eval runs, in report order (``baselines=False``: the trained
     policy's only)."""
     names = ["trained", *(f"trained_T{t:g}" for t in ecfg.trained_temperatures)]
+    names += ["trained_distinct"] if ecfg.trained_distinct else []
     return names + (baseline_methods(ecfg) if baselines else [])
 
 
 # A method's rough cost relative to the others (seconds measured on 2 CPU cores, 32 facts x 8:
-# trained 111, untrained 143, untrained_T0.5 127, untrained_T0.7 133, beam 175).
-_COST = {"trained": 0.8, "beam": 1.3}
+# trained 111, untrained 143, untrained_T0.5 127, untrained_T0.7 133, beam 175; 106 facts x 8
+# at one thread: trained_distinct about twice trained).
+_COST = {"trained": 0.8, "trained_distinct": 1.6, "beam": 1.3}
 
 
 def split_methods(names: Sequence[str], workers: int) -> list[list[str]]:
@@ -170,6 +178,24 @@ def method_records(
                     notes.append(
                         "diverse beam search is not available in the installed transformers "
                         "(moved to a hub repository); plain beam search was used"
+                    )
+            elif name == "trained_distinct":
+                per_fact = sample_unique(
+                    parts,
+                    facts,
+                    ecfg.n,
+                    batch_size=ecfg.batch_size,
+                    seed=ecfg.seed,
+                    max_rounds=ecfg.distinct_rounds,
+                    method=name,
+                    progress=progress,
+                )
+                records[name] = [r for recs in per_fact for r in recs]
+                short = sum(len(recs) < ecfg.n for recs in per_fact)
+                if short:
+                    notes.append(
+                        f"trained_distinct: {short} facts have fewer than {ecfg.n} distinct "
+                        f"questions after {ecfg.distinct_rounds} rounds"
                     )
             else:
                 temp, base = temps[name]

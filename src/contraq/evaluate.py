@@ -60,6 +60,8 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         "batch_size": ecfg.batch_size,
         "temperatures": list(ecfg.temperatures),
         "trained_temperatures": list(ecfg.trained_temperatures),
+        "trained_distinct": ecfg.trained_distinct,
+        "distinct_rounds": ecfg.distinct_rounds,
         "beam_groups": ecfg.beam_groups,
         "diversity_penalty": ecfg.diversity_penalty,
         "reward": str(parts.cfg.reward.name),
@@ -137,7 +139,7 @@ def report_records(
         "settings": settings,
         "summary": summary,
         "comparisons": compare_to_trained(records),
-        "matched": compare_tempered(records, settings.get("trained_temperatures") or []),
+        "matched": compare_matched(records, settings.get("trained_temperatures") or []),
         "frontier": frontier_summary(summary, frontier_methods),
         "examples": {
             name: sorted(pick.sample(recs, min(10, len(recs))), key=lambda r: r["fact_index"])
@@ -200,18 +202,25 @@ def compare_method(
     }
 
 
-def compare_tempered(
+def compare_matched(
     records: dict[str, list[dict[str, Any]]], temperatures: Sequence[float]
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """For each trained policy at temperature t (``trained_T<t>``): paired comparisons with
-    the untrained policy at the same t and with beam search, the baselines nearest to it in
-    diversity."""
-    return {
+    """The trained policy's other methods against their nearest baselines, paired: each
+    ``trained_T<t>`` against the untrained policy at the same t and beam search;
+    ``trained_distinct`` against beam search (both give distinct questions) and the untrained
+    policy."""
+    beams = ["beam", "diverse_beam"]
+    matched = {
         f"trained_T{t:g}": compare_method(
-            records, f"trained_T{t:g}", [f"untrained_T{t:g}", "untrained", "beam", "diverse_beam"]
+            records, f"trained_T{t:g}", [f"untrained_T{t:g}", "untrained", *beams]
         )
         for t in temperatures
     }
+    if "trained_distinct" in records:
+        matched["trained_distinct"] = compare_method(
+            records, "trained_distinct", [*beams, "untrained"]
+        )
+    return matched
 
 
 def frontier_summary(

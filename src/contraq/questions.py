@@ -1,8 +1,9 @@
 """Questions from a loaded run: draw a batch from its policy, score it with its reward.
 
 Shared by `contraq sample` (:mod:`contraq.sample`) and `contraq eval` (:mod:`contraq.baselines`,
-:mod:`contraq.evaluate`): one record (a dict) per question, with the fact, the answer and
-every per-question part of the reward.
+:mod:`contraq.eval_methods`): one record (a dict) per question, with the fact, the answer and
+every per-question part of the reward; :func:`sample_unique` draws until each fact has ``n``
+distinct questions.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from omegaconf import DictConfig
 
 from contraq.data import EditFact
 from contraq.models import base_model
-from contraq.parts import Parts
+from contraq.parts import Parts, build_prompts
 from contraq.sampler import SampleBatch, sample
-from contraq.tokens import left_pad
+from contraq.tokens import decode_questions, left_pad
 
 
 def reward_step(cfg: DictConfig) -> int:
@@ -107,3 +108,76 @@ def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     """Consecutive slices of at most ``size`` items."""
     for start in range(0, len(items), max(1, size)):
         yield items[start : start + max(1, size)]
+
+
+def dedup_key(question: str) -> str:
+    """Questions equal up to case and whitespace count as duplicates."""
+    return " ".join(question.split()).lower()
+
+
+def select_rows(batch: SampleBatch, rows: Sequence[int]) -> SampleBatch:
+    """The SampleBatch of the given rows."""
+    idx = torch.tensor(list(rows), dtype=torch.long, device=batch.actions.device)
+    return SampleBatch(**{k: getattr(batch, k)[idx] for k in SampleBatch.__dataclass_fields__})
+
+
+def _new_rows(
+    chunk: Sequence[int], questions: Sequence[str], found: list[dict[str, Any]]
+) -> list[int]:
+    """Rows of a drawn chunk whose question is new for its fact (not found before, not
+    repeated earlier in the chunk); the costly reward is spent only on them."""
+    keep: list[int] = []
+    pending: dict[int, set[str]] = {}
+    for b, (i, q) in enumerate(zip(chunk, questions, strict=True)):
+        key = dedup_key(q)
+        if key and key not in found[i] and key not in pending.setdefault(i, set()):
+            pending[i].add(key)
+            keep.append(b)
+    return keep
+
+
+def sample_unique(
+    parts: Parts,
+    facts: Sequence[EditFact],
+    n: int,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    max_rounds: int = 10,
+    base: bool = False,
+    method: str = "trained",
+    progress: Any = None,
+) -> list[list[dict[str, Any]]]:
+    """``n`` distinct questions per fact (by :func:`dedup_key`), each scored by the reward.
+
+    Rounds sample each unfinished fact's shortfall again, up to ``max_rounds`` rounds; facts
+    that still have fewer are returned with fewer (the caller reports it).
+
+    Returns:
+        per fact, its records in sampling order.
+    """
+    prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
+    device = next(parts.policy.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    found: list[dict[str, dict[str, Any]]] = [{} for _ in facts]
+    task = progress.add_task("sampling", total=n * len(facts)) if progress else None
+    for _ in range(max_rounds):
+        rows = [i for i in range(len(facts)) for _ in range(n - len(found[i]))]
+        if not rows:
+            break
+        for chunk in chunks(rows, batch_size):
+            batch = sample_policy(
+                parts, [prompts[i] for i in chunk], temperature, generator, base=base
+            )
+            questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
+            keep = _new_rows(chunk, questions, found)
+            if not keep:
+                continue
+            fact_ids = [chunk[b] for b in keep]
+            for rec in score_records(parts, facts, fact_ids, select_rows(batch, keep), method):
+                slot = found[rec["fact_index"]]
+                if len(slot) < n:
+                    slot[dedup_key(rec["question"])] = rec
+                    if progress:
+                        progress.advance(task)
+    return [list(f.values()) for f in found]

@@ -235,9 +235,13 @@ def _comparison_lines(result: Mapping[str, Any]) -> list[str]:
         ]
     for method, comps in (result.get("matched") or {}).items():
         if comps:
+            what = (
+                "n distinct questions per fact"
+                if method == "trained_distinct"
+                else "trained policy at that temperature"
+            )
             lines += [
-                f"## {method} (trained policy at that temperature) vs baselines "
-                "(counted rate, paired bootstrap over facts)",
+                f"## {method} ({what}) vs baselines (counted rate, paired bootstrap over facts)",
                 "",
                 _comparison_table(comps),
                 "",

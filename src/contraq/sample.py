@@ -14,17 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from contraq.config_check import ConfigError
-from contraq.data import DEFAULT_MAX_CHARS, EditFact, load_facts
-from contraq.parts import Parts, build_prompts
-from contraq.questions import chunks, progress_bar, sample_policy, score_records
+from contraq.data import DEFAULT_MAX_CHARS, load_facts
+from contraq.questions import progress_bar, sample_unique
 from contraq.runload import load_parts, load_run_config, pick_device, resolve_run
-from contraq.sampler import SampleBatch
 from contraq.settings import typed
-from contraq.tokens import decode_questions
 
 # CSV columns in this order, then any other field of the records.
 SAMPLE_FIELDS = (
@@ -64,79 +60,6 @@ class SampleConfig:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if not self.temperature > 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
-
-
-def dedup_key(question: str) -> str:
-    """Questions equal up to case and whitespace count as duplicates."""
-    return " ".join(question.split()).lower()
-
-
-def select_rows(batch: SampleBatch, rows: Sequence[int]) -> SampleBatch:
-    """The SampleBatch of the given rows."""
-    idx = torch.tensor(list(rows), dtype=torch.long, device=batch.actions.device)
-    return SampleBatch(**{k: getattr(batch, k)[idx] for k in SampleBatch.__dataclass_fields__})
-
-
-def _new_rows(
-    chunk: Sequence[int], questions: Sequence[str], found: list[dict[str, Any]]
-) -> list[int]:
-    """Rows of a drawn chunk whose question is new for its fact (not found before, not
-    repeated earlier in the chunk); the costly reward is spent only on them."""
-    keep: list[int] = []
-    pending: dict[int, set[str]] = {}
-    for b, (i, q) in enumerate(zip(chunk, questions, strict=True)):
-        key = dedup_key(q)
-        if key and key not in found[i] and key not in pending.setdefault(i, set()):
-            pending[i].add(key)
-            keep.append(b)
-    return keep
-
-
-def sample_unique(
-    parts: Parts,
-    facts: Sequence[EditFact],
-    n: int,
-    temperature: float = 1.0,
-    batch_size: int = 32,
-    seed: int = 0,
-    max_rounds: int = 10,
-    base: bool = False,
-    method: str = "trained",
-    progress: Any = None,
-) -> list[list[dict[str, Any]]]:
-    """``n`` distinct questions per fact (by :func:`dedup_key`), each scored by the reward.
-
-    Rounds sample each unfinished fact's shortfall again, up to ``max_rounds`` rounds; facts
-    that still have fewer are returned with fewer (the caller reports it).
-
-    Returns:
-        per fact, its records in sampling order.
-    """
-    prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
-    device = next(parts.policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    found: list[dict[str, dict[str, Any]]] = [{} for _ in facts]
-    task = progress.add_task("sampling", total=n * len(facts)) if progress else None
-    for _ in range(max_rounds):
-        rows = [i for i in range(len(facts)) for _ in range(n - len(found[i]))]
-        if not rows:
-            break
-        for chunk in chunks(rows, batch_size):
-            batch = sample_policy(
-                parts, [prompts[i] for i in chunk], temperature, generator, base=base
-            )
-            questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
-            keep = _new_rows(chunk, questions, found)
-            if not keep:
-                continue
-            fact_ids = [chunk[b] for b in keep]
-            for rec in score_records(parts, facts, fact_ids, select_rows(batch, keep), method):
-                slot = found[rec["fact_index"]]
-                if len(slot) < n:
-                    slot[dedup_key(rec["question"])] = rec
-                    if progress:
-                        progress.advance(task)
-    return [list(f.values()) for f in found]
 
 
 def write_questions(records: Sequence[dict[str, Any]], path: Path, as_csv: bool) -> None:
