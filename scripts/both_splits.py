@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         help="one run's eval folders on the test and the validation split",
     )
     ap.add_argument("--key", choices=KEYS, default=KEYS[0], help="the rate (default: counted)")
+    ap.add_argument(
+        "--method", default="trained", help="the runs' method to compare (e.g. trained_distinct)"
+    )
     args = ap.parse_args(argv)
     try:
         runs = {test: _union({"test": Path(test), "val": Path(val)}) for test, val in args.pair}
@@ -85,16 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     baselines = [m for m in first if m != "trained" and not m.startswith("trained_")]
     _same_baselines(runs, baselines)
     key = args.key
-    counts = flag_counts(first["trained"], key)
+    for run, methods in runs.items():
+        if args.method not in methods:
+            raise SystemExit(f"{run}: no {args.method} records")
+    counts = flag_counts(first[args.method], key)
     per_fact = sum(n for _, n in counts.values()) / max(len(counts), 1)
     print(
-        f"| method ({len(counts)} facts x {per_fact:g}), {key} | test | val | both [95% CI] | "
+        f"| {args.method} ({len(counts)} facts x {per_fact:g}), {key} | test | val | both [95% CI] | "
         "above every baseline's interval | minus beam, paired (both) |"
     )
     print("|---|---|---|---|---|---|")
     highest = max(_fmt(first[m], key)[2] for m in baselines)
-    rows = {run: m["trained"] for run, m in runs.items()}
-    rows["every run pooled"] = [r for m in runs.values() for r in m["trained"]]
+    rows = {run: m[args.method] for run, m in runs.items()}
+    rows["every run pooled"] = [r for m in runs.values() for r in m[args.method]]
     for name, records in rows.items():
         both, low, _ = _fmt(records, key)
         c = paired_bootstrap(flag_counts(records, key), flag_counts(first["beam"], key))

@@ -87,3 +87,13 @@ def test_a_folder_that_is_not_an_eval_is_named(
     (val / missing).unlink()
     with pytest.raises(SystemExit, match=re.escape(f"{val / missing} not found")):
         _run(capsys, (test, val))
+
+
+def test_another_method_of_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    test = _folder(tmp_path / "test", [1, 0], [0, 0])
+    val = _folder(tmp_path / "val", [1, 1], [0, 0])
+    with pytest.raises(SystemExit, match="no trained_distinct records"):
+        both_splits.main(["--pair", str(test), str(val), "--method", "trained_distinct"])
+    capsys.readouterr()
+    out = _run(capsys, (test, val))
+    assert "| trained (4 facts x 1), genuine_rate |" in out
