@@ -20,11 +20,22 @@ import argparse
 from pathlib import Path
 
 from contraq.config_check import ConfigError
-from contraq.metrics import flag_counts
+from contraq.metrics import counted_texts, flag_counts
 from contraq.reuse import read_eval_folder
 from contraq.stats import bootstrap_rate, paired_bootstrap
 
-KEYS = ("genuine_rate", "independent_rate")  # counted; answer names the pre-edit object
+# The counted rate; the answer names the pre-edit object; distinct counted questions per fact.
+KEYS = ("genuine_rate", "independent_rate", "counted_distinct")
+
+
+def _counts(records: list[dict], key: str) -> dict[int, tuple[float, int]]:
+    """``{fact: (hits, questions)}`` of ``key``; for ``counted_distinct``, ``(distinct counted
+    questions, 1)``, so the "rate" is their mean per fact."""
+    if key == "counted_distinct":
+        return {f: (float(len(texts)), 1) for f, texts in counted_texts(records).items()}
+    return flag_counts(records, key)
+
+
 SPLITS = ("test", "val")
 
 
@@ -41,7 +52,7 @@ def _union(folders: dict[str, Path]) -> dict[str, list[dict]]:
 
 
 def _fmt(records: list[dict], key: str) -> tuple[str, float, float]:
-    rate, low, high = bootstrap_rate(flag_counts(records, key))
+    rate, low, high = bootstrap_rate(_counts(records, key))
     return f"{rate:.3f} [{low:.3f}, {high:.3f}]", low, high
 
 
@@ -91,10 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     for run, methods in runs.items():
         if args.method not in methods:
             raise SystemExit(f"{run}: no {args.method} records")
-    counts = flag_counts(first[args.method], key)
-    per_fact = sum(n for _, n in counts.values()) / max(len(counts), 1)
+    questions = flag_counts(first[args.method], "genuine_rate")
+    per_fact = sum(n for _, n in questions.values()) / max(len(questions), 1)
+    n_facts = len(_counts(first[args.method], key))
     print(
-        f"| {args.method} ({len(counts)} facts x {per_fact:g}), {key} | test | val | both [95% CI] | "
+        f"| {args.method} ({n_facts} facts x {per_fact:.3g}), {key} | test | val | both [95% CI] | "
         "above every baseline's interval | minus beam, paired (both) |"
     )
     print("|---|---|---|---|---|---|")
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     rows["every run pooled"] = [r for m in runs.values() for r in m[args.method]]
     for name, records in rows.items():
         both, low, _ = _fmt(records, key)
-        c = paired_bootstrap(flag_counts(records, key), flag_counts(first["beam"], key))
+        c = paired_bootstrap(_counts(records, key), _counts(first["beam"], key))
         print(
             f"| {name} | {_split_rate(records, 0, key)} | {_split_rate(records, 1, key)} | "
             f"{both} | {'yes' if low > highest else 'no'} ({low:.3f} vs {highest:.3f}) | "

@@ -97,3 +97,22 @@ def test_another_method_of_the_runs(tmp_path: Path, capsys: pytest.CaptureFixtur
     capsys.readouterr()
     out = _run(capsys, (test, val))
     assert "| trained (4 facts x 1), genuine_rate |" in out
+
+
+def test_distinct_counted_questions_per_fact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two counted questions of fact 0 with one wording: one distinct counted question there.
+    test = _folder(tmp_path / "test", [1, 1], [0, 1])
+    path = test / "questions.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[1]["fact_index"] = 0  # trained's second question joins fact 0, in the same wording
+    rows[1]["question"] = rows[0]["question"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val = _folder(tmp_path / "val", [1], [0])
+    both_splits.main(["--pair", str(test), str(val), "--key", "counted_distinct"])
+    out = capsys.readouterr().out
+    trained = _row(out, str(test))
+    # Test: fact 0 has 1 distinct counted (fact 1 only has beam's row); val: 1. Mean 1.0.
+    assert trained[1].startswith("1.000 ") and trained[3].startswith("1.000 ")
+    assert _row(out, "beam")[3].startswith("0.333 ")  # 0, 1 on test; 0 on val
