@@ -116,3 +116,4 @@ def test_distinct_counted_questions_per_fact(
     # Test: fact 0 has 1 distinct counted (fact 1 only has beam's row); val: 1. Mean 1.0.
     assert trained[1].startswith("1.000 ") and trained[3].startswith("1.000 ")
     assert _row(out, "beam")[3].startswith("0.333 ")  # 0, 1 on test; 0 on val
+    assert "every run pooled" not in out
