@@ -121,8 +121,8 @@ def method_names(ecfg: EvalConfig, baselines: bool = True) -> list[str]:
 
 # A method's rough cost relative to the others (seconds measured on 2 CPU cores, 32 facts x 8:
 # trained 111, untrained 143, untrained_T0.5 127, untrained_T0.7 133, beam 175; 106 facts x 8
-# at one thread: trained_distinct about twice trained).
-_COST = {"trained": 0.8, "trained_distinct": 1.6, "beam": 1.3}
+# at one thread: trained 360-400, trained_distinct 600-750 more).
+_COST = {"trained": 0.8, "trained_distinct": 1.4, "beam": 1.3}
 
 
 def split_methods(names: Sequence[str], workers: int) -> list[list[str]]:
