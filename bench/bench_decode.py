@@ -6,9 +6,13 @@ step (the batch of a default training step). If the step is bound by reading the
 rows cost little: a bigger batch is cheap, and splitting a batch over processes saves little.
 
     python bench/bench_decode.py [--threads 1] [--rows 1 8 16 32 64] [--steps 10] [--bf16]
+        [--lora]
 
 ``--bf16`` times the same steps with the weights in bfloat16 too (CPUs with avx512_bf16 or
-AMX run its matrix products natively), with the ratio fp32 / bf16 per batch size.
+AMX run its matrix products natively), with the ratio fp32 / bf16 per batch size. ``--lora``
+times the policy as training samples it, LoRA adapters active (rank 8 on the attention
+projections), against the same model with them disabled: what merging the adapters into the
+weights for sampling could save.
 """
 
 from __future__ import annotations
@@ -52,23 +56,34 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=80, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=10, help="decode steps timed per batch size")
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 weights")
+    ap.add_argument("--lora", action="store_true", help="also time the LoRA adapters active")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = Parts(compose_run(str(REPO / "configs"), [])).policy.get_base_model().eval()
-    decode_step_seconds(lm, 2, args.prompt, 2)  # warm-up
-    seconds = {r: decode_step_seconds(lm, r, args.prompt, args.steps) for r in args.rows}
+    policy = Parts(compose_run(str(REPO / "configs"), [])).policy.eval()
+    # The base LM: the adapters disabled, as the reward answers with it (and as merged weights
+    # would cost).
+    with policy.disable_adapter():
+        decode_step_seconds(policy, 2, args.prompt, 2)  # warm-up
+        seconds = {r: decode_step_seconds(policy, r, args.prompt, args.steps) for r in args.rows}
     base = seconds.get(16, seconds[args.rows[0]])
     print(f"SmolLM2-135M decode step, {args.threads} thread(s), {args.prompt}-token prompt")
     print("  rows   seconds   vs 16 rows   seconds per row")
     for r, sec in seconds.items():
         print(f"  {r:4d}   {sec:7.4f}   {sec / base:9.2f}x   {sec / r:10.4f}")
-    if args.bf16:
-        lm = lm.to(torch.bfloat16)
-        decode_step_seconds(lm, 2, args.prompt, 2)
-        print("  rows   bf16 seconds   fp32 / bf16")
+    if args.lora:
+        decode_step_seconds(policy, 2, args.prompt, 2)
+        print("  rows   LoRA active seconds   active / disabled")
         for r in args.rows:
-            sec = decode_step_seconds(lm, r, args.prompt, args.steps)
-            print(f"  {r:4d}   {sec:12.4f}   {seconds[r] / sec:10.2f}x")
+            sec = decode_step_seconds(policy, r, args.prompt, args.steps)
+            print(f"  {r:4d}   {sec:19.4f}   {sec / seconds[r]:16.2f}x")
+    if args.bf16:
+        lm = policy.get_base_model().to(torch.bfloat16)
+        with policy.disable_adapter():
+            decode_step_seconds(lm, 2, args.prompt, 2)
+            print("  rows   bf16 seconds   fp32 / bf16")
+            for r in args.rows:
+                sec = decode_step_seconds(lm, r, args.prompt, args.steps)
+                print(f"  {r:4d}   {sec:12.4f}   {seconds[r] / sec:10.2f}x")
 
 
 if __name__ == "__main__":
