@@ -10,12 +10,12 @@ step's questions).
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from contraq.files import iter_jsonl
 from contraq.questions import dedup_key
 
 # A sentence end followed by more text.
@@ -25,10 +25,8 @@ _SECOND_SENTENCE = re.compile(r"[.!?]\s+\S")
 def main(runs: list[str]) -> None:
     steps: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for run in runs:
-        for line in (Path(run) / "samples.jsonl").read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                steps[(run, int(row["step"]))].append(row)
+        for _, row in iter_jsonl(Path(run) / "samples.jsonl"):
+            steps[(run, int(row["step"]))].append(row)
     rows = [r for step in steps.values() for r in step]
     distinct = [
         len({(r["edit_fact"], dedup_key(r["question"])) for r in s}) for s in steps.values()
