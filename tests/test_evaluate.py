@@ -348,7 +348,9 @@ def test_sample_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.slow
-def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
+def test_eval_on_heldout_split(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "eval"
     # judge=: the same tiny judge copied elsewhere replaces the run's for every method.
     import shutil
@@ -412,6 +414,13 @@ def test_eval_on_heldout_split(tiny_run: Path, tmp_path: Path) -> None:
     changed = [*argv[:2], f"out={tmp_path / 'x'}", *argv[3:], *settings, "n=3"]
     assert main([*changed, f"baselines_from={out}"]) == 2
     assert not (tmp_path / "x" / "eval.json").exists()
+    # The validation split's facts differ: the test split's baselines are refused, though
+    # max_facts gives both the same number of facts.
+    other_split = [*argv[:2], f"out={tmp_path / 'v'}", *argv[3:], *settings, "split=val"]
+    capsys.readouterr()
+    assert main([*other_split, f"baselines_from={out}"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("differs from this evaluation in: facts")
+    assert not (tmp_path / "v" / "eval.json").exists()
     # trained_temperatures: the trained policy tempered too, compared with its peers.
     tempered = tmp_path / "tempered"
     argv_t = [*argv[:2], f"out={tempered}", *argv[3:], *settings, f"baselines_from={out}"]
