@@ -12,17 +12,26 @@ into the parts of :meth:`contraq.reward.ContradictionReward.terminal` and
 - loss + backward: one teacher-forced policy pass with gradients, the TB loss, backward.
 
     python bench/bench_step.py [--facts 2] [--n 8] [--repeats 3] [--threads 2]
+        [--baseline each-prompt|float32]
 
-Prints seconds per part (median of the repeats) and their share of the step twice: first with
-every row running its own prompt (``contraq.lm_forward.no_prompt_sharing``, the baseline), then
-as training runs, each distinct prompt once with its KV cache shared; the ratio is baseline /
-shared. Last, the end-to-end ``reward.terminal`` time against the sum of its parts (a check that
-the split is complete).
+Prints seconds per part (median of the repeats) and their share of the step twice, a baseline
+and the step as training runs, with the ratio baseline / new:
+
+- ``--baseline each-prompt`` (default): every row runs its own prompt
+  (``contraq.lm_forward.no_prompt_sharing``) against each distinct prompt once with its KV cache
+  shared; both with the default config's weights (``model.dtype=auto``).
+- ``--baseline float32``: float32 weights against bfloat16 (what ``model.dtype=auto`` picks on
+  a CPU with AMX), both with shared prompts. The questions and answers differ a
+  little between the two (bfloat16 rounds the logits), so lengths are printed for each.
+
+Last, the end-to-end ``reward.terminal`` time against the sum of its parts (a check that the
+split is complete).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -122,33 +131,51 @@ def time_parts(parts: Parts, reward, nli, ids, mask, rows, repeats: int) -> dict
     }
 
 
+def measure(cfg, nli, args: argparse.Namespace, sharing: bool) -> dict:
+    """:func:`time_parts` for ``cfg``'s model on the first ``args.facts`` training facts."""
+    parts = Parts(cfg)
+    reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
+    rows = [f for f in load_split(cfg.data).train[: args.facts] for _ in range(args.n)]
+    prompts = build_prompts(cfg, rows, parts.tokenizer)
+    ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, torch.device("cpu"))
+    with contextlib.nullcontext() if sharing else no_prompt_sharing():
+        out = time_parts(parts, reward, nli, ids, mask, rows, args.repeats)
+    out["prompt_tokens"] = ids.shape[1]
+    out["dtype"] = str(parts.policy.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--facts", type=int, default=2, help="facts per step")
     ap.add_argument("--n", type=int, default=8, help="questions per fact")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", choices=["each-prompt", "float32"], default="each-prompt")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = compose_run(REPO / "configs")
-    parts = Parts(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         path, what = judge_dir(Path(tmp))
+        cfg = compose_run(REPO / "configs")
         nli = NLIScorer(path, device="cpu", batch_size=int(cfg.nli.batch_size))
-        reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
-        rows = [f for f in load_split(cfg.data).train[: args.facts] for _ in range(args.n)]
-        prompts = build_prompts(cfg, rows, parts.tokenizer)
-        ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, torch.device("cpu"))
-        with no_prompt_sharing():  # the baseline: every row runs its own prompt
-            base = time_parts(parts, reward, nli, ids, mask, rows, args.repeats)
-        new = time_parts(parts, reward, nli, ids, mask, rows, args.repeats)
+        if args.baseline == "each-prompt":
+            labels = ("each prompt", "shared prompts")
+            base = measure(cfg, nli, args, sharing=False)
+            new = measure(cfg, nli, args, sharing=True)
+        else:
+            labels = ("float32", "bfloat16")
+            base, new = (
+                measure(compose_run(REPO / "configs", [f"model.dtype={d}"]), nli, args, True)
+                for d in labels
+            )
     batch = new["batch"]
     print(f"judge: {what}; {args.facts} facts x {args.n} questions; {args.threads} threads")
     print(
-        f"prompt {ids.shape[1]} tokens; mean question length "
-        f"{batch.lengths.float().mean():.1f} tokens; answers e.g. {new['answers'][0]!r}"
+        f"prompt {new['prompt_tokens']} tokens; mean question length "
+        f"{base['batch'].lengths.float().mean():.1f} / {batch.lengths.float().mean():.1f} tokens; "
+        f"weights {base['dtype']} / {new['dtype']}; answers e.g. {new['answers'][0]!r}"
     )
-    print(f"  {'':16s} {'each prompt':>18s} {'shared prompts':>18s}  ratio")
+    print(f"  {'':16s} {labels[0]:>18s} {labels[1]:>18s}  ratio")
     total_b, total_n = sum(base["parts"].values()), sum(new["parts"].values())
     for name, sec in new["parts"].items():
         b = base["parts"][name]

@@ -196,7 +196,39 @@ def test_baselines_of_a_run_written_before_a_new_key_are_reusable() -> None:
     new = _compose("train.max_steps=10")
     old = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
     del old["model"]["gradient_checkpointing"]
-    settings = {"batch_size": 32}
+    settings = {"batch_size": 32, "dtype": "float32"}
     assert _differences(settings, settings, old, new) == []
     old["model"]["lora_r"] = 4
     assert _differences(settings, settings, old, new) == ["run config model"]
+
+
+def test_baselines_compare_the_dtype_as_loaded() -> None:
+    """`model.dtype=auto` is bfloat16 on one machine and float32 on another: the eval records
+    the weights' dtype and `baselines_from` compares that, not the config's word. Evals
+    written before it was recorded loaded float32."""
+    from contraq.reuse import _differences
+
+    new = _compose("train.max_steps=10", "model.dtype=auto")
+    old = OmegaConf.to_container(
+        _compose("train.max_steps=10", "model.dtype=float32"), resolve=True
+    )
+    before = {"batch_size": 32}
+    assert _differences(before, {"batch_size": 32, "dtype": "float32"}, old, new) == []
+    assert _differences(before, {"batch_size": 32, "dtype": "bfloat16"}, old, new) == ["dtype"]
+
+
+def test_baselines_from_a_copied_eval_folder_find_their_run(tmp_path: Path) -> None:
+    """An eval folder copied with its run (docs/results/RUN/eval...) names a run folder that
+    exists only where it was made: the parent holding config.yaml is that run."""
+    from contraq.reuse import earlier_run
+
+    run = tmp_path / "docs" / "RUN"
+    (run / "eval").mkdir(parents=True)
+    gone = str(tmp_path / "outputs" / "RUN")
+    assert earlier_run(run / "eval", gone) == Path(gone)  # no config beside it: as named
+    (run / "config.yaml").write_text("name: RUN\n")
+    assert earlier_run(run / "eval", gone) == run
+    named = tmp_path / "outputs" / "RUN"
+    named.mkdir(parents=True)
+    (named / "config.yaml").write_text("name: RUN\n")
+    assert earlier_run(run / "eval", gone) == named  # the named run wins while it exists

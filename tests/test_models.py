@@ -16,6 +16,7 @@ from contraq.models import (
     attach_lora,
     base_model,
     build_tiny_model,
+    contiguous_head_input,
     disable_dropout,
     load_model_and_tokenizer,
     save_converted,
@@ -119,6 +120,34 @@ def test_dropout_is_zero_in_train_mode(arch, smol_tokenizer):
     assert all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lm_head_sees_a_contiguous_input(arch, smol_tokenizer):
+    """transformers hands the head a strided slice of the hidden states (logits_to_keep);
+    the loaded model copies it first (a CPU slow path otherwise), logits unchanged."""
+    seen = []
+    plain = build_tiny_model(arch, smol_tokenizer)
+    raw = {k: v.clone() for k, v in plain.state_dict().items()}
+    policy = attach_lora(plain, ModelConfig(source="tiny", tiny_arch=arch))
+    head = policy.get_output_embeddings()
+    head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids, mask = _inputs(smol_tokenizer)
+    kept = policy(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    assert seen == [True] and kept.shape[1] == 1
+
+    # The same model without the hook sees the strided slice, and gives the same logits.
+    bare = type(plain)(plain.config)
+    bare.load_state_dict(raw)
+    bare.eval()
+    seen.clear()
+    bare.get_output_embeddings().register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous())
+    )
+    ref = bare(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    assert seen == [False]
+    torch.testing.assert_close(kept, ref)
+    assert contiguous_head_input(bare) is bare
+
+
 def test_load_tiny_via_config(smol_tokenizer):
     model, tok = load_model_and_tokenizer(ModelConfig(source="tiny", tiny_arch="gpt2"))
     assert not model.training and tok.padding_side == "left" and tok.pad_token_id is not None
@@ -134,6 +163,33 @@ def test_model_config_validation():
         ModelConfig(source="local")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_model_and_tokenizer(ModelConfig(source="local", name_or_path="/nonexistent/dir"))
+
+
+def test_auto_dtype_is_bf16_only_on_a_cpu_with_amx(monkeypatch):
+    """model.dtype=auto (the embedded default's): bfloat16 needs AMX (without it bfloat16 was
+    no faster) and no GPU (where the trainer's precision decides)."""
+    cases = [
+        (False, True, torch.bfloat16),
+        (False, False, torch.float32),
+        (True, True, torch.float32),
+    ]
+    for gpu, native, expected in cases:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(models, "cpu_has_amx", lambda native=native: native)
+        assert ModelConfig(dtype="auto").torch_dtype == expected
+    assert ModelConfig(dtype="bfloat16").torch_dtype == torch.bfloat16
+    assert ModelConfig(dtype="float32").torch_dtype == torch.float32
+    assert isinstance(models.cpu_has_amx(), bool)
+
+
+def test_tiny_model_loads_in_auto_dtype_with_float32_lora(monkeypatch, smol_tokenizer):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_has_amx", lambda: True)
+    cfg = ModelConfig(source="tiny", dtype="auto")
+    model, _ = load_model_and_tokenizer(cfg)
+    policy = attach_lora(model, cfg)
+    lora = {p.dtype for n, p in policy.named_parameters() if p.requires_grad}
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16 and lora == {torch.float32}
 
 
 def test_model_yaml_configs_match_dataclass():

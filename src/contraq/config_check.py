@@ -195,7 +195,7 @@ RULES: dict[str, Check] = {
     "data.split_seed": integer(0),
     "data.max_fact_chars": integer(1),
     "model.source": choice(*SOURCES),
-    "model.dtype": choice("float32", "bfloat16", "float16"),
+    "model.dtype": choice("float32", "bfloat16", "float16", "auto"),
     "model.termination_token": text,
     "model.lora_r": integer(1),
     "model.lora_alpha": number(0, lo_open=True),

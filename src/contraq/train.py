@@ -116,6 +116,8 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
         meta = {
             "steps": trainer.global_step,
             "seconds": time.time() - started,
+            # model.dtype=auto as this machine resolved it (contraq.models.auto_dtype).
+            "dtype": str(parts.policy.get_input_embeddings().weight.dtype).removeprefix("torch."),
             "resumed_from": ckpt_path,
             "stopped_by": signal.Signals(stop.stopped_by).name if stop.stopped_by else None,
         }
