@@ -6,7 +6,12 @@ step (the batch of a default training step). If the step is bound by reading the
 rows cost little: a bigger batch is cheap, and splitting a batch over processes saves little.
 
     python bench/bench_decode.py [--threads 1] [--rows 1 8 16 32 64] [--steps 10] [--bf16]
-        [--lora]
+        [--lora] [--head]
+
+``--head`` times the LM head alone on the last position of ``[rows, prompt, H]`` hidden states,
+as transformers slices it (a strided view) and copied contiguous first (what
+``contraq.models.contiguous_head_input`` does for every loaded model), in float32 and bfloat16:
+with frozen weights, ``F.linear`` on the strided view broadcasts and copies the head weight.
 
 ``--bf16`` times the same steps with the weights in bfloat16 too (CPUs with avx512_bf16 or
 AMX run its matrix products natively), with the ratio fp32 / bf16 per batch size. ``--lora``
@@ -49,6 +54,18 @@ def decode_step_seconds(lm: torch.nn.Module, rows: int, prompt: int, steps: int)
     return (time.perf_counter() - t0) / steps
 
 
+@torch.no_grad()
+def head_seconds(head: torch.nn.Linear, rows: int, width: int, contiguous: bool) -> float:
+    """Seconds of the LM head on the last position of ``[rows, width, H]`` hidden states."""
+    hidden = torch.randn(rows, width, head.in_features, dtype=head.weight.dtype)
+    last = hidden[:, -1:]
+    last = last.contiguous() if contiguous else last
+    torch.nn.functional.linear(last, head.weight)  # warm-up
+    t0 = time.perf_counter()
+    torch.nn.functional.linear(last, head.weight)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -57,9 +74,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="decode steps timed per batch size")
     ap.add_argument("--bf16", action="store_true", help="also time bfloat16 weights")
     ap.add_argument("--lora", action="store_true", help="also time the LoRA adapters active")
+    ap.add_argument("--head", action="store_true", help="also time the head on a strided input")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    policy = Parts(compose_run(str(REPO / "configs"), [])).policy.eval()
+    # float32 is the baseline (model.dtype=auto would load bfloat16 on a CPU with AMX).
+    policy = Parts(compose_run(str(REPO / "configs"), ["model.dtype=float32"])).policy.eval()
     # The base LM: the adapters disabled, as the reward answers with it (and as merged weights
     # would cost).
     with policy.disable_adapter():
@@ -76,6 +95,19 @@ def main() -> None:
         for r in args.rows:
             sec = decode_step_seconds(policy, r, args.prompt, args.steps)
             print(f"  {r:4d}   {sec:19.4f}   {sec / seconds[r]:16.2f}x")
+    if args.head:
+        head = policy.get_output_embeddings()
+        print(f"  LM head on the last of {args.prompt} positions: strided / contiguous seconds")
+        for dtype in (torch.float32, torch.bfloat16):
+            frozen = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+            frozen.weight = torch.nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
+            for r in args.rows:
+                strided = head_seconds(frozen, r, args.prompt, contiguous=False)
+                copied = head_seconds(frozen, r, args.prompt, contiguous=True)
+                name = str(dtype).removeprefix("torch.")
+                print(
+                    f"  {name:8s} {r:4d} rows   {strided:8.4f} / {copied:8.4f}   {strided / copied:7.1f}x"
+                )
     if args.bf16:
         lm = policy.get_base_model().to(torch.bfloat16)
         with policy.disable_adapter():
