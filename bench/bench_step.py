@@ -52,6 +52,7 @@ from contraq.data import load_split  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
 from contraq.lm_forward import no_prompt_sharing  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
+from contraq.models import weights_dtype  # noqa: E402
 from contraq.parts import Parts, build_prompts  # noqa: E402
 from contraq.reward.base import base_logprobs, frozen_base  # noqa: E402
 from contraq.reward.build import build_reward  # noqa: E402
@@ -141,7 +142,7 @@ def measure(cfg, nli, args: argparse.Namespace, sharing: bool) -> dict:
     with contextlib.nullcontext() if sharing else no_prompt_sharing():
         out = time_parts(parts, reward, nli, ids, mask, rows, args.repeats)
     out["prompt_tokens"] = ids.shape[1]
-    out["dtype"] = str(parts.policy.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    out["dtype"] = weights_dtype(parts.policy)
     return out
 
 

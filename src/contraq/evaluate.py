@@ -27,6 +27,7 @@ from contraq.eval_methods import (
     records_in_workers,
 )
 from contraq.metrics import Embedder, flag_counts, summarize
+from contraq.models import weights_dtype
 from contraq.parts import Parts
 from contraq.plots import (
     plot_rate_vs_diversity,
@@ -65,7 +66,7 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         "beam_groups": ecfg.beam_groups,
         "diversity_penalty": ecfg.diversity_penalty,
         # The base LM's weights as loaded (model.dtype=auto resolves per machine).
-        "dtype": str(parts.policy.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "dtype": weights_dtype(parts.policy),
         "reward": str(parts.cfg.reward.name),
         "judge": str(
             OmegaConf.select(parts.cfg, "nli.path") or OmegaConf.select(parts.cfg, "nli.train.name")

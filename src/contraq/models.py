@@ -130,6 +130,12 @@ class ModelConfig:
         return auto_dtype() if self.dtype == "auto" else DTYPES[self.dtype]
 
 
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype the LM's weights were loaded in (its input embeddings'), e.g. ``"bfloat16"``:
+    what ``model.dtype=auto`` became on this machine."""
+    return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles, which multiply bfloat16 matrices in hardware."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
@@ -142,8 +148,8 @@ def auto_dtype() -> torch.dtype:
     With AMX a SmolLM2 training step on 2 cores takes about 0.78x the float32 time and
     ``make demo`` about half (README, "Time"). On an earlier machine (its CPU flags were not
     recorded) bfloat16 decode steps gained 1.22x on one thread and 0.97x on two
-    (``bench/bench_decode.py --bf16``), so without AMX float32 stays. With a GPU present the weights stay float32 and the trainer's precision
-    (``bf16-mixed``) decides.
+    (``bench/bench_decode.py --bf16``), so without AMX float32 stays. With a GPU present the
+    weights stay float32 and the trainer's precision (``bf16-mixed``) decides.
     """
     if torch.cuda.is_available() or not cpu_has_amx():
         return torch.float32

@@ -32,6 +32,7 @@ from contraq.conf import LossConfig, TrainConfig, load_group, run_defaults
 from contraq.config_check import check_relaunch, masked, validate
 from contraq.errors import TrainingInterrupted
 from contraq.files import resolve_path
+from contraq.models import weights_dtype
 from contraq.module import GFlowNetModule
 from contraq.parts import Parts, build_prompts, run_split
 
@@ -117,7 +118,7 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
             "steps": trainer.global_step,
             "seconds": time.time() - started,
             # model.dtype=auto as this machine resolved it (contraq.models.auto_dtype).
-            "dtype": str(parts.policy.get_input_embeddings().weight.dtype).removeprefix("torch."),
+            "dtype": weights_dtype(parts.policy),
             "resumed_from": ckpt_path,
             "stopped_by": signal.Signals(stop.stopped_by).name if stop.stopped_by else None,
         }
