@@ -362,6 +362,7 @@ def test_eval_on_heldout_split(
     assert main([*argv, *settings]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["settings"]["judge"] == str(judge)
+    assert result["settings"]["dtype"] == "float32"  # the weights as loaded (tiny: float32)
     assert set(result["comparisons"]) == set(result["summary"]) - {"trained"}
     assert result["frontier"]["diversity"] == result["summary"]["trained"]["diversity"]
     summary = result["summary"]
