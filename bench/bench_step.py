@@ -132,9 +132,9 @@ def time_parts(parts: Parts, reward, nli, ids, mask, rows, repeats: int) -> dict
     }
 
 
-def measure(cfg, nli, args: argparse.Namespace, sharing: bool) -> dict:
-    """:func:`time_parts` for ``cfg``'s model on the first ``args.facts`` training facts."""
-    parts = Parts(cfg)
+def measure(parts: Parts, nli, args: argparse.Namespace, sharing: bool) -> dict:
+    """:func:`time_parts` for ``parts``' model on the first ``args.facts`` training facts."""
+    cfg = parts.cfg
     reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
     rows = [f for f in load_split(cfg.data).train[: args.facts] for _ in range(args.n)]
     prompts = build_prompts(cfg, rows, parts.tokenizer)
@@ -161,12 +161,13 @@ def main() -> None:
         nli = NLIScorer(path, device="cpu", batch_size=int(cfg.nli.batch_size))
         if args.baseline == "each-prompt":
             labels = ("each prompt", "shared prompts")
-            base = measure(cfg, nli, args, sharing=False)
-            new = measure(cfg, nli, args, sharing=True)
+            parts = Parts(cfg)
+            base = measure(parts, nli, args, sharing=False)
+            new = measure(parts, nli, args, sharing=True)
         else:
             labels = ("float32", "bfloat16")
             base, new = (
-                measure(compose_run(REPO / "configs", [f"model.dtype={d}"]), nli, args, True)
+                measure(Parts(compose_run(REPO / "configs", [f"model.dtype={d}"])), nli, args, True)
                 for d in labels
             )
     batch = new["batch"]
