@@ -41,13 +41,13 @@ LAYERS: list[list[str]] = [
     ["rescore"],  # an eval folder judged again (reuses evaluate's report)
     ["evaluate", "sample", "smooth", "preset_check"],  # commands that load a trained run
     ["eval_methods"],  # eval's methods, in one process or several
-    ["baselines", "report", "train", "reuse"],  # eval's methods, tables, reused baselines; train
-    ["questions", "runload", "callbacks", "launch"],  # a run loaded back; around the Lightning run
+    ["baselines", "report", "train", "reuse", "question_file"],  # eval's methods, tables...; train
+    ["questions", "runload", "callbacks", "launch", "yields"],  # a run loaded back; the set found
     ["module", "parts"],  # one training step; a run's parts built from its config
     ["conf", "distributed"],  # the config schema; a step's batch across ranks
     ["reward", "buffer", "losses", "metrics"],  # the GFlowNet's parts
     ["judge", "redis_server", "runs", "settings", "plots"],  # services of the parts above
-    ["embedding"],  # sentence embeddings (metrics' diversity, the judge's near objects)
+    ["embedding", "stochastic_beam"],  # sentence embeddings; drawing without replacement
     ["sampler", "models", "data", "tokens", "genuine", "stats", "config_check"],  # foundations
     ["files", "errors", "lm_forward", "threads"],  # no contraq import
 ]

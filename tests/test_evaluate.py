@@ -297,26 +297,33 @@ def test_sample_writes_scored_distinct_questions(tiny_run: Path, tmp_path: Path)
     assert [r["question"] for r in csv_rows] == [r["question"] for r in rows]
 
 
-def test_sample_dedup_when_the_policy_repeats(
+def test_sample_draws_distinct_questions_when_the_policy_repeats(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """At T=1e-4 the policy is greedy: every draw repeats, so one distinct question per fact
-    is all that resampling can find, and the shortfall is reported."""
+    """At T=1e-4 independent draws would all repeat the greedy question; drawn without
+    replacement, each fact gets n distinct questions (the greedy one first), each marked
+    counted or not with its near-duplicate group, and the counts are printed."""
     facts = write_minimal_facts(tmp_path / "facts.jsonl")
     out = tmp_path / "q.jsonl"
     argv = ["sample", f"checkpoint={tiny_run / 'adapter'}", f"facts={facts}", "device=cpu"]
-    code = main([*argv, f"out={out}", "n=3", "temperature=1e-4", "max_rounds=2"])
-    assert code == 0
+    assert main([*argv, f"out={out}", "n=3", "temperature=1e-4"]) == 0
     rows = read_jsonl(out)
-    assert sorted(r["subject"] for r in rows) == ["France", "Hamlet"]
-    err = capsys.readouterr().err
-    assert "only 1 distinct questions of 3 after 2 rounds" in err
+    for subject in ("France", "Hamlet"):
+        mine = [r for r in rows if r["subject"] == subject]
+        assert len(mine) == 3
+        assert len({tuple(r["question"].split()) for r in mine}) == 3
+        assert [r["group"] for r in mine][0] == 0 and max(r["group"] for r in mine) <= 2
+        assert all(r["counted"] == bool(r["genuine"]) for r in mine)
+    printed = capsys.readouterr().out
+    assert "distinct counted contradictions over 2 facts" in printed
+    assert "(France): " in printed
+    greedy = [r["question"] for r in rows][::3]
     # --plain gives the base LM's (different) greedy question.
     out_plain = tmp_path / "plain.jsonl"
     code = main([*argv, f"out={out_plain}", "n=1", "temperature=1e-4", "plain=true"])
     assert code == 0
     plain = read_jsonl(out_plain)
-    assert [r["question"] for r in plain] != [r["question"] for r in rows]
+    assert [r["question"] for r in plain] != greedy
 
 
 @pytest.mark.parametrize(
@@ -425,7 +432,8 @@ def test_eval_on_heldout_split(
     # trained_temperatures: the trained policy tempered too, compared with its peers.
     tempered = tmp_path / "tempered"
     argv_t = [*argv[:2], f"out={tempered}", *argv[3:], *settings, f"baselines_from={out}"]
-    # trained_distinct: the trained policy drawn until n distinct questions per fact.
+    # trained_distinct: the trained policy drawn without replacement, n distinct per fact;
+    # untrained_distinct is a baseline (reused), so it needs an eval that drew it.
     assert main([*argv_t, "trained_temperatures=[1.5]", "trained_distinct=true"]) == 0
     res_t = json.loads((tempered / "eval.json").read_text())
     assert list(res_t["summary"])[:3] == ["trained", "trained_T1.5", "trained_distinct"]
@@ -437,12 +445,20 @@ def test_eval_on_heldout_split(
         r for r in read_jsonl(tempered / "questions.jsonl") if r["method"] == "trained_distinct"
     ]
     for fact in (0, 1):
-        qs_f = [
-            " ".join(r["question"].lower().split()) for r in distinct if r["fact_index"] == fact
-        ]
-        assert 1 <= len(qs_f) <= 4 and len(set(qs_f)) == len(qs_f)
-    shortfall = 8 - len(distinct)
-    assert any("fewer than 4 distinct" in n for n in res_t["settings"]["notes"]) == (shortfall > 0)
+        qs_f = [tuple(r["question"].split()) for r in distinct if r["fact_index"] == fact]
+        assert len(qs_f) == 4 and len(set(qs_f)) == 4
+    # The set per fact at each budget, the trained policy drawn distinct against the others.
+    assert res_t["yield"]["target"] == "trained_distinct"
+    assert set(res_t["yield"]["methods"]["beam"]) == {"4"}
+    for cells in res_t["yield"]["methods"].values():
+        for kind in ("distinct", "clusters"):
+            assert 0 <= cells["4"][kind]["mean"] <= 4
+    assert "## The set per fact" in (tempered / "eval.md").read_text()
+    assert (tempered / "yield.png").read_bytes()[:4] == b"\x89PNG"
+    # budgets above n are refused in one line.
+    capsys.readouterr()
+    assert main([*argv_t, "budgets=[2,5]"]) == 2
+    assert "budgets: must each lie in [1, n=4]" in capsys.readouterr().err
     md = (tempered / "eval.md").read_text()
     assert "## trained_T1.5" in md and "## trained_distinct (n distinct questions" in md
     # `contraq rescore` with the judge that scored them gives every metric back.
@@ -514,3 +530,46 @@ def test_a_failed_eval_worker_is_an_error_with_its_log(tmp_path: Path) -> None:
         )
     with pytest.raises(RuntimeError, match=r"(?s)methods \['beam'\]\) exited 3.*out of memory"):
         _collect(tmp_path, proc, {}, {}, [])
+
+
+def test_eval_questions_file_is_one_more_method(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`questions=FILE`: every method runs on the file's facts, and its questions, scored by
+    the run's reward in file order, are the method `file`; a bad row is one line."""
+    france = {"subject": "France", "edit_fact": "The capital of France is Lyon"}
+    hamlet = {"subject": "Hamlet", "edit_fact": "Hamlet was written by Goethe"}
+    asked = [
+        (france, "What is the capital of France?"),
+        (france, "Which city is France's capital?"),
+        (hamlet, "Who wrote Hamlet?"),
+    ]
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps({**f, "question": q}) + "\n" for f, q in asked))
+    out = tmp_path / "eval"
+    argv = ["eval", f"checkpoint={tiny_run}", f"questions={qfile}", "device=cpu", "workers=1"]
+    opts = ["n=2", "trained=false", "untrained_distinct=true", "beam=false", "temperatures=[]"]
+    assert main([*argv, f"out={out}", *opts, "budgets=[1,2]"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert list(result["summary"]) == ["untrained", "untrained_distinct", "file"]
+    assert result["settings"]["n_facts"] == 2 and result["settings"]["facts"] == str(qfile)
+    got = [r for r in read_jsonl(out / "questions.jsonl") if r["method"] == "file"]
+    assert [(r["fact_index"], r["question"]) for r in got] == [
+        (0, "What is the capital of France?"),
+        (0, "Which city is France's capital?"),
+        (1, "Who wrote Hamlet?"),
+    ]
+    assert all(isinstance(r["answer"], str) and r["log_c"] <= 0 for r in got)
+    assert set(result["yield"]["methods"]["file"]) == {"1", "2"}
+    assert result["yield"]["target"] is None and result["yield"]["compare"] == {}
+    # A row without its question, and facts= beside questions=, are refused in one line.
+    qfile.write_text(
+        json.dumps({**france, "question": "Where?"}) + "\n" + json.dumps(hamlet) + "\n"
+    )
+    capsys.readouterr()
+    assert main([*argv, f"out={tmp_path / 'bad'}", *opts]) == 2
+    assert f"{qfile}:2: field 'question'" in capsys.readouterr().err
+    facts = write_minimal_facts(tmp_path / "facts.jsonl")
+    assert main([*argv, f"facts={facts}", f"out={tmp_path / 'both'}", *opts]) == 2
+    assert "questions: takes its facts from the file" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "both").exists()

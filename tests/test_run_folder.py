@@ -127,7 +127,7 @@ def test_relaunches_keep_metrics_config_and_checkpoints(tmp_path: Path) -> None:
     facts = tmp_path / "minimal.jsonl"
     facts.write_text(json.dumps({"subject": "Paris", "edit_fact": "Paris is in Italy"}) + "\n")
     q = tmp_path / "q.jsonl"
-    args = ["sample", f"checkpoint={out}", "n=2", "max_rounds=2", f"out={q}", "device=cpu"]
+    args = ["sample", f"checkpoint={out}", "n=2", f"out={q}", "device=cpu"]
     proc = contraq(*args, f"facts={facts}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert q.read_text().count("\n") >= 1

@@ -109,6 +109,14 @@ class TrainConfig:
     # teaches nothing (README, round 3); the GPU preset keeps 2.0.
     pf_temp_high: float = 1.2
     sampling: str = "per_rank"
+    # How a sampled step draws each fact's n_samples questions: iid (independent draws) or
+    # distinct (without replacement, contraq.stochastic_beam): the loss then sees n distinct
+    # questions per fact instead of the policy's favourite repeated.
+    draw: str = "iid"
+    # Chance that a sampled step draws from the base LM (adapters off) instead of the policy:
+    # off-policy exploration from the reward's prior, whose counted questions are exact draws
+    # of the GFlowNet's target, so the policy keeps seeing the target's other modes.
+    base_prob: float = 0.0
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     reward_temp: RewardTempConfig = field(default_factory=RewardTempConfig)
 

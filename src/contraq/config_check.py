@@ -142,6 +142,8 @@ RULES: dict[str, Check] = {
     "train.pf_temp_low": number(0, lo_open=True),
     "train.pf_temp_high": number(0, lo_open=True),
     "train.sampling": choice("per_rank", "rank0", "rank0_broadcast"),
+    "train.draw": choice("iid", "distinct"),
+    "train.base_prob": number(0, 1),
     "train.replay.prob": number(0, 1),
     "train.replay.prioritized": boolean,
     "train.reward_temp.start": number(0, lo_open=True),

@@ -24,12 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from contraq.baselines import beam_records, policy_records
 from contraq.config_check import ConfigError
-from contraq.data import EditFact, load_facts
+from contraq.data import DEFAULT_MAX_CHARS, EditFact, load_facts
 from contraq.files import iter_jsonl
 from contraq.parts import Parts, build_prompts
-from contraq.questions import progress_bar, sample_unique
+from contraq.question_file import file_records, load_questions
+from contraq.questions import progress_bar, sample_distinct_records
 from contraq.runload import (
     SPLITS,
     RunRef,
@@ -53,9 +56,16 @@ class EvalConfig:
         temperatures: tempered sampling of the untrained policy, one method per value.
         trained_temperatures: tempered sampling of the trained policy (``trained_T<t>``), each
             compared, paired, with the untrained policy at the same temperature and with beam.
-        trained_distinct: also the trained policy as `contraq sample` uses it
-            (``trained_distinct``): drawn until each fact has ``n`` distinct questions (up to
-            ``distinct_rounds`` rounds), compared, paired, with beam, whose beams are distinct.
+        trained_distinct: also the trained policy as `contraq sample` draws it
+            (``trained_distinct``): ``n`` distinct questions per fact, drawn without
+            replacement (:func:`contraq.questions.sample_distinct_records`).
+        untrained_distinct: also the untrained policy drawn so (``untrained_distinct``, T=1):
+            sample-and-filter without repeats.
+        budgets: numbers of answered questions per fact at which the set each method finds
+            is measured (:mod:`contraq.yields`; each <= ``n``; ``None``: the powers of two
+            below ``n``, and ``n``; empty: none). :attr:`yield_budgets` resolves it.
+        trained: the trained policy at T=1 (``trained``); false with no other trained method
+            gives the baselines alone, e.g. to reuse later with ``baselines_from``.
         beam: include beam search on the base LM.
         beam_groups: > 1 tries diverse (group) beam search with that many groups.
         diversity_penalty: group beam search's penalty.
@@ -85,7 +95,9 @@ class EvalConfig:
     workers: int = 1
     split: str = "test"
     trained_distinct: bool = False
-    distinct_rounds: int = 10
+    untrained_distinct: bool = False
+    budgets: list[int] | None = None
+    trained: bool = True
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -96,25 +108,35 @@ class EvalConfig:
             ("beam_groups", 1),
             ("max_facts", 0),
             ("workers", 1),
-            ("distinct_rounds", 1),
         ):
             if getattr(self, key) < low:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
+        if any(not 1 <= b <= self.n for b in self.yield_budgets):
+            raise ConfigError("budgets", f"must each lie in [1, n={self.n}], got {self.budgets}")
         for key in ("temperatures", "trained_temperatures"):
             if any(not t > 0 for t in getattr(self, key)):
                 raise ConfigError(key, f"must all be > 0, got {getattr(self, key)}")
+
+    @property
+    def yield_budgets(self) -> list[int]:
+        """The budgets at which the set per fact is measured, ascending."""
+        if self.budgets is not None:
+            return sorted(set(self.budgets))
+        return [*(2**k for k in range(1, self.n.bit_length()) if 2**k < self.n), self.n]
 
 
 def baseline_methods(ecfg: EvalConfig) -> list[str]:
     """The baselines' method names (``beam`` also stands for ``diverse_beam``)."""
     names = ["untrained", *(f"untrained_T{t:g}" for t in ecfg.temperatures)]
+    names += ["untrained_distinct"] if ecfg.untrained_distinct else []
     return names + (["beam"] if ecfg.beam else [])
 
 
 def method_names(ecfg: EvalConfig, baselines: bool = True) -> list[str]:
     """Every method the eval runs, in report order (``baselines=False``: the trained
     policy's only)."""
-    names = ["trained", *(f"trained_T{t:g}" for t in ecfg.trained_temperatures)]
+    names = ["trained"] if ecfg.trained else []
+    names += [f"trained_T{t:g}" for t in ecfg.trained_temperatures]
     names += ["trained_distinct"] if ecfg.trained_distinct else []
     return names + (baseline_methods(ecfg) if baselines else [])
 
@@ -122,7 +144,7 @@ def method_names(ecfg: EvalConfig, baselines: bool = True) -> list[str]:
 # A method's rough cost relative to the others (seconds measured on 2 CPU cores, 32 facts x 8:
 # trained 111, untrained 143, untrained_T0.5 127, untrained_T0.7 133, beam 175; 106 facts x 8
 # at one thread: trained 360-400, trained_distinct 600-750 more).
-_COST = {"trained": 0.8, "trained_distinct": 1.4, "beam": 1.3}
+_COST = {"trained": 0.8, "trained_distinct": 0.8, "beam": 1.3, "file": 0.1}
 
 
 def split_methods(names: Sequence[str], workers: int) -> list[list[str]]:
@@ -137,10 +159,10 @@ def split_methods(names: Sequence[str], workers: int) -> list[list[str]]:
         return _COST.get(name.split("_T")[0], 1.0)
 
     for name in names:
-        if name.startswith("trained"):
+        if name.startswith("trained") or name == "file":
             groups[0].append(name)
             load[0] += cost(name)
-    baselines = sorted((m for m in names if not m.startswith("trained")), key=cost, reverse=True)
+    baselines = sorted((m for m in names if m not in groups[0]), key=cost, reverse=True)
     for name in baselines:
         k = min(range(n), key=lambda i: (load[i], i))
         groups[k].append(name)
@@ -149,10 +171,14 @@ def split_methods(names: Sequence[str], workers: int) -> list[list[str]]:
 
 
 def method_records(
-    parts: Parts, facts: Sequence[EditFact], ecfg: EvalConfig, names: Sequence[str]
+    parts: Parts,
+    facts: Sequence[EditFact],
+    ecfg: EvalConfig,
+    names: Sequence[str],
+    questions: Sequence[Sequence[str]] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], list[str]]:
-    """The records of the methods ``names`` (see :func:`method_names`), seconds per method
-    and notes on what ran."""
+    """The records of the methods ``names`` (see :func:`method_names`; ``file``: the given
+    ``questions`` per fact), seconds per method and notes on what ran."""
     prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
     temps = {"trained": (1.0, False), "untrained": (1.0, True)}
     temps |= {f"trained_T{t:g}": (float(t), False) for t in ecfg.trained_temperatures}
@@ -179,24 +205,22 @@ def method_records(
                         "diverse beam search is not available in the installed transformers "
                         "(moved to a hub repository); plain beam search was used"
                     )
-            elif name == "trained_distinct":
-                per_fact = sample_unique(
+            elif name in ("trained_distinct", "untrained_distinct"):
+                per_fact = sample_distinct_records(
                     parts,
                     facts,
                     ecfg.n,
                     batch_size=ecfg.batch_size,
                     seed=ecfg.seed,
-                    max_rounds=ecfg.distinct_rounds,
+                    base=name.startswith("untrained"),
                     method=name,
                     progress=progress,
                 )
                 records[name] = [r for recs in per_fact for r in recs]
-                short = sum(len(recs) < ecfg.n for recs in per_fact)
-                if short:
-                    notes.append(
-                        f"trained_distinct: {short} facts have fewer than {ecfg.n} distinct "
-                        f"questions after {ecfg.distinct_rounds} rounds"
-                    )
+            elif name == "file":
+                records[name] = file_records(
+                    parts, facts, questions or [], ecfg.batch_size, progress=progress
+                )
             else:
                 temp, base = temps[name]
                 records[name] = policy_records(
@@ -216,14 +240,26 @@ def method_records(
 
 
 def eval_parts(
-    ref: RunRef, ecfg: EvalConfig, facts_path: str | Path | None
-) -> tuple[Parts, list[EditFact], str]:
+    ref: RunRef,
+    ecfg: EvalConfig,
+    facts_path: str | Path | None,
+    questions_path: str | Path | None = None,
+) -> tuple[Parts, list[EditFact], str, list[list[str]] | None]:
     """The run's parts as an eval uses them (``ecfg``'s device and judge, answers
-    ``ecfg.batch_size`` at a time), its facts and their label (:func:`eval_facts`)."""
+    ``ecfg.batch_size`` at a time), its facts, their label (:func:`eval_facts`) and, with a
+    questions file, each fact's questions from it (the facts are then the file's)."""
+    if facts_path is not None and questions_path is not None:
+        raise ConfigError("questions", "takes its facts from the file: give facts= or questions=")
     device = pick_device(ecfg.device)
     parts = load_parts(ref, device=device, judge=ecfg.judge, reward_batch=ecfg.batch_size)
-    facts, label = eval_facts(parts, facts_path, ecfg.max_facts, ecfg.split)
-    return parts, facts, label
+    if questions_path is None:
+        facts, label = eval_facts(parts, facts_path, ecfg.max_facts, ecfg.split)
+        return parts, facts, label, None
+    max_chars = int(OmegaConf.select(parts.cfg, "data.max_fact_chars") or DEFAULT_MAX_CHARS)
+    facts, questions = load_questions(questions_path, max_chars)
+    if ecfg.max_facts > 0:
+        facts, questions = facts[: ecfg.max_facts], questions[: ecfg.max_facts]
+    return parts, facts, str(questions_path), questions
 
 
 def eval_facts(
@@ -244,15 +280,16 @@ def records_in_workers(
     ecfg: EvalConfig,
     names: Sequence[str],
     spec: dict[str, Any],
+    questions: Sequence[Sequence[str]] | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float], list[str]]:
     """:func:`method_records` of ``names``, split over ``ecfg.workers`` processes on a CPU
     (in this process alone on CUDA or with one worker). ``spec``: what a worker needs to load
-    the same run and facts (``checkpoint``, ``facts``). Returns the records in the
-    order of ``names``."""
+    the same run and facts (``checkpoint``, ``facts``, ``questions``); the ``file`` method
+    (``questions``) runs in this process. Returns the records in the order of ``names``."""
     groups = split_methods(names, ecfg.workers)
     device = next(parts.policy.parameters()).device
     if len(groups) == 1 or device.type != "cpu":
-        return method_records(parts, facts, ecfg, names)
+        return method_records(parts, facts, ecfg, names, questions)
     threads = max(1, usable_cores() // len(groups))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory(prefix="contraq-eval-") as tmp:
@@ -267,7 +304,7 @@ def records_in_workers(
                 procs.append((folder, subprocess.Popen(cmd, env=env, stdout=log, stderr=log)))
         try:
             with torch_threads(threads):
-                records, seconds, notes = method_records(parts, facts, ecfg, groups[0])
+                records, seconds, notes = method_records(parts, facts, ecfg, groups[0], questions)
             for folder, proc in procs:
                 _collect(folder, proc, records, seconds, notes)
         finally:
@@ -306,7 +343,8 @@ def worker_main(spec_path: str) -> None:
     (``records.jsonl``, then ``done.json`` with seconds and notes)."""
     spec = json.loads(Path(spec_path).read_text())
     ecfg = EvalConfig(**spec["ecfg"])
-    parts, facts, _ = eval_parts(resolve_run(spec["checkpoint"]), ecfg, spec.get("facts"))
+    ref = resolve_run(spec["checkpoint"])
+    parts, facts, _, _ = eval_parts(ref, ecfg, spec.get("facts"), spec.get("questions"))
     records, seconds, notes = method_records(parts, facts, ecfg, spec["methods"])
     out = Path(spec["out"])
     with (out / "records.jsonl").open("w") as fh:

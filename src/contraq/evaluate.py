@@ -33,12 +33,14 @@ from contraq.plots import (
     plot_rate_vs_diversity,
     plot_reward_distributions,
     plot_reward_vs_diversity,
+    plot_yield,
 )
 from contraq.report import eval_markdown, eval_table
 from contraq.reuse import load_baselines
 from contraq.runload import RunRef, pick_device, resolve_run
 from contraq.settings import typed
 from contraq.stats import frontier_value, paired_bootstrap
+from contraq.yields import fact_yields, yield_summary
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class EvalTarget:
     checkpoint: str
     facts: str | None
     out: str | None
+    questions: str | None = None  # a questions file: its facts, its questions as method `file`
 
 
 def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict[str, Any]:
@@ -62,7 +65,8 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         "temperatures": list(ecfg.temperatures),
         "trained_temperatures": list(ecfg.trained_temperatures),
         "trained_distinct": ecfg.trained_distinct,
-        "distinct_rounds": ecfg.distinct_rounds,
+        "untrained_distinct": ecfg.untrained_distinct,
+        "budgets": ecfg.yield_budgets,
         "beam_groups": ecfg.beam_groups,
         "diversity_penalty": ecfg.diversity_penalty,
         # The base LM's weights as loaded (model.dtype=auto resolves per machine).
@@ -79,6 +83,7 @@ def evaluate_run(
     ecfg: EvalConfig,
     out_dir: str | Path | None = None,
     facts_path: str | Path | None = None,
+    questions_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Compare the trained policy with baselines on the same facts and question budget.
 
@@ -92,6 +97,8 @@ def evaluate_run(
             :func:`contraq.runload.resolve_run`).
         facts_path: a facts file (full or minimal schema); ``None`` = the run's split named
             by ``ecfg.split`` (the held-out test split by default).
+        questions_path: a questions file (:mod:`contraq.question_file`): its facts replace
+            ``facts_path``'s and its questions are one more method, ``file``.
 
     Returns:
         the ``eval.json`` object.
@@ -99,8 +106,8 @@ def evaluate_run(
     started = time.time()
     ref = resolve_run(checkpoint)
     out = Path(out_dir) if out_dir is not None else ref.run_dir / "eval"
+    parts, facts, facts_label, questions = eval_parts(ref, ecfg, facts_path, questions_path)
     out.mkdir(parents=True, exist_ok=True)
-    parts, facts, facts_label = eval_parts(ref, ecfg, facts_path)
     device = pick_device(ecfg.device)
     settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
     reused: dict[str, list[dict[str, Any]]] = {}
@@ -108,9 +115,10 @@ def evaluate_run(
         methods = baseline_methods(ecfg)
         reused, reused_s = load_baselines(ecfg.baselines_from, settings, parts.cfg, facts, methods)
     facts_arg = None if facts_path is None else str(facts_path)
-    spec = {"checkpoint": str(checkpoint), "facts": facts_arg}
-    names = method_names(ecfg, baselines=not reused)
-    records, seconds, notes = records_in_workers(parts, facts, ecfg, names, spec)
+    questions_arg = None if questions_path is None else str(questions_path)
+    spec = {"checkpoint": str(checkpoint), "facts": facts_arg, "questions": questions_arg}
+    names = method_names(ecfg, baselines=not reused) + (["file"] if questions else [])
+    records, seconds, notes = records_in_workers(parts, facts, ecfg, names, spec, questions)
     if reused:
         records.update(reused)
         seconds.update(reused_s)
@@ -144,6 +152,7 @@ def report_records(
         "comparisons": compare_to_trained(records),
         "matched": compare_matched(records, settings.get("trained_temperatures") or []),
         "frontier": frontier_summary(summary, frontier_methods),
+        "yield": set_yields(records, settings.get("budgets") or [], embedder, settings["seed"]),
         "examples": {
             name: sorted(pick.sample(recs, min(10, len(recs))), key=lambda r: r["fact_index"])
             for name, recs in records.items()
@@ -174,8 +183,26 @@ def _write(
             summary, frontier_methods, out / "rate_vs_diversity.png"
         ),
     }
+    if result.get("yield"):
+        plots["The set per fact"] = plot_yield(result["yield"], out / "yield.png")
     (out / "eval.json").write_text(json.dumps(_json_safe(result), indent=2))
     (out / "eval.md").write_text(eval_markdown(result, {k: p.name for k, p in plots.items()}))
+
+
+def set_yields(
+    records: dict[str, list[dict[str, Any]]],
+    budgets: Sequence[int],
+    embedder: Embedder,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """The set each method finds per fact at each budget (:mod:`contraq.yields`), the
+    trained policy as `contraq sample` draws it (``trained_distinct``, else ``trained``)
+    compared with each other method; ``None`` without budgets or counted flags."""
+    if not budgets or not any(r.get("genuine") is not None for v in records.values() for r in v):
+        return None
+    per_method = {m: fact_yields(recs, budgets, embedder.encode) for m, recs in records.items()}
+    target = "trained_distinct" if "trained_distinct" in records else "trained"
+    return yield_summary(per_method, target, seed=seed)
 
 
 def compare_to_trained(
@@ -257,7 +284,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """`contraq eval`: :func:`evaluate_run` with the composed ``configs/eval.yaml``; prints
     the metrics table and where the files are."""
     target = typed(EvalTarget, cfg)
-    result = evaluate_run(target.checkpoint, typed(EvalConfig, cfg), target.out, target.facts)
+    ecfg = typed(EvalConfig, cfg)
+    result = evaluate_run(target.checkpoint, ecfg, target.out, target.facts, target.questions)
     out = Path(target.out) if target.out else Path(result["settings"]["run"]) / "eval"
     print(eval_table(result["summary"]))
     print(f"\nwrote {out / 'eval.md'}, {out / 'eval.json'}, {out / 'questions.jsonl'} and plots")

@@ -14,6 +14,7 @@ training step together:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -33,8 +34,10 @@ from contraq.conf import LossConfig, TrainConfig
 from contraq.data import EditFact
 from contraq.losses import LogZHead, modified_subtb_loss, trajectory_balance_loss, vargrad_loss
 from contraq.metrics import contradiction_rate, distinct_n, grouped_diversity
+from contraq.models import base_model
 from contraq.reward.base import Reward, RewardOutput
 from contraq.sampler import SampleBatch, SamplerConfig, sample, score_actions
+from contraq.stochastic_beam import sample_distinct
 from contraq.tokens import left_pad, right_pad
 
 log = logging.getLogger(__name__)
@@ -161,15 +164,25 @@ class GFlowNetModule(L.LightningModule):
         n_per_fact: int,
         temperature: float,
         generator: torch.Generator,
+        base: bool = False,
     ) -> SampleBatch:
-        """Sample n_per_fact questions for each fact from the policy (eval mode, KV cache)."""
-        rows = [i for i in fact_ids for _ in range(n_per_fact)]
-        ids, mask = self._prompt_batch(rows)
+        """Sample n_per_fact questions for each fact (rows fact-major) from the policy, or
+        from the base LM with ``base`` (eval mode, KV cache); ``train.draw=distinct`` draws
+        each fact's questions without replacement."""
         cfg = dataclasses.replace(self.sampler_cfg, temperature=temperature)
         was_training = self.policy.training
         self.policy.eval()
         try:
-            return sample(self.policy, ids, mask, cfg, generator=generator)
+            with base_model(self.policy) if base else contextlib.nullcontext(self.policy) as lm:
+                if self.cfg.draw == "distinct":
+                    ids, mask = self._prompt_batch(list(fact_ids))
+                    out = sample_distinct(lm, ids, mask, cfg, n_per_fact, generator=generator)
+                    if not bool(out.valid.all()):
+                        raise RuntimeError("a fact has fewer possible questions than n_samples")
+                    return out.batch
+                rows = [i for i in fact_ids for _ in range(n_per_fact)]
+                ids, mask = self._prompt_batch(rows)
+                return sample(lm, ids, mask, cfg, generator=generator)
         finally:
             self.policy.train(was_training)
 
@@ -253,13 +266,18 @@ class GFlowNetModule(L.LightningModule):
             if torch.rand((), generator=g).item() < c.pf_temp_prob:
                 u = torch.rand((), generator=g).item()
                 temp = c.pf_temp_low + u * (c.pf_temp_high - c.pf_temp_low)
-            batch = self.sample_questions(fact_ids, c.n_samples, temp, g)
+            # Drawn only when asked, so runs without base exploration keep their streams.
+            base = c.base_prob > 0 and torch.rand((), generator=g).item() < c.base_prob
+            if base:
+                temp = 1.0  # the prior itself: its counted questions are target samples
+            batch = self.sample_questions(fact_ids, c.n_samples, temp, g, base=base)
             with torch.no_grad():
                 out = self.reward.terminal(facts, batch, step=step)
             log_r = out.log_r.to(self.device)
             self.add_to_buffer(rows, batch, out)
             stats["replay"] = 0.0
             stats["pf_temperature"] = temp
+            stats["base_draw"] = float(base)
         prefix_log_r = None
         if self.loss_cfg.name == "subtb":
             with torch.no_grad():

@@ -214,3 +214,32 @@ def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: s
     ax.set_title("Reward vs diversity")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_yield(yields: Mapping[str, Any], path: str | Path) -> Path:
+    """The set each method finds against the budget of answered questions per fact: distinct
+    counted contradictions (left) and meaning clusters among them (right), means over facts
+    with their 95% bootstrap intervals (``yields``: :func:`contraq.yields.yield_summary`)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2))
+    for ax, kind, label in zip(
+        axes,
+        ("distinct", "clusters"),
+        ("distinct counted contradictions per fact", "meaning clusters per fact"),
+        strict=True,
+    ):
+        for i, (name, per_budget) in enumerate(yields.get("methods", {}).items()):
+            pts = sorted((int(n), cell[kind]) for n, cell in per_budget.items())
+            xs = [n for n, _ in pts]
+            ys = [c["mean"] for _, c in pts]
+            lo = [c["low"] for _, c in pts]
+            hi = [c["high"] for _, c in pts]
+            style = "-o" if name == yields.get("target") else "--o"
+            ax.plot(xs, ys, style, color=f"C{i}", label=name, markersize=4)
+            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("answered questions per fact")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("The set found per fact (95% CI over facts)")
+    return _save(fig, path)

@@ -2,8 +2,8 @@
 
 Shared by `contraq sample` (:mod:`contraq.sample`) and `contraq eval` (:mod:`contraq.baselines`,
 :mod:`contraq.eval_methods`): one record (a dict) per question, with the fact, the answer and
-every per-question part of the reward; :func:`sample_unique` draws until each fact has ``n``
-distinct questions.
+every per-question part of the reward; :func:`sample_distinct_records` draws ``n`` distinct
+questions per fact without replacement.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from contraq.data import EditFact
 from contraq.models import base_model
 from contraq.parts import Parts, build_prompts
 from contraq.sampler import SampleBatch, sample
-from contraq.tokens import decode_questions, left_pad
+from contraq.stochastic_beam import sample_distinct
+from contraq.tokens import left_pad
 
 
 def reward_step(cfg: DictConfig) -> int:
@@ -121,63 +122,44 @@ def select_rows(batch: SampleBatch, rows: Sequence[int]) -> SampleBatch:
     return SampleBatch(**{k: getattr(batch, k)[idx] for k in SampleBatch.__dataclass_fields__})
 
 
-def _new_rows(
-    chunk: Sequence[int], questions: Sequence[str], found: list[dict[str, Any]]
-) -> list[int]:
-    """Rows of a drawn chunk whose question is new for its fact (not found before, not
-    repeated earlier in the chunk); the costly reward is spent only on them."""
-    keep: list[int] = []
-    pending: dict[int, set[str]] = {}
-    for b, (i, q) in enumerate(zip(chunk, questions, strict=True)):
-        key = dedup_key(q)
-        if key and key not in found[i] and key not in pending.setdefault(i, set()):
-            pending[i].add(key)
-            keep.append(b)
-    return keep
-
-
-def sample_unique(
+def sample_distinct_records(
     parts: Parts,
     facts: Sequence[EditFact],
     n: int,
     temperature: float = 1.0,
     batch_size: int = 32,
     seed: int = 0,
-    max_rounds: int = 10,
     base: bool = False,
     method: str = "trained",
     progress: Any = None,
 ) -> list[list[dict[str, Any]]]:
-    """``n`` distinct questions per fact (by :func:`dedup_key`), each scored by the reward.
+    """``n`` distinct questions per fact, drawn without replacement from the policy (``base``:
+    the untrained policy) at ``temperature`` (:func:`contraq.stochastic_beam.sample_distinct`),
+    each scored by the reward: exactly ``n`` draws, each answered once.
 
-    Rounds sample each unfinished fact's shortfall again, up to ``max_rounds`` rounds; facts
-    that still have fewer are returned with fewer (the caller reports it).
+    Facts go ``max(1, batch_size // n)`` at a time, ``n`` beams each. A fact with fewer than
+    ``n`` possible questions (never with a real vocabulary) gets fewer.
 
     Returns:
-        per fact, its records in sampling order.
+        per fact, its records in drawing order.
     """
     prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
     device = next(parts.policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    found: list[dict[str, dict[str, Any]]] = [{} for _ in facts]
-    task = progress.add_task("sampling", total=n * len(facts)) if progress else None
-    for _ in range(max_rounds):
-        rows = [i for i in range(len(facts)) for _ in range(n - len(found[i]))]
-        if not rows:
-            break
-        for chunk in chunks(rows, batch_size):
-            batch = sample_policy(
-                parts, [prompts[i] for i in chunk], temperature, generator, base=base
-            )
-            questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
-            keep = _new_rows(chunk, questions, found)
-            if not keep:
-                continue
-            fact_ids = [chunk[b] for b in keep]
-            for rec in score_records(parts, facts, fact_ids, select_rows(batch, keep), method):
-                slot = found[rec["fact_index"]]
-                if len(slot) < n:
-                    slot[dedup_key(rec["question"])] = rec
-                    if progress:
-                        progress.advance(task)
-    return [list(f.values()) for f in found]
+    cfg = replace(parts.sampler_cfg, temperature=float(temperature))
+    per_fact: list[list[dict[str, Any]]] = [[] for _ in facts]
+    task = progress.add_task(method, total=n * len(facts)) if progress else None
+    for chunk in chunks(list(range(len(facts))), max(1, batch_size // n)):
+        ids, mask = left_pad([prompts[i] for i in chunk], cfg.pad_token_id, device)
+        if base:
+            with base_model(parts.policy) as lm:
+                out = sample_distinct(lm, ids, mask, cfg, n, generator=generator)
+        else:
+            out = sample_distinct(parts.policy, ids, mask, cfg, n, generator=generator)
+        rows = out.valid.nonzero().flatten().tolist()
+        fact_ids = [chunk[r // n] for r in rows]
+        for rec in score_records(parts, facts, fact_ids, select_rows(out.batch, rows), method):
+            per_fact[rec["fact_index"]].append(rec)
+        if progress:
+            progress.advance(task, len(chunk) * n)
+    return per_fact

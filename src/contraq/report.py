@@ -171,6 +171,7 @@ def eval_markdown(result: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
     ]
     lines += _comparison_lines(result)
+    lines += yield_lines(result.get("yield"))
     for caption, rel in plots.items():
         lines += [f"![{caption}]({rel})", ""]
     examples = result.get("examples", {})
@@ -252,6 +253,66 @@ def _comparison_lines(result: Mapping[str, Any]) -> list[str]:
             f"Temperature frontier (untrained policy, counted rate vs diversity) at the trained "
             f"policy's diversity {fmt(fr.get('diversity'))}: {fmt(fr.get('frontier_rate'))}; "
             f"trained: {fmt(fr.get('trained_rate'))}.",
+            "",
+        ]
+    return lines
+
+
+def _cell(c: Mapping[str, Any], pattern: str = "{:.2f}") -> str:
+    return f"{fmt(c.get('mean'), pattern)} [{fmt(c.get('low'), pattern)}, {fmt(c.get('high'), pattern)}]"
+
+
+def yield_lines(y: Mapping[str, Any] | None) -> list[str]:
+    """The set each method finds per fact at each budget, and the target method's paired
+    ratios to the others (``y``: :func:`contraq.yields.yield_summary`)."""
+    if not y or not y.get("methods"):
+        return []
+    budgets = sorted({int(n) for cells in y["methods"].values() for n in cells})
+    lines = [
+        "## The set per fact: distinct counted contradictions / meaning clusters",
+        "",
+        "Per fact, among its first N answered questions: distinct counted contradictions "
+        "(same content words merged) and meaning clusters among them (MiniLM, average "
+        "linkage, cosine 0.8); means over facts, 95% bootstrap intervals.",
+        "",
+        markdown_table(
+            [
+                "method",
+                *(f"N={n}: distinct" for n in budgets),
+                *(f"N={n}: clusters" for n in budgets),
+            ],
+            [
+                [
+                    m,
+                    *(_cell(cells[str(n)]["distinct"]) if str(n) in cells else "" for n in budgets),
+                    *(_cell(cells[str(n)]["clusters"]) if str(n) in cells else "" for n in budgets),
+                ]
+                for m, cells in y["methods"].items()
+            ],
+        ),
+        "",
+    ]
+    target = y.get("target")
+    if target and y.get("compare"):
+        rows = []
+        for other, cells in y["compare"].items():
+            for n, c in sorted(cells.items(), key=lambda kv: int(kv[0])):
+                rows.append(
+                    [
+                        other,
+                        n,
+                        *(
+                            f"{fmt(c[k].get('ratio'), '{:.2f}')}x "
+                            f"[{fmt(c[k].get('ratio_low'), '{:.2f}')}, "
+                            f"{fmt(c[k].get('ratio_high'), '{:.2f}')}]"
+                            for k in ("distinct", "clusters")
+                        ),
+                    ]
+                )
+        lines += [
+            f"### {target} against each method, paired over facts (ratio of means, 95% CI)",
+            "",
+            markdown_table(["method", "N", "distinct", "clusters"], rows),
             "",
         ]
     return lines

@@ -1,14 +1,16 @@
 """`contraq sample`: distinct questions for new edit facts from a trained run.
 
-Each question comes with its answer and the reward's parts (log C, log P_Q, log R); the
-settings and their defaults are ``configs/sample.yaml``.
+The questions of a fact are drawn without replacement (:mod:`contraq.stochastic_beam`): ``n``
+draws, ``n`` distinct questions, each answered once. Each comes with its answer, the reward's
+parts (log C, log P_Q, log R), whether it counts (a question, not an echo, judged a
+contradiction) and its near-duplicate group within the fact (:func:`contraq.yields.content_key`);
+the settings and their defaults are ``configs/sample.yaml``.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,10 @@ from omegaconf import DictConfig
 
 from contraq.config_check import ConfigError
 from contraq.data import DEFAULT_MAX_CHARS, load_facts
-from contraq.questions import progress_bar, sample_unique
+from contraq.questions import progress_bar, sample_distinct_records
 from contraq.runload import load_parts, load_run_config, pick_device, resolve_run
 from contraq.settings import typed
+from contraq.yields import content_key
 
 # CSV columns in this order, then any other field of the records.
 SAMPLE_FIELDS = (
@@ -30,6 +33,8 @@ SAMPLE_FIELDS = (
     "original_answer",
     "question",
     "answer",
+    "counted",
+    "group",
     "log_r",
     "log_c",
     "log_pq",
@@ -51,11 +56,10 @@ class SampleConfig:
     temperature: float
     batch_size: int
     seed: int
-    max_rounds: int
     device: str
 
     def __post_init__(self) -> None:
-        for key in ("n", "batch_size", "max_rounds"):
+        for key in ("n", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if not self.temperature > 0:
@@ -77,9 +81,23 @@ def write_questions(records: Sequence[dict[str, Any]], path: Path, as_csv: bool)
         writer.writerows(records)
 
 
+def mark_sets(records: Sequence[dict[str, Any]]) -> int:
+    """Give each record of one fact ``counted`` (a counted contradiction) and ``group`` (its
+    near-duplicate group, numbered in order of first appearance); returns the number of
+    distinct counted contradictions (groups with a counted question)."""
+    groups: dict[str, int] = {}
+    found: set[int] = set()
+    for r in records:
+        r["counted"] = bool(r.get("genuine"))
+        r["group"] = groups.setdefault(content_key(str(r["question"])), len(groups))
+        if r["counted"]:
+            found.add(r["group"])
+    return len(found)
+
+
 def run_sample(cfg: DictConfig) -> Path:
     """`contraq sample`: write ``cfg.n`` distinct scored questions per fact of ``cfg.facts``
-    to ``cfg.out``; facts left short after ``cfg.max_rounds`` rounds are reported on stderr.
+    to ``cfg.out`` and print how many distinct counted contradictions each fact has.
 
     Raises:
         ConfigError, RunError, DataError: a bad setting, run folder or facts file (nothing
@@ -92,25 +110,25 @@ def run_sample(cfg: DictConfig) -> Path:
     facts = load_facts(s.facts, minimal_ok=True, on_error="raise", max_chars=max_chars)
     parts = load_parts(ref, plain=s.plain, device=pick_device(s.device))
     with progress_bar() as progress:
-        per_fact = sample_unique(
+        per_fact = sample_distinct_records(
             parts,
             facts,
             s.n,
             temperature=s.temperature,
             batch_size=s.batch_size,
             seed=s.seed,
-            max_rounds=s.max_rounds,
             method="plain" if s.plain else "trained",
             base=s.plain,
             progress=progress,
         )
-    for f, recs in zip(facts, per_fact, strict=True):
-        if len(recs) < s.n:
-            print(
-                f"contraq sample: {f.where} ({f.subject}): only {len(recs)} distinct questions "
-                f"of {s.n} after {s.max_rounds} rounds",
-                file=sys.stderr,
-            )
+    found = [mark_sets(recs) for recs in per_fact]
+    for f, recs, k in zip(facts, per_fact, found, strict=True):
+        short = f", only {len(recs)} questions exist" if len(recs) < s.n else ""
+        print(f"{f.where} ({f.subject}): {k} distinct counted contradictions{short}")
+    print(
+        f"{sum(found)} distinct counted contradictions over {len(facts)} facts "
+        f"({sum(found) / max(len(facts), 1):.2f} per fact, {s.n} questions each)"
+    )
     records = [r for recs in per_fact for r in recs]
     out = Path(s.out)
     write_questions(records, out, s.csv)

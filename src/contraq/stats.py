@@ -12,7 +12,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["bootstrap_rate", "frontier_value", "paired_bootstrap", "per_fact_counts"]
+__all__ = [
+    "bootstrap_rate",
+    "frontier_value",
+    "paired_bootstrap",
+    "per_fact_counts",
+    "ratio_bootstrap",
+]
 
 
 def per_fact_counts(
@@ -88,6 +94,41 @@ def paired_bootstrap(
         "low": float(np.quantile(diffs, alpha)),
         "high": float(np.quantile(diffs, 1 - alpha)),
         "p_le_0": float((diffs <= 0).mean()),
+    }
+
+
+def ratio_bootstrap(
+    a: Mapping[int, tuple[float, int]],
+    b: Mapping[int, tuple[float, int]],
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Ratio of pooled rates ``a / b`` on the facts both have, resampling facts jointly (the
+    same resamples as :func:`paired_bootstrap` with the same seed).
+
+    Returns:
+        ``ratio`` and its percentile interval ``ratio_low``/``ratio_high`` (inf where a
+        resample's ``b`` is 0 and its ``a`` is not; NaN without facts or when ``b`` is 0).
+    """
+    facts = sorted(set(a) & set(b))
+    nan = {"ratio": math.nan, "ratio_low": math.nan, "ratio_high": math.nan}
+    if not facts:
+        return nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
+    full = np.arange(len(facts))[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float((_resampled_rates(a, facts, full) / _resampled_rates(b, facts, full))[0])
+        ratios = _resampled_rates(a, facts, idx) / _resampled_rates(b, facts, idx)
+    ratios = np.nan_to_num(ratios, nan=1.0, posinf=math.inf)  # 0/0: both found nothing
+    if not math.isfinite(ratio):
+        return {**nan, "ratio": ratio}
+    alpha = (1.0 - level) / 2
+    return {
+        "ratio": ratio,
+        "ratio_low": float(np.quantile(ratios, alpha)),
+        "ratio_high": float(np.quantile(ratios, 1 - alpha)),
     }
 
 
