@@ -373,7 +373,7 @@ def test_eval_on_heldout_split(
     assert set(result["comparisons"]) == set(result["summary"]) - {"trained"}
     assert result["frontier"]["diversity"] == result["summary"]["trained"]["diversity"]
     summary = result["summary"]
-    assert list(summary)[:3] == ["trained", "untrained", "untrained_T1.5"]
+    assert list(summary)[:4] == ["trained", "trained_distinct", "untrained", "untrained_T1.5"]
     beam = [m for m in summary if "beam" in m]
     assert len(beam) == 1
     for name, m in summary.items():
@@ -449,10 +449,10 @@ def test_eval_on_heldout_split(
         assert len(qs_f) == 4 and len(set(qs_f)) == 4
     # The set per fact at each budget, the trained policy drawn distinct against the others.
     assert res_t["yield"]["target"] == "trained_distinct"
-    assert set(res_t["yield"]["methods"]["beam"]) == {"4"}
+    assert set(res_t["yield"]["methods"]["beam"]) == {"2", "4"}  # budgets: 2, 4 = n
     for cells in res_t["yield"]["methods"].values():
         for kind in ("distinct", "clusters"):
-            assert 0 <= cells["4"][kind]["mean"] <= 4
+            assert 0 <= cells["2"][kind]["mean"] <= cells["4"][kind]["mean"] <= 4
     assert "## The set per fact" in (tempered / "eval.md").read_text()
     assert (tempered / "yield.png").read_bytes()[:4] == b"\x89PNG"
     # budgets above n are refused in one line.
@@ -548,7 +548,8 @@ def test_eval_questions_file_is_one_more_method(
     qfile.write_text("".join(json.dumps({**f, "question": q}) + "\n" for f, q in asked))
     out = tmp_path / "eval"
     argv = ["eval", f"checkpoint={tiny_run}", f"questions={qfile}", "device=cpu", "workers=1"]
-    opts = ["n=2", "trained=false", "untrained_distinct=true", "beam=false", "temperatures=[]"]
+    opts = ["n=2", "trained=false", "trained_distinct=false", "untrained_distinct=true"]
+    opts += ["beam=false", "temperatures=[]"]
     assert main([*argv, f"out={out}", *opts, "budgets=[1,2]"]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert list(result["summary"]) == ["untrained", "untrained_distinct", "file"]
