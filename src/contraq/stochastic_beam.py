@@ -43,11 +43,11 @@ from contraq.sampler import (
 
 
 def gumbel_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard Gumbel noise of ``x``'s shape, dtype and device, drawn from ``generator`` (on
-    the generator's device, like :func:`contraq.sampler.draw_tokens`)."""
+    """Standard Gumbel noise of ``x``'s shape and device (``x``'s dtype), drawn in float32 from
+    ``generator`` (on the generator's device, like :func:`contraq.sampler.draw_tokens`)."""
     dev = generator.device if generator is not None else x.device
-    u = torch.rand(x.shape, generator=generator, device=dev, dtype=torch.float64)
-    u = u.clamp(min=torch.finfo(torch.float64).tiny)
+    u = torch.rand(x.shape, generator=generator, device=dev)
+    u = u.clamp(min=torch.finfo(torch.float32).tiny)
     return (-torch.log(-torch.log(u))).to(device=x.device, dtype=x.dtype)
 
 
@@ -104,22 +104,28 @@ def _sampling_logp(masked: Tensor, cfg: SamplerConfig) -> Tensor:
 
 def _candidates(
     keys: Tensor, phi: Tensor, logp_s: Tensor, done: Tensor, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """Every beam's children as ``(G [B, k, V], phi [B, k, V])``: an unfinished beam's children
-    by :func:`truncated_gumbel`; a finished beam stays itself (its ``G`` on token 0, the others
-    ``-inf``); a dead beam (``G = -inf``) has none."""
-    b, k, v = logp_s.shape
-    child_phi = phi[..., None] + logp_s
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each beam's ``k`` best children as ``(G [B, k, k], phi [B, k, k], token [B, k, k])``.
+
+    Only a beam's ``k`` largest perturbed children can enter the top-k, and the shift of
+    :func:`truncated_gumbel` keeps their order, so it is applied to those alone. A finished
+    beam stays itself (its ``G`` in slot 0, the other slots ``-inf``); a dead beam
+    (``G = -inf``) has no child.
+    """
+    k = keys.shape[1]
+    child_phi = phi[..., None] + logp_s  # [B, k, V]
     perturbed = child_phi + gumbel_like(child_phi, generator)
+    top, token = perturbed.topk(k, dim=-1)  # [B, k, k]; top[..., 0] is the children's max
     alive = ~torch.isneginf(keys)
     parent = torch.where(alive, keys, torch.zeros_like(keys))[..., None]
-    cand = truncated_gumbel(parent, perturbed)
+    cand = truncated_gumbel(parent, top)
+    cand_phi = child_phi.gather(-1, token)
     stay = torch.full_like(cand, -math.inf)
     stay[..., 0] = keys
     cand = torch.where(done[..., None], stay, cand)
     cand = torch.where(alive[..., None], cand, torch.full_like(cand, -math.inf))
-    child_phi = torch.where(done[..., None], phi[..., None].expand(b, k, v), child_phi)
-    return cand, child_phi
+    cand_phi = torch.where(done[..., None], phi[..., None].expand_as(cand_phi), cand_phi)
+    return cand, cand_phi, token
 
 
 @torch.no_grad()
@@ -182,14 +188,13 @@ def sample_distinct(
             masked = logits[:, -1].float() + bias[t]  # [rows, V]
             logp = torch.log_softmax(masked, dim=-1)
             logp_s = _sampling_logp(masked, cfg).double().view(n_prompts, k, -1)
-            cand, child_phi = _candidates(keys, phi, logp_s, done, generator)
+            cand, cand_phi, cand_token = _candidates(keys, phi, logp_s, done, generator)
             top, flat = cand.view(n_prompts, -1).topk(k, dim=-1)  # [B, k]
-            vocab = logp.shape[-1]
-            parent = flat // vocab  # beam within the prompt
-            token = flat % vocab
+            parent = flat // k  # beam within the prompt
+            token = cand_token.view(n_prompts, -1).gather(1, flat)
             src = (offsets + parent).view(-1)  # global row of each new beam's parent
             was_done = done.gather(1, parent)
-            phi = child_phi.view(n_prompts, -1).gather(1, flat)
+            phi = cand_phi.view(n_prompts, -1).gather(1, flat)
             keys = top
             token = torch.where(was_done, cfg.pad_token_id, token).view(-1)
             actions = actions.index_select(0, src)
