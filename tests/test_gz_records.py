@@ -14,6 +14,7 @@ from conftest import save_tiny_nli
 from contraq.cli import main
 from contraq.files import REPO_ROOT, iter_jsonl, jsonl_or_gz
 from contraq.report import write_report
+from contraq.reuse import read_eval_folder
 
 RESULTS = REPO_ROOT / "docs" / "results"
 
@@ -47,6 +48,18 @@ def test_iter_jsonl_reads_the_gz_when_the_plain_file_is_absent(tmp_path: Path) -
     # Neither file: the plain name is the one reported missing.
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
         list(iter_jsonl(tmp_path / "nothing.jsonl"))
+
+
+@pytest.mark.parametrize("folder", ["cf-t12-160-s1/val-v9", "demo-fast/eval89-v9"])
+def test_committed_gzipped_records_load_as_baselines(folder: str) -> None:
+    """The kept folders hold only questions.jsonl.gz; `baselines_from` and the analysis scripts
+    read them through read_eval_folder, every method with eval.json's count of questions."""
+    path = RESULTS / folder
+    assert not (path / "questions.jsonl").exists() and (path / "questions.jsonl.gz").is_file()
+    result, by_method = read_eval_folder(path, "baselines_from")
+    assert set(by_method) == set(result["summary"])
+    for method, recs in by_method.items():
+        assert len(recs) == result["summary"][method]["n_questions"], method
 
 
 def test_rescore_reads_a_gzipped_eval_folder(tmp_path: Path) -> None:
