@@ -4,6 +4,7 @@ folder of weights is written so that concurrent readers never see half of it."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -65,13 +66,23 @@ def write_dir_atomically(
     return target
 
 
+def jsonl_or_gz(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself, or ``path.gz`` when only that exists (committed records are gzipped)."""
+    plain = Path(path)
+    packed = plain.with_name(plain.name + ".gz")
+    return packed if not plain.exists() and packed.is_file() else plain
+
+
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` of each non-blank line of a JSON Lines file.
+    """``(line number, object)`` of each non-blank line of a JSON Lines file; when ``path`` is
+    absent, its gzipped ``path.gz`` is read instead (:func:`jsonl_or_gz`).
 
     Raises:
         ValueError: a line that is not JSON or not an object, naming ``file:line``.
     """
-    with Path(path).open(encoding="utf-8") as fh:
+    path = jsonl_or_gz(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for lineno, text in enumerate(fh, start=1):
             if not text.strip():
                 continue

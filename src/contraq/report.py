@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from contraq.config_check import ConfigError
 from contraq.errors import UserError
-from contraq.files import iter_jsonl
+from contraq.files import iter_jsonl, jsonl_or_gz
 from contraq.plots import Series, plot_curves
 from contraq.settings import typed
 
@@ -487,7 +487,7 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = run / "logs" / "metrics.csv"
-    samples_path = run / "samples.jsonl"
+    samples_path = jsonl_or_gz(run / "samples.jsonl")  # a committed run keeps it gzipped
     if not metrics_path.is_file() and not samples_path.is_file():
         raise ReportError(
             f"{run}: neither logs/metrics.csv nor samples.jsonl found (not a run folder?)"

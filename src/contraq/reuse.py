@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from contraq.conf import run_defaults
 from contraq.config_check import ConfigError, fill_absent
 from contraq.data import EditFact
-from contraq.files import iter_jsonl
+from contraq.files import iter_jsonl, jsonl_or_gz
 from contraq.questions import reward_step
 from contraq.reward.contradiction import (
     ContradictionRewardConfig,
@@ -199,7 +199,7 @@ def read_eval_folder(
     """(eval.json, {method: records in file order}) of a `contraq eval` folder; problems are a
     :class:`ConfigError` naming the setting ``key`` that pointed there."""
     for name in ("eval.json", "questions.jsonl"):
-        if not (folder / name).is_file():
+        if not jsonl_or_gz(folder / name).is_file():
             raise ConfigError(key, f"{folder / name} not found (a `contraq eval` folder)")
     by_method: dict[str, list[dict[str, Any]]] = {}
     try:
