@@ -5,7 +5,7 @@ the counted rate times that share (an estimate of the real-contradiction rate).
     python scripts/hand_labels.py docs/results/cf-t12-160/hand_labels.jsonl docs/results/cf-t12-160/eval-v9
 
 The labels file holds one JSON object per labelled question (``method``, ``real``); they were
-labelled with the method hidden and the items shuffled (see the README for the protocol).
+labelled with the method hidden and the items shuffled (see docs/EXPERIMENTS.md for the protocol).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def test_lora_check_fails_when_targets_miss_the_attention(tiny_dirs: tuple[Path,
 def test_one_gpu_preset_step_trains(tiny_dirs: tuple[Path, Path], loss: str) -> None:
     cfg = pc.preset_config(*tiny_dirs, *STEP, f"loss={loss}")
     parts = Parts(cfg)
-    # The preset recomputes activations in backward (25.3 GiB -> 6.5 GiB on an H100: README).
+    # The preset recomputes activations in backward (25.3 GiB -> 6.5 GiB on an H100: docs/EXPERIMENTS.md).
     assert (
         cfg.model.gradient_checkpointing
         and parts.policy.base_model.model.is_activation_checkpointing

@@ -94,7 +94,7 @@ class TrainConfig:
     """
 
     # 160: 80 more steps raised the held-out counted rate by +0.08 (paired, two seeds agree;
-    # README). About 22 minutes on 2 quiet CPU cores with SmolLM2-135M.
+    # docs/EXPERIMENTS.md). About 22 minutes on 2 quiet CPU cores with SmolLM2-135M.
     max_steps: int = 160
     facts_per_step: int = 2  # edit facts per step
     n_samples: int = 8  # questions per fact per step
@@ -106,7 +106,7 @@ class TrainConfig:
     pf_temp_prob: float = 0.5
     pf_temp_low: float = 0.5
     # 1.2, not red-teaming's 2.0: above ~1.5 SmolLM2-135M writes 20-token gibberish that
-    # teaches nothing (README, round 3); the GPU preset keeps 2.0.
+    # teaches nothing (docs/EXPERIMENTS.md section 6); the GPU preset keeps 2.0.
     pf_temp_high: float = 1.2
     sampling: str = "per_rank"
     # How a sampled step draws each fact's n_samples questions: iid (independent draws) or

@@ -83,7 +83,7 @@ class ModelConfig:
         gradient_checkpointing: recompute each block's activations in the backward pass
             instead of keeping them (the loss's forward pass only: sampling and answering run
             without gradients). On an H100 the GPU preset's 64-question step kept 25.3 GiB
-            without it (README, "Full-size GPU preset check").
+            without it (docs/EXPERIMENTS.md, section 7).
     """
 
     source: str = "smollm2"
@@ -146,7 +146,7 @@ def auto_dtype() -> torch.dtype:
     """``model.dtype=auto``: bfloat16 weights on a CPU-only machine with AMX, float32 elsewhere.
 
     With AMX a SmolLM2 training step on 2 cores takes about 0.78x the float32 time and
-    ``make demo`` about half (README, "Time"). On an earlier machine (its CPU flags were not
+    ``make demo`` about half (docs/EXPERIMENTS.md section 9). On an earlier machine (its CPU flags were not
     recorded) bfloat16 decode steps gained 1.22x on one thread and 0.97x on two
     (``bench/bench_decode.py --bf16``), so without AMX float32 stays. With a GPU present the
     weights stay float32 and the trainer's precision (``bf16-mixed``) decides.

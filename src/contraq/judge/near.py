@@ -5,7 +5,7 @@ Judge v8 read "The capital of Japan is Tokyo." against the edit "...is Osaka" as
 Paris" was a clear contradiction: a swap to an object close to the premise's in meaning was
 taken for a restatement. The pairs of v9 contradict an edit with the objects of its relation
 nearest to its own in sentence-embedding space, so that closeness is no sign of agreement. (It
-was not enough for the capitals: v9 still reads those swaps as agreement; see the README.)
+was not enough for the capitals: v9 still reads those swaps as agreement; see docs/EXPERIMENTS.md section 8.)
 
 The neighbours are a committed table (``tables/near_objects.json``, written by
 ``scripts/near_objects.py``), not computed when pairs are built: float rounding differs across
