@@ -1,6 +1,6 @@
 """The NLI judge of the contradiction reward, at reward time: inference only.
 
-``log C(x) = log P_NLI(contradiction | premise = edit fact, hypothesis = answer)`` (DESIGN.md
+``log C(x) = log P_NLI(contradiction | premise = edit fact, hypothesis = answer)`` (docs/DESIGN.md
 section 2). :class:`NLIScorer` wraps any Hugging Face sequence-classification checkpoint (a
 local directory or a hub id); the label order is read from ``config.id2label``
 (:func:`contradiction_index`), never assumed. :func:`load_scorer` never trains: the offline
