@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from contraq.judge.cache import cfg_get, judge_path
-from contraq.models import DTYPES
+from contraq.models import DTYPES, quiet_loading
 
 # --------------------------------------------------------------------------- label indices
 
@@ -107,10 +107,11 @@ class NLIScorer:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path_or_id)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.path_or_id, dtype=_resolve_dtype(dtype)
-        )
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path_or_id)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.path_or_id, dtype=_resolve_dtype(dtype)
+            )
         self.model.to(self.device).eval()
         cfg = self.model.config
         self.labels: list[str] = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
