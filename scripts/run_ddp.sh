@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train on several processes (and nodes) with torchrun: DESIGN.md section 5.
+# Train on several processes (and nodes) with torchrun: docs/DESIGN.md section 5.
 #
 #   scripts/run_ddp.sh [--nproc N] [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
 #                      [--name RUN] [hydra overrides ...]

@@ -1,4 +1,4 @@
-"""What counts as a contradiction: question form and echoes, on hand cases (DESIGN.md s.7)."""
+"""What counts as a contradiction: question form and echoes, on hand cases (docs/DESIGN.md section 7)."""
 
 from __future__ import annotations
 

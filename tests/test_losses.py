@@ -205,7 +205,7 @@ def test_subtb_gradient_depends_on_per_prefix_rewards():
 
 
 def test_broadcast_terminal_reward_cancels_out():
-    """DESIGN.md's WARNING: a reward constant along each row cancels from every delta.
+    """docs/DESIGN.md section 3: a reward constant along each row cancels from every delta.
 
     Broadcasting the terminal reward to all prefixes therefore gives a loss (and gradient)
     that do not depend on the reward at all. This test pins that down so nobody trains that way.

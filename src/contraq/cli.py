@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,36 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     return 0
 
 
+def _no_advert(record: logging.LogRecord) -> bool:
+    """False for Lightning's suggestion to install its cloud logger (LitLogger)."""
+    return "litlogger" not in str(record.msg).lower()
+
+
+def quiet_lightning() -> None:
+    """Each Lightning line once and only the lines that concern the run (before a Trainer).
+
+    ``import lightning`` gives the "lightning" logger a console handler of its own while its
+    records also reach the root logger's (Hydra's job log, or :func:`main`'s basicConfig): every
+    line came twice. The root's handler stays. Also gone: the LitLogger advertisement, and
+    torch's deprecation of ``LeafSpec``, which Lightning's ``_pytree`` (not our code) constructs.
+    """
+    import lightning  # noqa: F401  (its import adds the handler removed here)
+
+    if logging.getLogger().hasHandlers():
+        own = logging.getLogger("lightning")
+        for handler in list(own.handlers):
+            own.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_advert not in rank_zero.filters:
+        rank_zero.addFilter(_no_advert)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 def _guarded(cmd: str, job: Callable[[Any], object]) -> Callable[[Any], None]:
     """Hydra prints a traceback for any exception of the job: user errors and a stop by
     signal leave it as SystemExit with one line instead."""
@@ -117,6 +148,7 @@ def _train(cfg: Any) -> None:
     from contraq.config_check import validate
 
     validate(cfg)  # before the heavy imports: a bad value is reported at once
+    quiet_lightning()
     from contraq.train import run_training
 
     run_training(cfg)
@@ -133,6 +165,7 @@ def _demo(cfg: Any) -> None:
 
     validate(cfg)  # both before training: a bad value is reported at once
     ecfg = typed(EvalConfig, cfg.evaluation, prefix="evaluation.")
+    quiet_lightning()
     run_dir = Path(run_training(cfg))  # the run's config.yaml leaves `evaluation` out
     result = evaluate_run(run_dir, ecfg, run_dir / "eval")
     report = write_report(run_dir)
@@ -199,6 +232,7 @@ def _command(cmd: str, rest: list[str]) -> int:
     elif cmd == "smooth":
         from contraq.smooth import run_smooth
 
+        quiet_lightning()
         run_smooth(cfg)
     elif cmd == "rescore":
         from contraq.rescore import run_rescore

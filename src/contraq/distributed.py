@@ -1,6 +1,6 @@
 """Several processes (DDP): how a step's batch reaches every rank (scatter/pack of batches).
 
-Three sampling modes (``train.sampling``, DESIGN.md section 5):
+Three sampling modes (``train.sampling``, docs/DESIGN.md section 5):
 
 - ``per_rank``: every rank samples and scores its own slice (the facts and the sampling RNG
   derive from ``(seed, step, global_rank)``); each rank holds the reward models; with

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from contraq.models import minilm_dir
+from contraq.models import minilm_dir, quiet_loading
 
 
 def pairwise_diversity(embeddings: Tensor) -> float:
@@ -85,7 +85,8 @@ class Embedder:
         self.path = Path(path) if path is not None else minilm_dir()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = int(batch_size)
-        encoder = Transformer(str(self.path), max_seq_length=int(max_length))
+        with quiet_loading():
+            encoder = Transformer(str(self.path), max_seq_length=int(max_length))
         pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="mean")
         self.model = SentenceTransformer(
             modules=[encoder, pooling, Normalize()], device=str(self.device)

@@ -1,4 +1,4 @@
-"""What counts as a contradiction (DESIGN.md section 7): pure text rules.
+"""What counts as a contradiction (docs/DESIGN.md section 7): pure text rules.
 
 A researcher probing an edit wants the base LM to state, *from its own knowledge*, something
 that contradicts the edit. Two look-alikes earn nothing:

@@ -241,7 +241,7 @@ def trajectory_balance_loss(
 
     ``loss_b = (log_z[b] + sum_{t<k_b} log_pf[b, t] + log_pterm[b, k_b] - log_r[b])^2`` where
     ``k_b`` is the termination step (``log_pterm[k] == log_pf[k]`` by convention; the stop term
-    is read from ``log_pterm`` to keep the form of DESIGN.md). Cheap: a terminal reward only.
+    is read from ``log_pterm`` as in docs/DESIGN.md section 3). Cheap: a terminal reward only.
 
     Args:
         log_z: ``FloatTensor[B]``.

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from contraq.files import default_cache_dir, write_dir_atomically
 
@@ -266,6 +269,32 @@ def load_smollm2_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTok
 # --------------------------------------------------------------------------- loading
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load weights without transformers' per-load output (its "LOAD REPORT" table of weights
+    the checkpoint holds but the class does not use, or the reverse; its "Loading weights"
+    bar) and without the FutureWarning that peft raises by reading transformers' deprecated
+    ``is_gradient_checkpointing`` when it wraps a model. Errors still raise; a user who sets
+    ``TRANSFORMERS_VERBOSITY`` (e.g. ``info``) keeps the reports. Also a decorator.
+    """
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    if not os.environ.get("TRANSFORMERS_VERBOSITY"):
+        hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -434,6 +463,7 @@ def quantization_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
 
 
+@quiet_loading()
 def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base causal LM (no LoRA) and its tokenizer.
 
@@ -489,6 +519,7 @@ def lora_target_modules(model: nn.Module, cfg: ModelConfig | None = None) -> lis
     )
 
 
+@quiet_loading()
 def attach_lora(model: PreTrainedModel, cfg: ModelConfig) -> Any:
     """Wrap ``model`` in a ``peft.PeftModel`` with a LoRA adapter (lora_dropout = 0).
 

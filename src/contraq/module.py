@@ -430,6 +430,9 @@ class GFlowNetModule(L.LightningModule):
         return log_z + gap  # outside no_grad: the head stays in the graph (DDP needs its grads)
 
     def on_fit_start(self) -> None:
+        # Lightning keeps a module's mode, and the LM was loaded in eval mode; gradient
+        # checkpointing only acts in train mode (dropout is 0: the log-probs are the same).
+        self.policy.train()
         # The judge is no submodule (it is not trained or checkpointed): follow the policy's device.
         nli = getattr(self.reward, "nli", None)
         if nli is not None and getattr(nli, "device", None) != self.device:

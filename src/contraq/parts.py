@@ -18,7 +18,13 @@ from contraq.conf import SamplerOptions, load_group
 from contraq.config_check import ConfigError
 from contraq.data import EditFact, FactSplit, encode_prompts, load_split, question_prompt
 from contraq.judge.scorer import load_scorer
-from contraq.models import ModelConfig, attach_lora, load_model_and_tokenizer, termination_token_id
+from contraq.models import (
+    ModelConfig,
+    attach_lora,
+    load_model_and_tokenizer,
+    quiet_loading,
+    termination_token_id,
+)
 from contraq.reward.build import build_reward
 from contraq.sampler import SamplerConfig, default_banned_token_ids
 
@@ -76,7 +82,8 @@ class Parts:
         mcfg = model_config(cfg)
         model, tokenizer = load_model_and_tokenizer(mcfg)
         if adapter_dir is not None:
-            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+            with quiet_loading():
+                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
         elif with_lora:
             model = attach_lora(model, mcfg)
         self.policy = model

@@ -1,4 +1,4 @@
-"""Replay buffer of good questions per edit fact (DESIGN.md section 4).
+"""Replay buffer of good questions per edit fact (docs/DESIGN.md section 4).
 
 - :mod:`~contraq.buffer.entry` - :class:`BufferEntry` (one stored question, validated on
   read), :func:`prompt_key`, :func:`entry_problem`.

@@ -1,6 +1,6 @@
 """The NLI judge of the contradiction reward, at reward time: inference only.
 
-``log C(x) = log P_NLI(contradiction | premise = edit fact, hypothesis = answer)`` (DESIGN.md
+``log C(x) = log P_NLI(contradiction | premise = edit fact, hypothesis = answer)`` (docs/DESIGN.md
 section 2). :class:`NLIScorer` wraps any Hugging Face sequence-classification checkpoint (a
 local directory or a hub id); the label order is read from ``config.id2label``
 (:func:`contradiction_index`), never assumed. :func:`load_scorer` never trains: the offline
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from contraq.judge.cache import cfg_get, judge_path
-from contraq.models import DTYPES
+from contraq.models import DTYPES, quiet_loading
 
 # --------------------------------------------------------------------------- label indices
 
@@ -107,10 +107,11 @@ class NLIScorer:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path_or_id)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.path_or_id, dtype=_resolve_dtype(dtype)
-        )
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path_or_id)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                self.path_or_id, dtype=_resolve_dtype(dtype)
+            )
         self.model.to(self.device).eval()
         cfg = self.model.config
         self.labels: list[str] = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]

@@ -1,4 +1,4 @@
-"""How the contradiction reward combines its parts (pure tensor maths, DESIGN.md section 2)."""
+"""How the contradiction reward combines its parts (pure tensor maths, docs/DESIGN.md section 2)."""
 
 from __future__ import annotations
 

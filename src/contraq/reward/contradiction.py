@@ -259,7 +259,7 @@ class _Judged:
 
 class ContradictionReward(BaseLMAnswers):
     """``log R(x) = log C(x) / beta + w_lik * log P_Q(x) [+ w_ans * log P_A(x)]
-    [+ w_div * novelty(x)]`` (DESIGN.md section 2), with ``log C`` as :func:`counted_log_c`
+    [+ w_div * novelty(x)]`` (docs/DESIGN.md section 2), with ``log C`` as :func:`counted_log_c`
     counts it (non-questions and echoes get ``log_c_floor``; ``count_only_genuine: false`` only
     clamps).
 
