@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from contraq.stats import ratio_bootstrap
-from contraq.yields import content_key, fact_yields, meaning_clusters, yield_summary
+from contraq.yields import (
+    content_key,
+    fact_yields,
+    meaning_clusters,
+    named_distinct,
+    yield_summary,
+)
 
 
 def test_content_key_merges_function_words_and_order():
@@ -61,15 +67,34 @@ def test_fact_yields_count_the_first_n_in_drawing_order(embedder):
         rec(1, "Who wrote Hamlet?", False),
     ]
     y = fact_yields(records, [1, 2, 4, 5, 32], embedder.encode)
-    assert {n: y[n][0] for n in y} == {1: (1, 1), 2: (1, 1), 4: (2, 1), 5: (3, 2), 32: (3, 2)}
-    assert all(y[n][1] == (0, 0) for n in y)
+    assert {n: y[n][0][:2] for n in y} == {
+        1: (1, 1),
+        2: (1, 1),
+        4: (2, 1),
+        5: (3, 2),
+        32: (3, 2),
+    }
+    assert all(y[n][1] == (0, 0, 0) for n in y)
+
+
+def test_named_distinct_is_judge_free():
+    base = {"original_answer": "Paris", "is_question": 1.0, "genuine": 0.0}
+    records = [
+        {**base, "question": "What is the capital of France?", "answer": "It is Paris."},
+        {**base, "question": "What's the capital of France?", "answer": "Paris, of course."},
+        {**base, "question": "Is Paris the capital?", "answer": "Yes, Paris is."},  # asked
+        {**base, "question": "Which city hosts the Louvre?", "answer": "Paris hosts it."},
+        {**base, "question": "What is France's capital?", "answer": "Lyon."},
+    ]
+    # The judge counted none; two distinct questions get Paris from the answer alone.
+    assert named_distinct(records) == 2
 
 
 def test_yield_summary_ratios_and_intervals():
     # The target finds twice the baseline's set on every fact: the ratio is 2 in every
     # resample, the difference is the baseline's mean.
-    base = {0: (1, 1), 1: (2, 1), 2: (3, 2), 3: (0, 0)}
-    target = {f: (2 * d, 2 * c) for f, (d, c) in base.items()}
+    base = {0: (1, 1, 0), 1: (2, 1, 1), 2: (3, 2, 1), 3: (0, 0, 0)}
+    target = {f: (2 * d, 2 * c, 2 * n) for f, (d, c, n) in base.items()}
     s = yield_summary({"t": {8: target}, "b": {8: base}}, target="t")
     cell = s["compare"]["b"]["8"]["distinct"]
     assert cell["ratio"] == cell["ratio_low"] == cell["ratio_high"] == 2.0

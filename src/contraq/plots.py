@@ -218,13 +218,18 @@ def plot_reward_vs_diversity(summary: Mapping[str, Mapping[str, float]], path: s
 
 def plot_yield(yields: Mapping[str, Any], path: str | Path) -> Path:
     """The set each method finds against the budget of answered questions per fact: distinct
-    counted contradictions (left) and meaning clusters among them (right), means over facts
+    counted contradictions, meaning clusters among them and (judge-free) distinct questions
+    whose answer names the original object, means over facts
     with their 95% bootstrap intervals (``yields``: :func:`contraq.yields.yield_summary`)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.2))
     for ax, kind, label in zip(
         axes,
-        ("distinct", "clusters"),
-        ("distinct counted contradictions per fact", "meaning clusters per fact"),
+        ("distinct", "clusters", "named"),
+        (
+            "distinct counted contradictions per fact",
+            "meaning clusters per fact",
+            "distinct answers naming the original",
+        ),
         strict=True,
     ):
         for i, (name, per_budget) in enumerate(yields.get("methods", {}).items()):

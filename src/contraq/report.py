@@ -305,14 +305,14 @@ def yield_lines(y: Mapping[str, Any] | None) -> list[str]:
                             f"{fmt(c[k].get('ratio'), '{:.2f}')}x "
                             f"[{fmt(c[k].get('ratio_low'), '{:.2f}')}, "
                             f"{fmt(c[k].get('ratio_high'), '{:.2f}')}]"
-                            for k in ("distinct", "clusters")
+                            for k in ("distinct", "clusters", "named")
                         ),
                     ]
                 )
         lines += [
             f"### {target} against each method, paired over facts (ratio of means, 95% CI)",
             "",
-            markdown_table(["method", "N", "distinct", "clusters"], rows),
+            markdown_table(["method", "N", "distinct", "clusters", "named"], rows),
             "",
         ]
     return lines

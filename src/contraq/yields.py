@@ -6,6 +6,9 @@ set"): how many *distinct* counted contradictions, and how many *meaning cluster
 - Near-duplicates are merged by :func:`content_key`: the same content words, in any order and
   form of the function words ("What is the capital of France?", "What's the capital of
   France?" and "France: what is its capital?" are one).
+- The judge-free count beside them: distinct questions whose answer names the original
+  (pre-edit) object while the question does not (:func:`named_distinct`), which no judge
+  error can inflate.
 - Meaning clusters merge paraphrases (:func:`meaning_clusters`): average-linkage clustering
   of MiniLM embeddings, cut where the mean cosine similarity between two groups drops below
   0.8. "What is the capital of France?" and "Which city is France's capital?" are one probe;
@@ -28,7 +31,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
 from contraq.genuine import normalize_text
-from contraq.metrics import rate_flags
+from contraq.metrics import independent_hit, rate_flags
 from contraq.stats import bootstrap_rate, paired_bootstrap, ratio_bootstrap
 
 # Words that carry no content of their own in a question: interrogatives, auxiliaries,
@@ -81,14 +84,22 @@ def counted_distinct(records: Sequence[dict[str, Any]]) -> list[str]:
     return list(seen.values())
 
 
+def named_distinct(records: Sequence[dict[str, Any]]) -> int:
+    """How many distinct questions (by :func:`content_key`) among ``records`` get an answer
+    that names the original (pre-edit) object while the question does not: the judge-free
+    count (:func:`contraq.metrics.independent_hit`)."""
+    return len({content_key(str(r["question"])) for r in records if independent_hit(r)})
+
+
 Embed = Callable[[Sequence[str]], Tensor]
 
 
 def fact_yields(
     records: Sequence[dict[str, Any]], budgets: Sequence[int], embed: Embed
-) -> dict[int, dict[int, tuple[int, int]]]:
+) -> dict[int, dict[int, tuple[int, int, int]]]:
     """Per budget ``N``, per fact: ``(distinct counted contradictions, meaning clusters among
-    them)`` in the fact's first ``N`` records (all of them when it has fewer).
+    them, distinct questions whose answer names the original object)`` in the fact's first
+    ``N`` records (all of them when it has fewer).
 
     Args:
         embed: texts -> ``[N, D]`` embeddings (e.g. ``Embedder.encode``); each distinct text
@@ -97,34 +108,37 @@ def fact_yields(
     facts = by_fact(records)
     texts = sorted({t for recs in facts.values() for t in counted_distinct(recs)})
     vectors = dict(zip(texts, embed(texts), strict=True)) if texts else {}
-    out: dict[int, dict[int, tuple[int, int]]] = {}
+    out: dict[int, dict[int, tuple[int, int, int]]] = {}
     for n in budgets:
         out[n] = {}
         for f, recs in facts.items():
             found = counted_distinct(recs[:n])
+            named = named_distinct(recs[:n])
             if not found:
-                out[n][f] = (0, 0)
+                out[n][f] = (0, 0, named)
                 continue
             emb = np.stack([vectors[t].numpy() for t in found])
-            out[n][f] = (len(found), len(set(meaning_clusters(Tensor(emb)))))
+            out[n][f] = (len(found), len(set(meaning_clusters(Tensor(emb)))), named)
     return out
 
 
-def _means(per_fact: Mapping[int, tuple[int, int]], which: int) -> dict[int, tuple[float, int]]:
+def _means(per_fact: Mapping[int, tuple[int, ...]], which: int) -> dict[int, tuple[float, int]]:
     """``{fact: (value, 1)}``: a mean over facts as a pooled rate for :mod:`contraq.stats`."""
     return {f: (float(v[which]), 1) for f, v in per_fact.items()}
 
 
-KINDS = ("distinct", "clusters")
+# What fact_yields counts, in its order: judge-counted distinct questions, their meaning
+# clusters, and the judge-free count (the answer names the original object).
+KINDS = ("distinct", "clusters", "named")
 
 
 def yield_summary(
-    yields: Mapping[str, Mapping[int, Mapping[int, tuple[int, int]]]],
+    yields: Mapping[str, Mapping[int, Mapping[int, tuple[int, ...]]]],
     target: str | None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Means over facts with 95% bootstrap intervals, per method, budget and kind
-    (``distinct``, ``clusters``); and ``target``'s paired comparison with every other method
+    (:data:`KINDS`); and ``target``'s paired comparison with every other method
     at each budget: the difference and the ratio of means, each with its interval.
 
     Args:
