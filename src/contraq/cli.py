@@ -14,6 +14,11 @@ contraq smooth run=RUN out=DIR [overrides]
 contraq rescore records=EVAL judge=NLI out=DIR [overrides]
                                     an eval's questions and answers judged again
                                     (configs/rescore.yaml)
+contraq edit facts=FILE out=DIR [editor=ft|in_context|external] [overrides]
+                                    edit the base LM with facts (configs/edit.yaml)
+contraq probe edited=DIR|in_context questions=FILE out=DIR [overrides]
+                                    an edited model answers questions, judged against
+                                    each edit (configs/probe.yaml)
 contraq nli-train [overrides]       train the offline MiniLM NLI judge once
                                     (configs/nli-train.yaml: nli.train.out=DIR, force=true)
 contraq redis start|stop|status     a local redis-server for buffer=redis
@@ -208,11 +213,13 @@ HELP_FILES = {
     "smooth": ("smooth.yaml",),
     "rescore": ("rescore.yaml",),
     "nli-train": ("nli-train.yaml", "nli/minilm-zsre.yaml"),
+    "edit": ("edit.yaml",),
+    "probe": ("probe.yaml",),
 }
 
 
 def _command(cmd: str, rest: list[str]) -> int:
-    """`contraq sample|eval|report|smooth|rescore|nli-train`: compose ``configs/<cmd>.yaml``
+    """`contraq sample|eval|report|smooth|rescore|edit|probe|nli-train`: compose ``configs/<cmd>.yaml``
     and run the command."""
     if any(a in ("-h", "--help") for a in rest):
         print("\n".join((config_dir() / f).read_text() for f in HELP_FILES[cmd]))
@@ -234,6 +241,10 @@ def _command(cmd: str, rest: list[str]) -> int:
 
         quiet_lightning()
         run_smooth(cfg)
+    elif cmd in ("edit", "probe"):
+        from contraq.editing.commands import run_edit, run_probe
+
+        (run_edit if cmd == "edit" else run_probe)(cfg)
     elif cmd == "rescore":
         from contraq.rescore import run_rescore
 
