@@ -32,6 +32,7 @@ demo: setup
 	$(VENV)/bin/contraq nli-train && $(VENV)/bin/contraq demo $(DEMO_ARGS)
 
 test: setup redis
+	$(PY) scripts/check_layers.py
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -39,7 +39,7 @@ ROOT = "contraq"
 LAYERS: list[list[str]] = [
     ["cli"],  # the `contraq` command
     ["rescore"],  # an eval folder judged again (reuses evaluate's report)
-    ["evaluate", "sample", "smooth", "preset_check"],  # commands that load a trained run
+    ["evaluate", "sample", "smooth", "preset_check", "editing"],  # commands on a trained run
     ["eval_methods"],  # eval's methods, in one process or several
     ["baselines", "report", "train", "reuse", "question_file"],  # eval's methods, tables...; train
     ["questions", "runload", "callbacks", "launch", "yields"],  # a run loaded back; the set found
