@@ -12,7 +12,7 @@ into the parts of :meth:`contraq.reward.ContradictionReward.terminal` and
 - loss + backward: one teacher-forced policy pass with gradients, the TB loss, backward.
 
     python bench/bench_step.py [--facts 2] [--n 8] [--repeats 3] [--threads 2]
-        [--baseline each-prompt|float32]
+        [--baseline each-prompt|float32|today] [--frozen auto|float16|int8] [--distinct D]
 
 Prints seconds per part (median of the repeats) and their share of the step twice, a baseline
 and the step as training runs, with the ratio baseline / new:
@@ -23,6 +23,16 @@ and the step as training runs, with the ratio baseline / new:
 - ``--baseline float32``: float32 weights against bfloat16 (what ``model.dtype=auto`` picks on
   a CPU with AMX), both with shared prompts. The questions and answers differ a
   little between the two (bfloat16 rounds the logits), so lengths are printed for each.
+- ``--baseline today``: the answers and log P_Q on the policy's own weights
+  (``reward.frozen_weights=shared``) with log P_Q of every row, against ``--frozen`` (default
+  ``auto``: a float16 copy of the base on a float32 CPU model) with log P_Q of each distinct
+  (prompt, question) row once. The questions are the same; the answers that differ and the
+  largest log P_Q difference are printed.
+
+Answering times the distinct questions only, as the reward does. ``--distinct D`` makes each
+fact's ``n`` sampled rows hold only ``D`` distinct questions (rows copied after sampling), as a
+trained policy's late steps do (6-13 distinct of 16 in ``docs/results/cf-curve-s0``). The
+padding of the loss pass (question slots past each row's end) is printed too.
 
 Last, the end-to-end ``reward.terminal`` time against the sum of its parts (a check that the
 split is complete).
@@ -54,9 +64,9 @@ from contraq.lm_forward import no_prompt_sharing  # noqa: E402
 from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
 from contraq.models import weights_dtype  # noqa: E402
 from contraq.parts import Parts, build_prompts  # noqa: E402
-from contraq.reward.base import base_logprobs, frozen_base  # noqa: E402
+from contraq.reward.base import base_logprobs, batch_logprobs, frozen_base  # noqa: E402
 from contraq.reward.build import build_reward  # noqa: E402
-from contraq.sampler import sample, score_actions  # noqa: E402
+from contraq.sampler import SampleBatch, sample, score_actions  # noqa: E402
 from contraq.tokens import decode_questions, left_pad  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,9 +82,17 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def time_parts(parts: Parts, reward, nli, ids, mask, rows, repeats: int) -> dict:
-    """Seconds per part of one step (median of ``repeats``), plus the end-to-end reward."""
-    width = ids.shape[1]
+def repeat_questions(batch: SampleBatch, n: int, distinct: int) -> SampleBatch:
+    """Each block of ``n`` rows (one fact's) holding only its first ``distinct`` questions."""
+    rows = [b - b % n + (b % n) % distinct for b in range(len(batch))]
+    pick = torch.tensor(rows)
+    return SampleBatch(**{k: getattr(batch, k)[pick] for k in batch.__dataclass_fields__})
+
+
+def time_parts(parts: Parts, reward, nli, ids, mask, rows, args, dedup: bool) -> dict:
+    """Seconds per part of one step (median of ``args.repeats``), plus the end-to-end reward.
+    ``dedup``: log P_Q of each distinct row once (``batch_logprobs``), else of every row."""
+    repeats, width = args.repeats, ids.shape[1]
     gen = torch.Generator().manual_seed(0)
     policy = parts.policy
     policy.eval()
@@ -84,10 +102,18 @@ def time_parts(parts: Parts, reward, nli, ids, mask, rows, repeats: int) -> dict
         return sample(policy, ids, mask, parts.sampler_cfg, generator=gen)
 
     t_sample, batch = timed(do_sample, repeats)
+    if args.distinct:
+        batch = repeat_questions(batch, args.n, args.distinct)
     questions = decode_questions(parts.tokenizer, batch.actions, batch.lengths)
+    distinct_q = list(dict.fromkeys(questions))
     edits = [f.edit_fact for f in rows]
-    with frozen_base(policy) as lm:
-        t_answer, (answers, _) = timed(lambda: reward.generate_answers(questions, lm), repeats)
+    with frozen_base(policy) as base:
+        t0 = time.perf_counter()
+        lm = reward.frozen_lm(base)  # a copy is made once, here
+        t_copy = time.perf_counter() - t0
+        t_answer, (answers, _) = timed(lambda: reward.generate_answers(distinct_q, lm), repeats)
+        by_q = dict(zip(distinct_q, answers, strict=True))
+        answers = [by_q[q] for q in questions]
         t_judge, _ = timed(
             lambda: (
                 nli.log_contradiction(edits, answers),
@@ -95,12 +121,14 @@ def time_parts(parts: Parts, reward, nli, ids, mask, rows, repeats: int) -> dict
             ),
             repeats,
         )
-        t_pq, _ = timed(
-            lambda: base_logprobs(
-                lm, ids, mask, batch.actions, batch.lengths, parts.term_id, reward.cfg.batch_size
-            ),
-            repeats,
-        )
+        term, size = parts.term_id, reward.cfg.batch_size
+        if dedup:
+            t_pq, (tok_lp, _) = timed(lambda: batch_logprobs(lm, batch, term, size), repeats)
+        else:
+            t_pq, (tok_lp, _) = timed(
+                lambda: base_logprobs(lm, ids, mask, batch.actions, batch.lengths, term, size),
+                repeats,
+            )
     t_terminal, out = timed(lambda: reward.terminal(rows, batch), repeats)
     head = LogZHead(policy.config.hidden_size)
 
@@ -129,21 +157,44 @@ def time_parts(parts: Parts, reward, nli, ids, mask, rows, repeats: int) -> dict
         "terminal": t_terminal,
         "batch": batch,
         "answers": answers,
+        "log_pq": tok_lp.sum(1),
+        "copy_seconds": t_copy,
+        "distinct": len(distinct_q),
     }
 
 
-def measure(parts: Parts, nli, args: argparse.Namespace, sharing: bool) -> dict:
-    """:func:`time_parts` for ``parts``' model on the first ``args.facts`` training facts."""
+def measure(
+    parts: Parts,
+    nli,
+    args: argparse.Namespace,
+    sharing: bool,
+    frozen: str = "shared",
+    dedup: bool = False,
+) -> dict:
+    """:func:`time_parts` for ``parts``' model on the first ``args.facts`` training facts, the
+    answers and log P_Q on ``reward.frozen_weights=frozen``."""
     cfg = parts.cfg
     reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
+    reward.cfg.frozen_weights = frozen
     rows = [f for f in load_split(cfg.data).train[: args.facts] for _ in range(args.n)]
     prompts = build_prompts(cfg, rows, parts.tokenizer)
     ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, torch.device("cpu"))
     with contextlib.nullcontext() if sharing else no_prompt_sharing():
-        out = time_parts(parts, reward, nli, ids, mask, rows, args.repeats)
+        out = time_parts(parts, reward, nli, ids, mask, rows, args, dedup)
     out["prompt_tokens"] = ids.shape[1]
     out["dtype"] = weights_dtype(parts.policy)
     return out
+
+
+def print_padding(batch: SampleBatch) -> None:
+    """Question slots of the loss pass past each row's end (its teacher-forced input is
+    prompt + actions[:, :-1], rows padded to the longest)."""
+    slots = batch.actions.shape[0] * batch.actions.shape[1]
+    used = int(batch.lengths.sum())
+    print(
+        f"loss pass: {batch.actions.shape[0]} rows x {batch.actions.shape[1]} question slots, "
+        f"{used} used ({100 * (slots - used) / slots:.0f}% padding)"
+    )
 
 
 def main() -> None:
@@ -152,7 +203,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="questions per fact")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--baseline", choices=["each-prompt", "float32"], default="each-prompt")
+    ap.add_argument(
+        "--baseline", choices=["each-prompt", "float32", "today"], default="each-prompt"
+    )
+    ap.add_argument("--frozen", choices=["auto", "float16", "int8"], default="auto")
+    ap.add_argument("--distinct", type=int, default=0, help="distinct questions per fact")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +219,11 @@ def main() -> None:
             parts = Parts(cfg)
             base = measure(parts, nli, args, sharing=False)
             new = measure(parts, nli, args, sharing=True)
+        elif args.baseline == "today":
+            labels = ("today", f"{args.frozen}+distinct")
+            parts = Parts(cfg)
+            base = measure(parts, nli, args, sharing=True)
+            new = measure(parts, nli, args, True, frozen=args.frozen, dedup=True)
         else:
             labels = ("float32", "bfloat16")
             base, new = (
@@ -187,6 +247,14 @@ def main() -> None:
         )
     print(
         f"  {'step':16s} {total_b:7.2f} s          {total_n:7.2f} s         {total_b / total_n:5.2f}x"
+    )
+    print_padding(batch)
+    changed = sum(a != b for a, b in zip(base["answers"], new["answers"], strict=True))
+    print(
+        f"distinct questions {new['distinct']} of {len(batch)}; answers that differ "
+        f"{changed}/{len(batch)}; largest |log P_Q difference| "
+        f"{(base['log_pq'] - new['log_pq']).abs().max():.4f} nats; "
+        f"copy of the frozen base made in {new['copy_seconds']:.2f} s"
     )
     inner = sum(new["parts"][k] for k in ("answering", "judging", "log P_Q"))
     print(

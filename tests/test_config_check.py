@@ -62,6 +62,7 @@ def test_every_shipped_choice_validates(override: str) -> None:
         ("loss=subtb reward.w_div=5", "reward.w_div: must be 0 with loss=subtb"),
         ("reward.w_div=-1", "reward.w_div: must be a number >= 0, got -1"),
         ("reward.div_gate=facts", "reward.div_gate: must be one of 'none'"),
+        ("reward.frozen_weights=fp8", "reward.frozen_weights: must be one of 'auto', 'shared'"),
         ("train.replay.prioritized=maybe", "train.replay.prioritized: must be true or false"),
         ("train.reward_temp.start=0", "train.reward_temp.start: must be a number > 0, got 0"),
         ("train.reward_temp.horizon=x", "train.reward_temp.horizon: must be an integer >= 1"),

@@ -172,6 +172,9 @@ def contradiction(policy, tok, nli, term, embedder=None, **cfg) -> Contradiction
         "count_only_genuine": False,
         "judge_question": False,
         "log_c_floor": -1e9,
+        # The policy's own weights: compared with brute force on the float model below (the
+        # quantised copies have tests/test_frozen_weights.py).
+        "frozen_weights": "shared",
     }
     base.update(cfg)
     return ContradictionReward(policy, tok, nli, base, term, embedder)
@@ -544,6 +547,51 @@ def test_contradiction_prefixes_equal_one_prefix_at_a_time(
         assert prefix[b, n - 1].item() == pytest.approx(full.log_r[b].item(), abs=1e-4)
 
 
+def test_repeated_rows_are_answered_and_scored_once(
+    answering_lm, smol_tokenizer, nli, term, monkeypatch
+) -> None:
+    """A trained policy repeats its questions: each distinct (prompt, question) row is answered
+    once and gets one log P_Q row, and every repeat gets the values it gets alone."""
+    import contraq.reward.base as reward_base
+
+    tok = smol_tokenizer
+    picks = [(0, 0), (0, 0), (1, 1), (0, 0), (1, 1), (1, 2), (0, 2), (1, 1)]  # (prompt, question)
+    questions = question_ids(tok, QUESTIONS[:3], term)
+    batch = make_batch(
+        tok, [PROMPTS[p] for p, _ in picks], [questions[q] for _, q in picks], pad_id=term
+    )
+    facts = [facts_for(2)[p] for p, _ in picks]
+    n_distinct = len(set(picks))  # 4 rows: (0, 2) and (1, 2) differ in prompt only
+    reward = contradiction(answering_lm, tok, nli, term, w_lik=0.1)
+    scored: list[int] = []
+    original = reward_base.base_logprobs
+
+    def counting(model, prompt_ids, *args, **kwargs):
+        scored.append(prompt_ids.shape[0])
+        return original(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(reward_base, "base_logprobs", counting)
+    answered: list[int] = []
+    original_gc = reward.greedy_continuations
+    monkeypatch.setattr(
+        reward,
+        "greedy_continuations",
+        lambda rows, lm: answered.append(len(rows)) or original_gc(rows, lm),
+    )
+    out = reward.terminal(facts, batch)
+    assert scored == [n_distinct]
+    assert answered == [3]  # answers depend on the question text alone
+    for b, (p, q) in enumerate(picks):
+        one = make_batch(tok, [PROMPTS[p]], [questions[q]], pad_id=term)
+        alone = reward.terminal([facts[b]], one)
+        assert out.answers[b] == alone.answers[0]
+        for key in ("log_pq", "log_c"):
+            assert out.components[key][b].item() == pytest.approx(
+                alone.components[key][0].item(), abs=1e-4
+            ), (b, key)
+        assert out.log_r[b].item() == pytest.approx(alone.log_r[0].item(), abs=1e-4)
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -748,3 +796,29 @@ def test_rescoring_with_the_same_judge_reproduces_the_reward(
         got = torch.tensor([r[key] for r in again])
         torch.testing.assert_close(got, out.components[key].float(), msg=key)
     assert again[0]["question"] == records[0]["question"]
+
+
+def test_answer_loop_syncs_the_host_once_per_token(
+    answering_lm, smol_tokenizer, nli, term, monkeypatch
+) -> None:
+    """Outside the model's forward pass, the greedy answer loop waits for the device once per
+    generated token (the tokens' copy to the host); it used to wait four times (the tokens,
+    their decoding, the all-done test and the count of live rows)."""
+    import contraq.reward.answers as answers_module
+    from contraq.syncs import count_host_syncs, not_counted
+
+    original = answers_module.forward
+
+    def uncounted(*args, **kwargs):
+        with not_counted():
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(answers_module, "forward", uncounted)
+    tok = smol_tokenizer
+    reward = contradiction(answering_lm, tok, nli, term, answer_max_new_tokens=12)
+    rows = reward._prompt_rows([q + "?" for q in QUESTIONS])
+    with base_model(answering_lm) as lm, count_host_syncs() as counts:
+        new = reward.greedy_continuations(rows, lm)
+    n_tokens = len(new[0])
+    assert n_tokens > 3
+    assert sum(counts.values()) == n_tokens, dict(counts)

@@ -186,6 +186,7 @@ RULES: dict[str, Check] = {
     "reward.count_only_genuine": boolean,
     "reward.judge_question": boolean,
     "reward.log_c_floor": number(-1e6, 0),
+    "reward.frozen_weights": choice("auto", "shared", "float16", "int8"),
     "callbacks.model_checkpoint.every_n_train_steps": integer(1),
     "callbacks.model_checkpoint.save_top_k": integer(-1),
     "callbacks.model_checkpoint.save_last": choice(True),

@@ -184,32 +184,66 @@ class BaseLMAnswers:
             lm, tail_ids, mask, positions(mask)[:, k:], keep=1, cache=cache, use_cache=True
         )
         next_pos = mask.sum(dim=1, keepdim=True)
-        new = torch.full((n_rows, self.cfg.answer_max_new_tokens), self.pad_id, device=device)
-        live = torch.arange(n_rows, device=device)  # the rows in the cache
-        done = torch.zeros(n_rows, dtype=torch.bool, device=device)  # of the live rows
+        kept: list[list[int]] = [[] for _ in range(n_rows)]  # each row's tokens, on the host
+        finished = [False] * n_rows
+        live = list(range(n_rows))  # the rows in the cache
         n_new = 0
         for t in range(self.cfg.answer_max_new_tokens):
-            token = logits[:, -1].argmax(dim=-1).masked_fill(done, self.pad_id)
-            new[live, t] = token
+            # The step's one host sync: the stop checks run on the host's copy of the tokens.
+            picked = logits[:, -1].argmax(dim=-1).tolist()
+            done = self._extend(kept, finished, live, picked, stops)
             n_new = t + 1
-            ended = torch.tensor([int(x) in stops for x in token.tolist()], device=device)
-            texts = self.tokenizer.batch_decode(new[live, : t + 1], skip_special_tokens=True)
-            newline = torch.tensor(["\n" in x.lstrip() for x in texts], device=device)
-            done = done | ended | newline
-            if bool(done.all()) or t == self.cfg.answer_max_new_tokens - 1:
+            if all(done) or t == self.cfg.answer_max_new_tokens - 1:
                 break
-            if 4 * int((~done).sum()) <= 3 * len(live):
+            if 4 * done.count(False) <= 3 * len(live):
                 # Finished rows (a quarter or more) leave the batch: a rambling answer runs to
                 # the cap while most rows stopped long before.
-                keep = (~done).nonzero().squeeze(1)
-                cache.reorder_cache(keep)
-                live, mask, next_pos, token = live[keep], mask[keep], next_pos[keep], token[keep]
-                done = done[keep]
+                keep = [j for j, d in enumerate(done) if not d]
+                cache.reorder_cache(torch.tensor(keep, device=device))
+                live, picked = [live[j] for j in keep], [picked[j] for j in keep]
+                index = torch.tensor(keep, device=device)
+                mask, next_pos = mask[index], next_pos[index]
+            token = torch.tensor(picked, device=device)
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             logits, cache, _ = forward(
                 lm, token[:, None], mask, next_pos + t, keep=1, cache=cache, use_cache=True
             )
-        return new[:, :n_new].tolist()
+        return [row + [self.pad_id] * (n_new - len(row)) for row in kept]
+
+    def _newline_ids(self) -> frozenset[int]:
+        """The tokens whose text holds a newline (made once): only such a token can bring a
+        newline into an answer, so only then is the answer decoded."""
+        if getattr(self, "_newline_cache", None) is None:
+            vocab = [[i] for i in range(len(self.tokenizer))]
+            texts = self.tokenizer.batch_decode(vocab, skip_special_tokens=True)
+            self._newline_cache = frozenset(i for i, x in enumerate(texts) if "\n" in x)
+        return self._newline_cache
+
+    def _extend(
+        self,
+        kept: list[list[int]],
+        finished: list[bool],
+        live: list[int],
+        picked: list[int],
+        stops: set[int],
+    ) -> list[bool]:
+        """Append the step's tokens ``picked`` (one per live row) to the unfinished rows of
+        ``kept`` and mark in ``finished`` the rows that end with it: an end token, or a newline
+        in the text with its leading whitespace dropped; a row finished before gets ``pad_id``
+        in ``picked``. Returns ``finished`` of the live rows."""
+        newline = self._newline_ids()
+        for j, row in enumerate(live):
+            if finished[row]:
+                picked[j] = self.pad_id
+                continue
+            ids = kept[row]
+            ids.append(picked[j])
+            if ids[-1] in stops:
+                finished[row] = True
+            elif ids[-1] in newline:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                finished[row] = "\n" in text.lstrip()
+        return [finished[row] for row in live]
 
     def generate_answers(
         self, questions: Sequence[str], lm: nn.Module

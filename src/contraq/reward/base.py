@@ -138,21 +138,49 @@ def base_logprobs(
     return tok_lp, term_lp
 
 
+def distinct_rows(batch: SampleBatch) -> tuple[SampleBatch, Tensor]:
+    """The distinct (prompt, question) rows of a batch (a trained policy repeats its questions).
+
+    Returns:
+        ``(rows, inverse)``: a :class:`~contraq.sampler.SampleBatch` of the U distinct rows
+        (``log_pf``/``log_pterm`` taken from the first row of each) and ``LongTensor[B]`` with
+        row ``b`` of ``batch`` equal to row ``inverse[b]`` of ``rows``.
+    """
+    key = torch.cat(
+        [batch.prompt_ids, batch.prompt_mask.to(batch.prompt_ids.dtype), batch.actions]
+        + [batch.lengths[:, None].to(batch.prompt_ids.dtype)],
+        dim=1,
+    )
+    index: dict[tuple[int, ...], int] = {}  # row -> its place among the distinct rows
+    inverse = [index.setdefault(tuple(r), len(index)) for r in key.tolist()]
+    keep = [inverse.index(u) for u in range(len(index))]  # each distinct row's first
+    dev = batch.actions.device
+    pick = torch.tensor(keep, device=dev)
+    rows = type(batch)(**{k: getattr(batch, k)[pick] for k in batch.__dataclass_fields__})
+    return rows, torch.tensor(inverse, device=dev)
+
+
 def batch_logprobs(
     lm: nn.Module, batch: SampleBatch, termination_token_id: int, batch_size: int = 0
 ) -> tuple[Tensor, Tensor]:
     """:func:`base_logprobs` of a :class:`~contraq.sampler.SampleBatch`, moved to ``lm``'s
-    device: ``(tok_lp, term_lp)``, both ``FloatTensor[B, T]``."""
+    device, each distinct (prompt, question) row computed once and copied to its repeats:
+    ``(tok_lp, term_lp)``, both ``FloatTensor[B, T]``."""
     dev = model_device(lm)
-    return base_logprobs(
+    rows, inverse = distinct_rows(batch) if len(batch) > 1 else (batch, None)
+    tok_lp, term_lp = base_logprobs(
         lm,
-        batch.prompt_ids.to(dev),
-        batch.prompt_mask.to(dev),
-        batch.actions.to(dev),
-        batch.lengths.to(dev),
+        rows.prompt_ids.to(dev),
+        rows.prompt_mask.to(dev),
+        rows.actions.to(dev),
+        rows.lengths.to(dev),
         termination_token_id,
         batch_size,
     )
+    if inverse is None:
+        return tok_lp, term_lp
+    inverse = inverse.to(dev)
+    return tok_lp[inverse], term_lp[inverse]
 
 
 def prefix_log_pq(tok_lp: Tensor, term_lp: Tensor) -> Tensor:

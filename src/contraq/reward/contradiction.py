@@ -31,6 +31,7 @@ from contraq.reward.base import (
     question_lengths,
 )
 from contraq.reward.combine import combine_log_reward, counted_log_c
+from contraq.reward.frozen_weights import FROZEN_WEIGHTS, frozen_copy, resolve_frozen_weights
 from contraq.tokens import decode_questions
 
 if TYPE_CHECKING:
@@ -93,6 +94,10 @@ class ContradictionRewardConfig:
         answer_max_new_tokens: greedy answer length cap.
         batch_size: questions per generation / forward chunk (prefix rewards are flattened
             into chunks of this size).
+        frozen_weights: the weights the answers and log P_Q run on
+            (:mod:`contraq.reward.frozen_weights`): ``shared`` the policy's own (adapters off),
+            ``float16`` / ``int8`` a CPU copy of the base with float16 / int8 ``nn.Linear``
+            weights, ``auto`` ``float16`` for a float32 model on the CPU, else ``shared``.
     """
 
     name: str = "contradiction"
@@ -112,6 +117,7 @@ class ContradictionRewardConfig:
     answer_prompt: AnswerPromptConfig = field(default_factory=AnswerPromptConfig)
     answer_max_new_tokens: int = 30
     batch_size: int = 16
+    frozen_weights: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.answer_prompt, Mapping):
@@ -136,6 +142,11 @@ class ContradictionRewardConfig:
             (0.0 < self.hybrid_threshold <= 1.0, "hybrid_threshold", "must be in (0, 1]"),
             (self.answer_max_new_tokens >= 1, "answer_max_new_tokens", "must be >= 1"),
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (
+                self.frozen_weights in FROZEN_WEIGHTS,
+                "frozen_weights",
+                f"expected {', '.join(FROZEN_WEIGHTS)}",
+            ),
             (
                 ap.style in ("auto", "chat", "fewshot"),
                 "answer_prompt.style",
@@ -309,6 +320,18 @@ class ContradictionReward(BaseLMAnswers):
             raise ValueError("reward config field w_div != 0 needs a sentence embedder")
         self.embedder = embedder
         self._setup_answers(tokenizer)
+        self._copies: dict[str, nn.Module] = {}  # frozen_weights -> the base's copy
+
+    def frozen_lm(self, lm: nn.Module) -> nn.Module:
+        """What the answers and log P_Q run on: ``lm`` (the policy, adapters off, from
+        :func:`frozen_base`) or, under ``cfg.frozen_weights``, a copy of the base with fewer
+        bytes per weight, made once (the base is frozen)."""
+        kind = resolve_frozen_weights(self.cfg.frozen_weights, self.policy)
+        if kind == "shared":
+            return lm
+        if kind not in self._copies:
+            self._copies[kind] = frozen_copy(self.policy, kind)
+        return self._copies[kind]
 
     def _judge(self, edit_facts: Sequence[str], questions: Sequence[str], lm: nn.Module) -> _Judged:
         """Answers, judge scores and the genuine-form flags of (fact, question) pairs, each
@@ -358,7 +381,8 @@ class ContradictionReward(BaseLMAnswers):
         call, one teacher-forced pass."""
         check_rows(facts, batch, type(self).__name__)
         questions = decode_questions(self.tokenizer, batch.actions, batch.lengths)
-        with frozen_base(self.policy) as lm:
+        with frozen_base(self.policy) as base:
+            lm = self.frozen_lm(base)
             dev = model_device(lm)
             actions, lengths = batch.actions.to(dev), batch.lengths.to(dev)
             tok_lp, _ = batch_logprobs(lm, batch, self.term_id, self.cfg.batch_size)
@@ -400,7 +424,8 @@ class ContradictionReward(BaseLMAnswers):
         :meth:`terminal` (distinct prefixes are answered ``batch_size`` at a time; one NLI
         call; ``log P_Q`` of all prefixes from one teacher-forced pass)."""
         check_rows(facts, batch, type(self).__name__)
-        with frozen_base(self.policy) as lm:
+        with frozen_base(self.policy) as base:
+            lm = self.frozen_lm(base)
             dev = model_device(lm)
             actions, lengths = batch.actions.to(dev), batch.lengths.to(dev)
             tok_lp, term_lp = batch_logprobs(lm, batch, self.term_id, self.cfg.batch_size)

@@ -1,0 +1,81 @@
+"""Host syncs per decode step of the sampler and of the greedy answer loop (no GPU needed).
+
+Counts the tensor calls that wait for a GPU's queue (:mod:`contraq.syncs`) while the tiny
+random Llama of the tests samples questions and answers them, apart for the loop's own code
+and for the model's forward passes (transformers' mask code checks the padding once per step).
+On a GPU the sampler's draw also copies each step's probabilities to the CPU generator
+(:func:`contraq.sampler.draw_tokens`), a sync the CPU run cannot show.
+
+    python bench/bench_syncs.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+import contraq.lm_forward as lm_forward
+import contraq.reward.answers as answers_module
+import contraq.sampler as sampler_module
+from contraq.models import (
+    ModelConfig,
+    attach_lora,
+    base_model,
+    build_tiny_model,
+    load_smollm2_tokenizer,
+    termination_token_id,
+)
+from contraq.reward.contradiction import ContradictionReward
+from contraq.syncs import count_host_syncs
+from contraq.tokens import left_pad
+
+
+def counting_forward(counts: dict[str, int], original):
+    """``forward`` whose syncs are counted apart, in ``counts['forward']``."""
+
+    def call(*args, **kwargs):
+        with count_host_syncs() as inner:  # counted by the outer counter too
+            out = original(*args, **kwargs)
+        counts["forward"] += sum(inner.values())
+        counts["steps"] += 1
+        return out
+
+    return call
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    tok = load_smollm2_tokenizer()
+    policy = attach_lora(build_tiny_model("llama", tok, seed=0), ModelConfig(source="tiny"))
+    policy.eval()
+    term = termination_token_id(tok, "?")
+    original = lm_forward.forward
+    cfg = sampler_module.SamplerConfig(
+        termination_token_id=term, pad_token_id=tok.pad_token_id, min_len=20, max_len=20
+    )
+    prompts = [tok.encode("Ask about Apple.")] * 8 + [tok.encode("Ask about Paris.")] * 8
+    ids, mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    reward = ContradictionReward(
+        policy, tok, None, {"answer_max_new_tokens": 20, "frozen_weights": "shared"}, term
+    )
+    rows = reward._prompt_rows([f"Question number {i}?" for i in range(16)])
+    runs = {
+        "sampler": (sampler_module, lambda: sampler_module.sample(policy, ids, mask, cfg)),
+        "answer loop": (answers_module, lambda: reward.greedy_continuations(rows, policy)),
+    }
+    for name, (module, run) in runs.items():
+        counts = {"forward": 0, "steps": 0}
+        module.forward = counting_forward(counts, original)
+        try:
+            with base_model(policy), count_host_syncs() as own:
+                run()
+        finally:
+            module.forward = original
+        steps, inside = counts["steps"], counts["forward"]
+        print(
+            f"{name}: {steps} forward passes; host syncs per pass: the loop's own code "
+            f"{(sum(own.values()) - inside) / steps:.2f}, inside the forward {inside / steps:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Counting host syncs: the tensor calls that make the host wait for a GPU's queue.
+
+On a GPU, ``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``, ``int(t)``, ``float(t)`` and
+``.nonzero()`` copy a result to the host and so wait for every kernel queued before them; a
+decode loop with one of those per token leaves the GPU idle while the host prepares the next
+step. Counting them needs no GPU: the same calls run on the CPU (``bench/bench_syncs.py`` and
+the tests count them per decode step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__")
+_PAUSED = [0]
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[Counter[str]]:
+    """Counts calls of :data:`SYNC_METHODS` on tensors for the duration (outside
+    :func:`not_counted`), by method name. Not thread-safe: for benchmarks and tests."""
+    counts: Counter[str] = Counter()
+    saved = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def counting(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not _PAUSED[0]:
+                counts[name] += 1
+            return method(self, *args, **kwargs)
+
+        return call
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, counting(name, method))
+    try:
+        yield counts
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@contextlib.contextmanager
+def not_counted() -> Iterator[None]:
+    """Syncs inside are not counted (e.g. those inside a library's forward pass)."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
