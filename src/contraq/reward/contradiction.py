@@ -117,7 +117,7 @@ class ContradictionRewardConfig:
     answer_prompt: AnswerPromptConfig = field(default_factory=AnswerPromptConfig)
     answer_max_new_tokens: int = 30
     batch_size: int = 16
-    frozen_weights: str = "auto"
+    frozen_weights: str = "shared"
 
     def __post_init__(self) -> None:
         if isinstance(self.answer_prompt, Mapping):
