@@ -108,6 +108,8 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
     if launch.env_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         runs.write_run_config(out_dir, OmegaConf.to_yaml(saved), cfg.resume == "never")
+        if cfg.resume == "never":
+            runs.set_aside_checkpoints(ckpt_dir)
         runs.remove_stale_temp_files(ckpt_dir)
     started = time.time()
     with launch.shared_cpu_threads(trainer), launch.lightning_relaunch(trainer):
