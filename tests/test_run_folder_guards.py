@@ -5,11 +5,12 @@ refused."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from test_run_folder import loss_steps, summary, train
+from test_run_folder import contraq, loss_steps, one_line_error, summary, train
 
 
 def _step(path: Path) -> int:
@@ -29,3 +30,33 @@ def test_relaunch_after_resume_never_resumes_the_new_run(tmp_path: Path) -> None
     assert summary(out)["resumed_from"] == str(out / "checkpoints" / "last.ckpt")
     assert summary(out)["steps"] == 3
     assert loss_steps(out) == [0, 1, 2, 3, 0, 1, 2]  # three launches: 0-3, then 0-1, then 2
+
+
+def test_sample_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
+    """Issue 28 cases 2 and 8: out= the facts file, the run's config.yaml, an existing file or a
+    folder is refused in one line before any sampling; overwrite=true replaces a plain file."""
+    run = tmp_path / "run"
+    train(run, "train.max_steps=1")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "Paris", "edit_fact": "Paris is in Italy"}) + "\n")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("my own notes\n")
+    protected = {p: p.read_bytes() for p in (facts, run / "config.yaml", mine)}
+    args = ["sample", f"checkpoint={run}", f"facts={facts}", "n=2", "max_rounds=1", "device=cpu"]
+    refused = [
+        (f"out={facts}", "input of this command"),
+        (f"out={run / 'config.yaml'}", "belongs to the run folder"),
+        (f"out={run / 'config.yaml'} overwrite=true", "belongs to the run folder"),
+        (f"out={mine}", "exists; pass overwrite=true"),
+        (f"out={tmp_path}", "is a folder"),
+    ]
+    for given, needle in refused:
+        proc = contraq(*args, *given.split())
+        assert proc.returncode == 2, (given, proc.stderr[-2000:])
+        one_line_error(proc.stderr, "contraq sample: out:", needle)
+        assert "questions for" not in proc.stdout  # refused before sampling
+    assert {p: p.read_bytes() for p in protected} == protected
+    proc = contraq(*args, f"out={mine}", "overwrite=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(x)["subject"] for x in mine.read_text().splitlines()] == ["Paris"] * 2
+    assert not list(tmp_path.glob(".*.tmp"))
