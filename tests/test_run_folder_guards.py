@@ -60,3 +60,18 @@ def test_sample_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [json.loads(x)["subject"] for x in mine.read_text().splitlines()] == ["Paris"] * 2
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_password_on_the_command_line_is_refused_before_any_file(tmp_path: Path) -> None:
+    """Issue 28 case 3: `buffer.password=X` was masked in config.yaml but saved in plain text
+    in .hydra/config.yaml, overrides.yaml and hydra.yaml."""
+    secret = "s3cret-cli-7"
+    out = tmp_path / "run"
+    for given in (f"buffer.password={secret}", f"+buffer.password='{secret}'"):
+        stderr = train(out, "buffer=redis", "buffer.autostart=false", given, rc=2)
+        one_line_error(stderr, "buffer.password", "CONTRAQ_REDIS_PASSWORD")
+        assert secret not in stderr
+    assert not out.exists()
+    proc = contraq("eval", f"checkpoint={out}", f"+nli.password={secret}")
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, "nli.password", "CONTRAQ_REDIS_PASSWORD")

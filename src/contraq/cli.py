@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(cmd: str, rest: list[str]) -> int:
+    from contraq.config_check import refuse_secret_overrides
+
+    refuse_secret_overrides(rest)  # before Hydra writes the command line anywhere
     if cmd == "train":
         return _hydra(_guarded(cmd, _train), rest, "contraq train", "train")
     if cmd == "demo":

@@ -379,6 +379,25 @@ def masked(container: Any) -> Any:
     return container
 
 
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """Refuse a ``*password*`` override with a value: Hydra writes the command line into the
+    run folder (``.hydra/overrides.yaml``, ``hydra.yaml``, ``config.yaml``) and shells keep it
+    in their history. ``key=null`` and ``~key`` are fine.
+
+    Raises:
+        ConfigError: naming the key and ``CONTRAQ_REDIS_PASSWORD``.
+    """
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        leaf = key.rsplit(".", 1)[-1].lower()
+        if sep and "password" in leaf and value.strip().strip("'\"") not in ("", "null"):
+            raise ConfigError(
+                key,
+                "a password on the command line would be saved in the run's files; set it in "
+                "the environment instead: export CONTRAQ_REDIS_PASSWORD=...",
+            )
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, Mapping):
         out: dict[str, Any] = {}
