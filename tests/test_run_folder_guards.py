@@ -75,3 +75,18 @@ def test_a_password_on_the_command_line_is_refused_before_any_file(tmp_path: Pat
     proc = contraq("eval", f"checkpoint={out}", f"+nli.password={secret}")
     assert proc.returncode == 2
     one_line_error(proc.stderr, "nli.password", "CONTRAQ_REDIS_PASSWORD")
+
+
+def test_a_refused_launch_leaves_the_hydra_record_as_it_was(tmp_path: Path) -> None:
+    """Issue 28 case 6: a launch refused for a bad value or a differing config rewrote
+    .hydra/overrides.yaml (it then said train.lr=-1, which was never trained)."""
+    out = tmp_path / "run"
+    train(out, "train.max_steps=1")
+    record = {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert b"train.max_steps=1" in record["overrides.yaml"]
+    one_line_error(train(out, "train.max_steps=2", "train.lr=-1", rc=2), "train.lr")
+    one_line_error(train(out, "train.max_steps=2", "train.lr=0.001", rc=2), "train.lr: 0.0002")
+    assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == record
+    train(out, "train.max_steps=2")  # an accepted relaunch records its command line
+    assert b"train.max_steps=2" in (out / ".hydra" / "overrides.yaml").read_bytes()

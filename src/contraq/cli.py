@@ -85,6 +85,10 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     if rank > 0:
         # Under torchrun every rank runs this: only rank 0 writes Hydra's files and job log.
         overrides = [*overrides, "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
+    else:  # .hydra/ is written once the config is accepted (contraq.hydra_record)
+        from contraq import hydra_record
+
+        overrides = hydra_record.defer(overrides)
     argv = sys.argv
     sys.argv = [prog, *overrides]
     try:

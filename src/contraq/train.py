@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from contraq import launch, runs
+from contraq import hydra_record, launch, runs
 from contraq.callbacks import StopOnSignal, build_callbacks
 from contraq.conf import LossConfig, TrainConfig, load_group, run_defaults
 from contraq.config_check import check_relaunch, masked, validate
@@ -108,6 +108,7 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
     if launch.env_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         runs.write_run_config(out_dir, OmegaConf.to_yaml(saved), cfg.resume == "never")
+        hydra_record.write(cfg)  # .hydra/: Hydra's record, now that the config is accepted
         if cfg.resume == "never":
             runs.set_aside_checkpoints(ckpt_dir)
         runs.remove_stale_temp_files(ckpt_dir)
