@@ -107,7 +107,15 @@ class RedisBuffer(ReplayBuffer):
         self._client = redis.Redis(**connection, retry=connection_retry(int(retries), backoff))
         # Start-up fails fast (no retries): a server that is not there now is a setup problem.
         with redis.Redis(**connection, retry=Retry(NoBackoff(), 0)) as probe, self._errors("ping"):
-            probe.ping()
+            try:
+                answered = probe.ping()
+            except (AttributeError, TypeError, ValueError):  # redis-py's handshake got `:42`
+                answered = False
+            if answered is not True:  # another program speaking (some of) RESP
+                raise BufferUnavailableError(
+                    f"something at {self.host}:{self.port} does not answer PING as Redis; "
+                    "check buffer.host and buffer.port"
+                )
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -132,7 +140,8 @@ class RedisBuffer(ReplayBuffer):
             raise BufferUnavailableError(
                 f"Redis replay buffer at {self.host}:{self.port} (db {self.db}) is unavailable "
                 f"({type(e).__name__}: {e}). Start a local server with "
-                f"`contraq redis start --port {self.port}`, or set buffer.backend=memory."
+                f"`contraq redis start --port {self.port}` and relaunch (a new run can use "
+                f"buffer=memory)."
             ) from None
         except redis.ResponseError as e:
             if "WRONGTYPE" in str(e):
