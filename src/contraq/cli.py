@@ -75,9 +75,11 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     Hydra's whole command line: run folder, multirun, job logging."""
     import hydra
 
-    from contraq.conf import register_schemas
-    from contraq.config_check import one_line_errors
+    from contraq.conf import check_added_keys, register_schemas
+    from contraq.config_check import check_name_override, one_line_errors
 
+    check_added_keys(overrides, config_dir())  # `+trian.lr=0.5`: refused, not trained at 2e-4
+    check_name_override(overrides)  # Hydra creates outputs/<name> before the job runs
     register_schemas()
     _offline_env()
     wrapped = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config)(job)

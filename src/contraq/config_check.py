@@ -121,10 +121,22 @@ def string_list(v: Any) -> str | None:
     return None if ok else "a list of strings"
 
 
+def run_name(v: Any) -> str | None:
+    """``name`` names the folder ``outputs/<name>`` (and the Redis namespace): one folder
+    name, so that the run stays inside ``outputs/`` and the folder can be created."""
+    if not isinstance(v, str) or not v.strip():
+        return "a non-empty string"
+    if v in (".", "..") or any(c in v for c in "/\\\0"):
+        return "one folder name (no '/', '\\' or '..'): the run folder is outputs/<name>"
+    if len(v.encode()) > 200:
+        return "a folder name of at most 200 bytes"
+    return None
+
+
 # Every key the training code reads, with what it accepts. A key that is absent from the
 # config (an older run folder, a reduced test config) is not checked.
 RULES: dict[str, Check] = {
-    "name": text,
+    "name": run_name,
     "output_dir": text,
     "seed": integer(0),
     "prompt.template": template,
@@ -377,6 +389,17 @@ def masked(container: Any) -> Any:
     if isinstance(container, list):
         return [masked(v) for v in container]
     return container
+
+
+def check_name_override(overrides: list[str]) -> None:
+    """Check ``name=`` before Hydra runs: Hydra creates the run folder ``outputs/<name>``
+    before the job starts, so ``name=../../x`` wrote outside ``outputs/`` and a 300-character
+    name failed with a traceback."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+").partition("=")
+        value = value.strip().strip("'\"")
+        if key == "name" and sep and (expected := run_name(value)):
+            raise ConfigError("name", f"must be {expected}, got {value[:80]!r}")
 
 
 def refuse_secret_overrides(overrides: list[str]) -> None:
