@@ -90,3 +90,47 @@ def test_a_refused_launch_leaves_the_hydra_record_as_it_was(tmp_path: Path) -> N
     assert {p.name: p.read_bytes() for p in (out / ".hydra").iterdir()} == record
     train(out, "train.max_steps=2")  # an accepted relaunch records its command line
     assert b"train.max_steps=2" in (out / ".hydra" / "overrides.yaml").read_bytes()
+
+
+def test_an_added_key_that_nothing_reads_is_refused(tmp_path: Path) -> None:
+    """Issue 28 case 7: `+trian.lr=0.5` trained at the default lr and saved `trian:`."""
+    out = tmp_path / "run"
+    for given, key in (
+        ("+trian.lr=0.5", "trian.lr"),
+        ("+train.lrr=0.5", "train.lrr"),
+        ("++train.lrr=0.5", "train.lrr"),
+        ("+trainer.max_stepz=3", "trainer.max_stepz"),
+    ):
+        one_line_error(train(out, given, rc=2), f"contraq train: {key}: no part of contraq reads")
+    assert not out.exists()
+    # Keys a reader takes: a Lightning Trainer argument, a key read when present.
+    train(out, "train.max_steps=1", "+trainer.limit_val_batches=0", f"+ddp_audit_dir={tmp_path}/a")
+    assert summary(out)["steps"] == 1 and list((tmp_path / "a").iterdir())
+
+
+def test_a_second_ctrl_c_aborts_in_one_line(tmp_path: Path) -> None:
+    """Issue 28 case 8: a second SIGINT during the clean stop exited 1 with Lightning's
+    text; it exits 130 with one line saying the running step was not saved."""
+    import signal
+    import subprocess
+    import time
+
+    from test_run_folder import REPO, _cmd, _env
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        _cmd(out, "train.max_steps=1000", "callbacks.model_checkpoint.every_n_train_steps=1000"),
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    samples = out / "samples.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if samples.exists() and samples.read_text().count("\n") >= 8:  # two steps done
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # within the running step
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    one_line_error(stderr, "contraq train: aborted by a second SIGINT", "not saved")

@@ -22,3 +22,15 @@ class TrainingInterrupted(Exception):
             f"stopped by {name} at step {step}; saved {ckpt}; run the same command to resume"
         )
         self.signum = signum
+
+
+class TrainingAborted(TrainingInterrupted):
+    """A second SIGINT/SIGTERM aborted the clean stop: ``last.ckpt`` is an earlier step."""
+
+    def __init__(self, signum: int, ckpt: Path) -> None:
+        Exception.__init__(
+            self,
+            f"aborted by a second {signal.Signals(signum).name}; the running step was not saved, "
+            f"{ckpt} (if any) holds an earlier one; run the same command to resume",
+        )
+        self.signum = signum
