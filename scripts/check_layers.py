@@ -42,14 +42,22 @@ LAYERS: list[list[str]] = [
     ["evaluate", "sample", "smooth", "preset_check", "editing"],  # commands on a trained run
     ["eval_methods"],  # eval's methods, in one process or several
     ["baselines", "report", "train", "reuse", "question_file"],  # eval's methods, tables...; train
-    ["questions", "runload", "callbacks", "launch", "yields"],  # a run loaded back; the set found
+    [
+        "questions",
+        "runload",
+        "callbacks",
+        "launch",
+        "yields",
+        "hydra_record",
+    ],  # a run loaded back; the set found
     ["module", "parts"],  # one training step; a run's parts built from its config
     ["conf", "distributed"],  # the config schema; a step's batch across ranks
     ["reward", "buffer", "losses", "metrics"],  # the GFlowNet's parts
     ["judge", "redis_server", "runs", "settings", "plots"],  # services of the parts above
     ["embedding", "stochastic_beam"],  # sentence embeddings; drawing without replacement
     ["sampler", "models", "data", "tokens", "genuine", "stats", "config_check"],  # foundations
-    ["files", "errors", "lm_forward", "threads"],  # no contraq import
+    ["files", "lm_forward", "threads", "procs", "syncs"],
+    ["errors"],  # the one-line user errors  # no contraq import
 ]
 
 

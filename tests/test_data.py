@@ -311,3 +311,17 @@ def test_overlong_fields_are_refused_at_load_with_file_and_line(tmp_path: Path) 
         load_facts(path, on_error="raise")
     with pytest.raises(DataError, match=r"f\.jsonl:1: prompt: .*maximum 10"):
         load_facts(path, on_error="raise", max_chars=10, minimal_ok=True)
+
+
+def test_duplicate_facts_are_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 28 case 9: a fact listed twice was trained and counted twice without a word."""
+    row = {"subject": "Paris", "edit_fact": "Paris is in Italy"}
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (row, {**row, "subject": "Rome"}, row)))
+    with caplog.at_level(logging.WARNING, logger="contraq.data"):
+        facts = load_facts(path, minimal_ok=True)
+    assert len(facts) == 3  # kept: the user decides
+    (warning,) = [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()]
+    assert "1 duplicate facts" in warning and f"{path}:3 repeats {path}:1" in warning

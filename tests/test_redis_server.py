@@ -214,3 +214,48 @@ def test_status_tells_another_program_from_nothing_listening(
         other.close()
     assert redis_server.cli_main(["status", "--port", str(other.port), "--dir", str(tmp_path)]) == 1
     assert capsys.readouterr().out.strip() == f"nothing listens on 127.0.0.1:{other.port}"
+
+
+def test_a_server_answering_an_integer_is_not_redis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 28 case 8: a program answering `:42` to PING passed as Redis (PING returned
+    False), then the buffer or `redis status` failed with a traceback."""
+    from contraq.buffer import BufferUnavailableError, RedisBuffer
+
+    other = OtherServer(b":42\r\n")
+    try:
+        args = ["status", "--port", str(other.port), "--dir", str(tmp_path)]
+        assert redis_server.cli_main(args) == 1
+        assert capsys.readouterr().out.startswith(
+            f"something else listens on 127.0.0.1:{other.port}"
+        )
+        with pytest.raises(RedisServerError, match="does not answer as Redis"):
+            redis_server.ensure_running("127.0.0.1", other.port, tmp_path / "d")
+        with pytest.raises(BufferUnavailableError, match="does not answer PING as Redis"):
+            RedisBuffer(port=other.port, namespace="x")
+    finally:
+        other.close()
+
+
+def test_status_without_a_record_checks_the_default_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 28 case 9: plain `contraq redis status` said "no server recorded" without
+    looking at the port a server may run on."""
+    code = redis_server.cli_main(["status", "--dir", str(tmp_path / "none")])
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"no server recorded in {tmp_path / 'none'}; ")
+    assert f"127.0.0.1:{redis_server.DEFAULT_PORT}" in out and code in (0, 1)
+
+
+def test_redis_down_message_suggests_nothing_the_relaunch_guard_refuses() -> None:
+    """Issue 28 case 9: the message said `set buffer.backend=memory`, which a relaunch of a
+    Redis run then refused (the config differs)."""
+    from contraq.buffer import BufferUnavailableError, RedisBuffer
+
+    require_redis_binary()
+    with pytest.raises(BufferUnavailableError) as exc:
+        RedisBuffer(port=free_port(), namespace="x")
+    assert "buffer.backend=memory" not in str(exc.value)
+    assert "contraq redis start" in str(exc.value) and "a new run" in str(exc.value)

@@ -98,3 +98,39 @@ def test_a_fact_with_only_invalid_entries_is_sampled_on_policy(
     loss, _ = module.compute_loss(data)
     assert data["stats"]["replay"] == 0.0 and math.isfinite(loss.item())
     assert buffer.dropped == 1
+
+
+def test_unterminated_garbage_and_mistyped_redis_entries_are_skipped(
+    redis_handle: RedisHandle,  # noqa: F811
+    tiny_llama: torch.nn.Module,
+    smol_tokenizer: object,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 28 case 4: an entry without the termination token raised "trajectory balance
+    needs complete trajectories" at every relaunch; garbage JSON or a field of the wrong type
+    stopped every read of the key. All three are skipped, counted and named once."""
+    import redis
+
+    buffer = redis_handle.buffer()
+    module = _module(tiny_llama, smol_tokenizer, buffer)
+    term, key = module.sampler_cfg.termination_token_id, module.prompt_keys[0]
+    good = BufferEntry([100, 200, term], -12.0, {"log_pq": -12.0}, "good?")
+    unterminated = BufferEntry([5, 6, 30], -10.0, {}, "no end")
+    assert buffer.add(key, [good, unterminated]) == 2
+    client = redis.Redis(port=redis_handle.port)
+    zkey, hkey = f"{buffer.namespace}:buf:{key}:z", f"{buffer.namespace}:buf:{key}:h"
+    mistyped = b'{"token_ids": "5", "log_r": -2.0, "components": {}, "text": "x"}'
+    client.hset(hkey, mapping={"garbage": b"{not json", "mistyped": mistyped})
+    client.zadd(zkey, {"garbage": -1.0, "mistyped": -2.0})
+
+    with caplog.at_level(logging.WARNING, logger="contraq.buffer"):
+        for step in range(3):
+            data = module.get_batch(step=step)
+            loss, _ = module.compute_loss(data)
+            assert data["stats"]["replay"] == 1.0 and math.isfinite(loss.item())
+            assert all(e == [100, 200, term] for e in data["batch"].actions[:, :3].tolist())
+    assert buffer.dropped == 3
+    warnings = [r.getMessage() for r in caplog.records if f"Redis key '{hkey}'" in r.getMessage()]
+    assert len(warnings) == 3, caplog.text  # once each, not at every replay
+    text = " ".join(warnings)
+    assert "termination token" in text and "not valid entry JSON" in text and "token_ids" in text

@@ -81,9 +81,11 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     Hydra's whole command line: run folder, multirun, job logging."""
     import hydra
 
-    from contraq.conf import register_schemas
-    from contraq.config_check import one_line_errors
+    from contraq.conf import check_added_keys, register_schemas
+    from contraq.config_check import check_name_override, one_line_errors
 
+    check_added_keys(overrides, config_dir())  # `+trian.lr=0.5`: refused, not trained at 2e-4
+    check_name_override(overrides)  # Hydra creates outputs/<name> before the job runs
     register_schemas()
     _offline_env()
     wrapped = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config)(job)
@@ -91,6 +93,10 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     if rank > 0:
         # Under torchrun every rank runs this: only rank 0 writes Hydra's files and job log.
         overrides = [*overrides, "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
+    else:  # .hydra/ is written once the config is accepted (contraq.hydra_record)
+        from contraq import hydra_record
+
+        overrides = hydra_record.defer(overrides)
     argv = sys.argv
     sys.argv = [prog, *overrides]
     try:
@@ -302,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(cmd: str, rest: list[str]) -> int:
+    from contraq.config_check import refuse_secret_overrides
+
+    refuse_secret_overrides(rest)  # before Hydra writes the command line anywhere
     if cmd == "train":
         return _hydra(_guarded(cmd, _train), rest, "contraq train", "train")
     if cmd == "demo":

@@ -203,6 +203,69 @@ def register_schemas() -> None:
     cs.store(group="reward", name="likelihood_schema", node=LikelihoodRewardConfig)
 
 
+# `+key=value` may add keys only where a reader takes any key: new `_target_` nodes of these
+# groups, Hydra's own settings, keys read when present, and Lightning Trainer arguments.
+ADDABLE_GROUPS = ("callbacks", "logger", "hydra")
+OPTIONAL_KEYS = ("ddp_audit_dir",)  # contraq.callbacks.build_callbacks reads it when set
+
+
+def _trainer_arguments() -> set[str]:
+    import inspect
+
+    import lightning as L
+
+    return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+
+
+def _in_schema(path: list[str]) -> bool:
+    """Whether ``path`` names a key of :class:`RunConfig`'s typed groups (or leaves them)."""
+    node: Any = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
+    for part in path:
+        if node is None:
+            return True  # an open group (Any): its reader checks its keys
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_added_keys(overrides: Sequence[str], group_dirs: Path) -> None:
+    """Refuse ``+key=value`` (and ``++key=value``) for a key that no part of contraq reads:
+    Hydra adds any such key, so ``+trian.lr=0.5`` trained at the default lr and saved
+    ``trian:`` in config.yaml. ``group_dirs``: the config folder (``+group=option`` is fine).
+
+    Raises:
+        ConfigError: naming the key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from contraq.config_check import ConfigError
+
+    added = [o for o in overrides if o.startswith("+")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(added) if added else []
+    except HydraException:
+        return  # Hydra reports a malformed override itself, in one line
+    fields = set(RunConfig.__dataclass_fields__)
+    for o in parsed:
+        key = o.key_or_group
+        top, *rest = key.split(".")
+        if "/" in key or (not rest and (group_dirs / top).is_dir()) or top in ADDABLE_GROUPS:
+            continue  # a config group's option, or a group that takes new nodes
+        if (top in OPTIONAL_KEYS and not rest) or (
+            top == "trainer" and rest[:1] and rest[0] in _trainer_arguments()
+        ):
+            continue
+        if top in fields and o.is_force_add() and _in_schema(key.split(".")):
+            continue  # ++ on a key that exists sets it
+        raise ConfigError(
+            key,
+            "no part of contraq reads this key (a typo?); `contraq train --cfg job` lists "
+            "every setting",
+        )
+
+
 def run_defaults() -> dict[str, Any]:
     """:class:`RunConfig`'s defaults as a plain nested dict (interpolations unresolved): what
     a run folder written before a key existed is read as having (``config_check.fill_absent``)."""

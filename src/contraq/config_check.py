@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from contraq.errors import UserError
+from contraq.errors import ConfigError as ConfigError  # re-exported: its readers import it here
 
 MASK = "***"
 # Keys that may change when a run is relaunched in its own folder: how long it runs and the
@@ -30,14 +30,6 @@ RELAUNCH_KEYS = frozenset({"resume", "train.max_steps", "trainer.max_steps", "dd
 RELAUNCH_PREFIXES = ("callbacks.",)
 SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
 TEMPLATE_KEYS = ("subject", "edit_fact", "prompt")
-
-
-class ConfigError(UserError, ValueError):
-    """A config value is invalid; the message names the key and what it accepts."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 Check = Callable[[Any], str | None]  # None when the value is fine, else what is expected
@@ -121,10 +113,22 @@ def string_list(v: Any) -> str | None:
     return None if ok else "a list of strings"
 
 
+def run_name(v: Any) -> str | None:
+    """``name`` names the folder ``outputs/<name>`` (and the Redis namespace): one folder
+    name, so that the run stays inside ``outputs/`` and the folder can be created."""
+    if not isinstance(v, str) or not v.strip():
+        return "a non-empty string"
+    if v in (".", "..") or any(c in v for c in "/\\\0"):
+        return "one folder name (no '/', '\\' or '..'): the run folder is outputs/<name>"
+    if len(v.encode()) > 200:
+        return "a folder name of at most 200 bytes"
+    return None
+
+
 # Every key the training code reads, with what it accepts. A key that is absent from the
 # config (an older run folder, a reduced test config) is not checked.
 RULES: dict[str, Check] = {
-    "name": text,
+    "name": run_name,
     "output_dir": text,
     "seed": integer(0),
     "prompt.template": template,
@@ -380,6 +384,36 @@ def masked(container: Any) -> Any:
     if isinstance(container, list):
         return [masked(v) for v in container]
     return container
+
+
+def check_name_override(overrides: list[str]) -> None:
+    """Check ``name=`` before Hydra runs: Hydra creates the run folder ``outputs/<name>``
+    before the job starts, so ``name=../../x`` wrote outside ``outputs/`` and a 300-character
+    name failed with a traceback."""
+    for override in overrides:
+        key, sep, value = override.lstrip("+").partition("=")
+        value = value.strip().strip("'\"")
+        if key == "name" and sep and (expected := run_name(value)):
+            raise ConfigError("name", f"must be {expected}, got {value[:80]!r}")
+
+
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """Refuse a ``*password*`` override with a value: Hydra writes the command line into the
+    run folder (``.hydra/overrides.yaml``, ``hydra.yaml``, ``config.yaml``) and shells keep it
+    in their history. ``key=null`` and ``~key`` are fine.
+
+    Raises:
+        ConfigError: naming the key and ``CONTRAQ_REDIS_PASSWORD``.
+    """
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        leaf = key.rsplit(".", 1)[-1].lower()
+        if sep and "password" in leaf and value.strip().strip("'\"") not in ("", "null"):
+            raise ConfigError(
+                key,
+                "a password on the command line would be saved in the run's files; set it in "
+                "the environment instead: export CONTRAQ_REDIS_PASSWORD=...",
+            )
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

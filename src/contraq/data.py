@@ -293,7 +293,23 @@ def load_facts_report(
         logger.warning(
             "%s: skipped %d of %d records: %s%s", source, len(skipped), n_records, examples, more
         )
+    _warn_duplicates(facts, source)
     return LoadReport(source=source, facts=facts, skipped=skipped)
+
+
+def _warn_duplicates(facts: Sequence[EditFact], source: str) -> None:
+    """A fact given twice is trained, evaluated and counted twice: say where."""
+    first: dict[tuple[str, str], str] = {}
+    repeats = []
+    for f in facts:
+        seen = first.setdefault((f.subject, f.edit_fact), f.where)
+        if seen != f.where:
+            repeats.append(f"{f.where} repeats {seen}")
+    if repeats:
+        logger.warning(
+            "%s: %d duplicate facts (same subject and edit fact), e.g. %s",
+            source, len(repeats), "; ".join(repeats[:WARN_EXAMPLES]),
+        )  # fmt: skip
 
 
 def load_facts(

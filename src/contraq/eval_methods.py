@@ -31,6 +31,7 @@ from contraq.config_check import ConfigError
 from contraq.data import DEFAULT_MAX_CHARS, EditFact, load_facts
 from contraq.files import iter_jsonl
 from contraq.parts import Parts, build_prompts
+from contraq.procs import die_with_parent, sigterm_unwinds
 from contraq.question_file import file_records, load_questions
 from contraq.questions import progress_bar, sample_distinct_records
 from contraq.runload import (
@@ -292,12 +293,19 @@ def records_in_workers(
         return method_records(parts, facts, ecfg, names, questions)
     threads = max(1, usable_cores() // len(groups))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    with tempfile.TemporaryDirectory(prefix="contraq-eval-") as tmp:
+    # SIGTERM unwinds (the finally below kills the workers, the temp folder is removed), and
+    # a worker dies with this process even when it is killed outright.
+    parent = os.getpid()
+    with (
+        sigterm_unwinds("contraq eval"),
+        tempfile.TemporaryDirectory(prefix="contraq-eval-") as tmp,
+    ):
         procs = []
         for k, group in enumerate(groups[1:], start=1):
             folder = Path(tmp) / f"worker{k}"
             folder.mkdir()
             job = {**spec, "ecfg": asdict(ecfg), "methods": group, "out": str(folder)}
+            job["parent"] = parent
             (folder / "spec.json").write_text(json.dumps(job))
             cmd = [sys.executable, "-m", "contraq.eval_methods", str(folder / "spec.json")]
             with (folder / "worker.log").open("w") as log:  # the worker keeps its own handle
@@ -342,6 +350,7 @@ def worker_main(spec_path: str) -> None:
     """One worker: the methods of ``SPEC.json`` on its run and facts, written to its folder
     (``records.jsonl``, then ``done.json`` with seconds and notes)."""
     spec = json.loads(Path(spec_path).read_text())
+    die_with_parent(spec.get("parent"))  # no orphan computing on when `contraq eval` dies
     ecfg = EvalConfig(**spec["ecfg"])
     ref = resolve_run(spec["checkpoint"])
     parts, facts, _, _ = eval_parts(ref, ecfg, spec.get("facts"), spec.get("questions"))

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from contraq.config_check import ConfigError
 from contraq.eval_methods import (
     EvalConfig,
     baseline_methods,
@@ -106,8 +107,10 @@ def evaluate_run(
     started = time.time()
     ref = resolve_run(checkpoint)
     out = Path(out_dir) if out_dir is not None else ref.run_dir / "eval"
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", f"{out} is a file; give a folder")
     parts, facts, facts_label, questions = eval_parts(ref, ecfg, facts_path, questions_path)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # once the run and the facts are known good
     device = pick_device(ecfg.device)
     settings = _settings(ref, parts, ecfg, facts=facts_label, n_facts=len(facts))
     reused: dict[str, list[dict[str, Any]]] = {}

@@ -4,14 +4,17 @@ folder of weights is written so that concurrent readers never see half of it."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from contraq.errors import ConfigError
 
 # src/contraq/files.py -> parents[2]
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +74,59 @@ def jsonl_or_gz(path: str | os.PathLike[str]) -> Path:
     plain = Path(path)
     packed = plain.with_name(plain.name + ".gz")
     return packed if not plain.exists() and packed.is_file() else plain
+
+
+def check_output_file(
+    out: Path, overwrite: bool, reads: Sequence[Path] = (), owned: Sequence[Path] = ()
+) -> None:
+    """Refuse ``out=`` before any work starts: a folder, a file the command reads (``reads``),
+    an existing file inside a folder another command owns (``owned``: a run folder), an
+    existing file without ``overwrite=true``, or a folder this process cannot write in.
+
+    Raises:
+        ConfigError: naming ``out`` and what to do instead.
+    """
+    target = out.expanduser().resolve()
+    if target.is_dir():
+        raise ConfigError("out", f"{out} is a folder; give a file path")
+    if any(target == p.expanduser().resolve() for p in reads):
+        raise ConfigError("out", f"{out} is an input of this command; choose another out=")
+    for folder in owned:
+        if target.exists() and target.is_relative_to(folder.resolve()):
+            raise ConfigError(
+                "out", f"{out} belongs to the run folder {folder}; choose another out="
+            )
+    if target.exists() and not overwrite:
+        raise ConfigError(
+            "out", f"{out} exists; pass overwrite=true to replace it, or another out="
+        )
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError("out", f"cannot write in {parent} (not a writable folder)")
+
+
+def write_output_file(out: Path, data: bytes, overwrite: bool) -> None:
+    """Write ``data`` to ``out`` through a temp file beside it: readers see no file or the whole
+    one. Without ``overwrite`` a file that appeared meanwhile (another command writing the same
+    ``out=``) is kept and :class:`ConfigError` raised; ``os.link`` never replaces a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            os.link(tmp, out)
+    except FileExistsError:
+        raise ConfigError(
+            "out", f"{out} was written by another process meanwhile; kept it, wrote nothing"
+        ) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -9,7 +9,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from contraq.buffer import BufferUnavailableError, ReplayBuffer, build_buffer
 from contraq.distributed import check_sampling
+from contraq.procs import die_with_parent
 from contraq.threads import torch_threads, usable_cores
 
 log = logging.getLogger(__name__)
@@ -73,23 +73,6 @@ def prepare(cfg: DictConfig) -> None:
             "buffer is shared per node only; point buffer.host at one server all nodes reach",
             cfg.buffer.host,
         )
-
-
-def die_with_parent() -> bool:
-    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
-        return False
-    if os.getppid() != parent:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
-    return True
 
 
 def trainer_kwargs_from_env(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -120,7 +120,12 @@ class GFlowNetModule(L.LightningModule):
         vocab = min(len(tokenizer), policy.get_input_embeddings().num_embeddings)
         if hasattr(buffer, "set_entry_check"):
             buffer.set_entry_check(
-                functools.partial(entry_problem, vocab_size=vocab, max_len=sampler_cfg.max_len)
+                functools.partial(
+                    entry_problem,
+                    vocab_size=vocab,
+                    max_len=sampler_cfg.max_len,
+                    termination_id=int(sampler_cfg.termination_token_id),
+                )
             )
         self.log_z_ready = False  # set by init_log_z on the first TB step (or a resume)
 

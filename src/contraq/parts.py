@@ -17,6 +17,7 @@ from peft import PeftModel
 from contraq.conf import SamplerOptions, load_group
 from contraq.config_check import ConfigError
 from contraq.data import EditFact, FactSplit, encode_prompts, load_split, question_prompt
+from contraq.errors import UserError
 from contraq.judge.scorer import load_scorer
 from contraq.models import (
     ModelConfig,
@@ -72,6 +73,22 @@ def build_prompts(cfg: DictConfig, facts: Sequence[EditFact], tokenizer: Any) ->
     return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
+class AdapterError(UserError, ValueError):
+    """A run's adapter/ cannot be loaded (truncated, another model's, not safe to read)."""
+
+
+def load_adapter(model: Any, adapter_dir: Path) -> Any:
+    """``PeftModel.from_pretrained`` of ``adapter_dir`` (read-only); a bad file is one line."""
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except Exception as e:  # peft, safetensors and torch raise many types for a bad file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise AdapterError(
+            f"{adapter_dir}: cannot load the adapter ({type(e).__name__}: {first}); relaunch "
+            "the training to write it again, or pass checkpoint=RUN/checkpoints/last.ckpt"
+        ) from None
+
+
 class Parts:
     """Everything a command builds from a run config: model, tokenizer, reward, facts."""
 
@@ -83,7 +100,7 @@ class Parts:
         model, tokenizer = load_model_and_tokenizer(mcfg)
         if adapter_dir is not None:
             with quiet_loading():
-                model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+                model = load_adapter(model, adapter_dir)
         elif with_lora:
             model = attach_lora(model, mcfg)
         self.policy = model

@@ -88,7 +88,7 @@ def redis_server_binary() -> str:
             return cand
     raise RedisServerError(
         "redis-server was not found on PATH. Install it with `sudo apt-get install redis-server` "
-        "(Debian/Ubuntu), or use buffer.backend=memory."
+        "(Debian/Ubuntu); a new run can use buffer=memory."
     )
 
 
@@ -115,8 +115,7 @@ def _ping(host: str, port: int, password: str | None, timeout: float = 0.5) -> s
         socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
     )  # fmt: skip
     try:
-        client.ping()
-        return "ok"
+        return "ok" if client.ping() is True else "other"  # False: it did not answer PONG
     except (redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError):
         return "auth"
     except redis.exceptions.ResponseError as e:
@@ -125,6 +124,8 @@ def _ping(host: str, port: int, password: str | None, timeout: float = 0.5) -> s
         # Refused: nothing there. Accepted, then closed or silent: another program holds it.
         return "other" if _listening(host, port, timeout) else "down"
     except redis.exceptions.RedisError:  # e.g. InvalidResponse: a non-Redis protocol answered
+        return "other"
+    except (AttributeError, TypeError, ValueError):  # redis-py's handshake got e.g. `:42`
         return "other"
     finally:
         client.close()
@@ -371,17 +372,21 @@ def status(
                 pid = rec_pid
             if port is None:
                 port = int(info["port"])  # type: ignore[arg-type]
-    if port is None:
-        return ServerStatus(False, None, None, data, f"no server recorded in {data}")
+    prefix = ""
+    if port is None:  # nothing recorded: the default port may still have a server
+        port, prefix = DEFAULT_PORT, f"no server recorded in {data}; "
     state = _ping(host, port, password)
     where = f"{host}:{port}"
-    msg = {
-        "ok": f"redis answers on {where}",
-        "auth": f"redis answers on {where} but refuses the given credentials",
-        "other": f"something else listens on {where}: it does not answer as Redis "
-        f"(another program holds the port; choose another --port / buffer.port)",
-        "down": f"nothing listens on {where}",
-    }[state]
+    msg = (
+        prefix
+        + {
+            "ok": f"redis answers on {where}",
+            "auth": f"redis answers on {where} but refuses the given credentials",
+            "other": f"something else listens on {where}: it does not answer as Redis "
+            f"(another program holds the port; choose another --port / buffer.port)",
+            "down": f"nothing listens on {where}",
+        }[state]
+    )
     if pid is not None:
         msg += f" (pid {pid}, data {data})"
     return ServerStatus(state in ("ok", "auth"), port, pid, data, msg)

@@ -90,21 +90,30 @@ def _load_lora_from_ckpt(policy: torch.nn.Module, ckpt: Path) -> None:
     """
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # torch raises many types for a bad or hostile file
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise RunError(
-            f"{ckpt}: cannot read the checkpoint safely (weights_only=True): {exc}; "
-            "pass the run folder to use its adapter/ instead"
-        ) from exc
+            f"{ckpt}: cannot read the checkpoint safely (weights_only=True; "
+            f"{type(exc).__name__}: {first}); pass the run folder to use its adapter/ instead"
+        ) from None
     sd = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(sd, dict):
         raise RunError(f"{ckpt}: no state_dict in the checkpoint")
     lora = {k[len("policy.") :]: v for k, v in sd.items() if k.startswith("policy.")}
-    own = {n for n, p in policy.named_parameters() if p.requires_grad}
-    if not lora or set(lora) != own:
-        missing, extra = sorted(own - set(lora))[:3], sorted(set(lora) - own)[:3]
+    own = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    if not lora or set(lora) != set(own):
+        missing, extra = sorted(set(own) - set(lora))[:3], sorted(set(lora) - set(own))[:3]
         raise RunError(
             f"{ckpt}: LoRA weights do not match the run's config (missing e.g. {missing}, "
             f"unexpected e.g. {extra})"
+        )
+    shapes = [(n, tuple(v.shape), tuple(own[n].shape)) for n, v in lora.items()]
+    wrong = [s for s in shapes if s[1] != s[2]]
+    if wrong:  # e.g. a checkpoint of a run with another model.lora_r
+        name, got, want = wrong[0]
+        raise RunError(
+            f"{ckpt}: LoRA weights do not match the run's config ({name} is {list(got)}, the "
+            f"run's model.lora_r makes {list(want)}); pass the checkpoint of this run"
         )
     policy.load_state_dict(lora, strict=False)
 

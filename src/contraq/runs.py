@@ -9,6 +9,8 @@
   ``step=N.ckpt`` with a warning.
 - :class:`AppendingCSVLogger`: ``logs/metrics.csv`` keeps the rows of earlier launches.
 - :func:`write_run_config`: the run's ``config.yaml`` (secrets masked), written atomically.
+- :func:`set_aside_checkpoints`: a ``resume=never`` restart moves the old ``checkpoints/`` to
+  ``checkpoints.prev-N/`` (kept, and never resumed by a later relaunch).
 - :func:`training_lock`: one training process per run folder (a relaunch while the first is
   still training would write the same checkpoints and logs twice).
 """
@@ -230,12 +232,32 @@ def write_run_config(run_dir: Path, yaml_text: str, keep_previous: bool) -> None
     describes the earlier rows of ``logs/metrics.csv``."""
     path = run_dir / "config.yaml"
     if keep_previous and path.is_file() and path.read_text() != yaml_text:
-        n = 1
-        while (run_dir / f"config.prev-{n}.yaml").exists():
-            n += 1
-        os.replace(path, run_dir / f"config.prev-{n}.yaml")
-        log.warning("kept the previous config of %s as config.prev-%d.yaml", run_dir, n)
+        dest = _next_free(run_dir, "config", ".yaml")
+        os.replace(path, dest)
+        log.warning("kept the previous config of %s as %s", run_dir, dest.name)
     atomic_write(path, lambda fh: fh.write(yaml_text.encode()))
+
+
+def _next_free(run_dir: Path, stem: str, suffix: str = "") -> Path:
+    """``run_dir/<stem>.prev-N<suffix>`` for the first N that does not exist yet."""
+    n = 1
+    while (run_dir / f"{stem}.prev-{n}{suffix}").exists():
+        n += 1
+    return run_dir / f"{stem}.prev-{n}{suffix}"
+
+
+def set_aside_checkpoints(ckpt_dir: Path) -> Path | None:
+    """Move ``ckpt_dir`` (a ``resume=never`` restart's old checkpoints) to
+    ``checkpoints.prev-N`` beside it. Left in place, the old run's ``last.ckpt`` (at a higher
+    step) would beat the new run's ``last-v1.ckpt`` when the folder is relaunched. Returns the
+    new path, or None when there was nothing to move."""
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+        return None
+    dest = _next_free(ckpt_dir.parent, ckpt_dir.name)
+    os.replace(ckpt_dir, dest)
+    _fsync_dir(ckpt_dir.parent)
+    log.warning("resume=never: kept the previous checkpoints of %s as %s", ckpt_dir.parent, dest)
+    return dest
 
 
 class RunBusyError(UserError):

@@ -10,6 +10,7 @@ the settings and their defaults are ``configs/sample.yaml``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from contraq.config_check import ConfigError
 from contraq.data import DEFAULT_MAX_CHARS, load_facts
+from contraq.files import check_output_file, resolve_path, write_output_file
 from contraq.questions import progress_bar, sample_distinct_records
 from contraq.runload import load_parts, load_run_config, pick_device, resolve_run
 from contraq.settings import typed
@@ -57,6 +59,7 @@ class SampleConfig:
     batch_size: int
     seed: int
     device: str
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for key in ("n", "batch_size"):
@@ -66,19 +69,24 @@ class SampleConfig:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
 
 
-def write_questions(records: Sequence[dict[str, Any]], path: Path, as_csv: bool) -> None:
+def questions_text(records: Sequence[dict[str, Any]], as_csv: bool) -> str:
     """JSON Lines (every field) or CSV (:data:`SAMPLE_FIELDS` then any other field)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not as_csv:
-        with path.open("w") as fh:
-            for r in records:
-                fh.write(json.dumps(r) + "\n")
-        return
+        return "".join(json.dumps(r) + "\n" for r in records)
     extra = sorted({k for r in records for k in r} - set(SAMPLE_FIELDS))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*SAMPLE_FIELDS, *extra], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=[*SAMPLE_FIELDS, *extra], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue()
+
+
+def write_questions(
+    records: Sequence[dict[str, Any]], path: Path, as_csv: bool, overwrite: bool = True
+) -> None:
+    """:func:`questions_text` written atomically to ``path``
+    (:func:`contraq.files.write_output_file`)."""
+    write_output_file(path, questions_text(records, as_csv).encode(), overwrite)
 
 
 def mark_sets(records: Sequence[dict[str, Any]]) -> int:
@@ -105,6 +113,9 @@ def run_sample(cfg: DictConfig) -> Path:
     """
     s = typed(SampleConfig, cfg)
     ref = resolve_run(s.checkpoint)
+    out = Path(s.out)
+    # Before any sampling: a refused out= costs nothing and replaces nothing.
+    check_output_file(out, s.overwrite, reads=[resolve_path(s.facts)], owned=[ref.run_dir])
     data_cfg = load_run_config(ref.run_dir).get("data") or {}
     max_chars = int(data_cfg.get("max_fact_chars", DEFAULT_MAX_CHARS))
     facts = load_facts(s.facts, minimal_ok=True, on_error="raise", max_chars=max_chars)
@@ -130,7 +141,6 @@ def run_sample(cfg: DictConfig) -> Path:
         f"({sum(found) / max(len(facts), 1):.2f} per fact, {s.n} questions each)"
     )
     records = [r for recs in per_fact for r in recs]
-    out = Path(s.out)
-    write_questions(records, out, s.csv)
+    write_questions(records, out, s.csv, s.overwrite)
     print(f"wrote {len(records)} questions for {len(facts)} facts to {out}")
     return out

@@ -26,11 +26,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from contraq import launch, runs
+from contraq import hydra_record, launch, runs
 from contraq.callbacks import StopOnSignal, build_callbacks
 from contraq.conf import LossConfig, TrainConfig, load_group, run_defaults
 from contraq.config_check import check_relaunch, masked, validate
-from contraq.errors import TrainingInterrupted
+from contraq.errors import TrainingAborted, TrainingInterrupted
 from contraq.files import resolve_path
 from contraq.models import weights_dtype
 from contraq.module import GFlowNetModule
@@ -108,11 +108,19 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
     if launch.env_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         runs.write_run_config(out_dir, OmegaConf.to_yaml(saved), cfg.resume == "never")
+        hydra_record.write(cfg)  # .hydra/: Hydra's record, now that the config is accepted
+        if cfg.resume == "never":
+            runs.set_aside_checkpoints(ckpt_dir)
         runs.remove_stale_temp_files(ckpt_dir)
     started = time.time()
-    with launch.shared_cpu_threads(trainer), launch.lightning_relaunch(trainer):
-        trainer.fit(module, train_dataloaders=step_loader(), ckpt_path=ckpt_path)
     stop = next(c for c in callbacks if isinstance(c, StopOnSignal))
+    try:
+        with launch.shared_cpu_threads(trainer), launch.lightning_relaunch(trainer):
+            trainer.fit(module, train_dataloaders=step_loader(), ckpt_path=ckpt_path)
+    except SystemExit:  # Lightning exits 1 on the KeyboardInterrupt of a second signal
+        if stop.received is None:
+            raise
+        raise TrainingAborted(stop.received, ckpt_dir / "last.ckpt") from None
     if trainer.is_global_zero:
         meta = {
             "steps": trainer.global_step,

@@ -192,14 +192,20 @@ def prompt_key(prompt_token_ids: Sequence[int] | torch.Tensor) -> str:
     return hashlib.blake2b(_ids_bytes(ids), digest_size=16).hexdigest()
 
 
-def entry_problem(entry: BufferEntry, vocab_size: int, max_len: int) -> str | None:
+def entry_problem(
+    entry: BufferEntry, vocab_size: int, max_len: int, termination_id: int | None = None
+) -> str | None:
     """Why ``entry`` cannot be replayed by a model with ``vocab_size`` tokens and questions of
-    at most ``max_len`` tokens (stored data may come from another model or be tampered)."""
+    at most ``max_len`` tokens ending with ``termination_id`` (once, last: trajectory balance
+    needs complete trajectories); stored data may come from another model or be tampered."""
     top = max(entry.token_ids)
     if top >= vocab_size:
         return f"token id {top} >= the vocabulary size {vocab_size}"
     if len(entry.token_ids) > max_len:
         return f"{len(entry.token_ids)} tokens > sampler.max_len {max_len}"
+    ids = entry.token_ids
+    if termination_id is not None and (ids[-1] != termination_id or termination_id in ids[:-1]):
+        return f"does not end with the termination token (id {termination_id}) exactly once"
     if abs(entry.log_r) > MAX_ABS_LOG_R:
         return f"log_r {entry.log_r!r} outside [-{MAX_ABS_LOG_R:g}, {MAX_ABS_LOG_R:g}]"
     return None

@@ -193,16 +193,32 @@ class ReplayBuffer(abc.ABC):
 
     @property
     def dropped(self) -> int:
-        """How many distinct stored entries :attr:`entry_check` rejected so far."""
+        """How many distinct stored entries were left out of replay so far (unreadable, or
+        rejected by :attr:`entry_check`)."""
         return len(getattr(self, "_dropped_ids", ()))
 
     def where(self, key: str) -> str:
         """Where ``key``'s entries are stored, for messages."""
         return f"replay buffer key {key!r}"
 
+    def unreadable(self, key: str) -> list[tuple[str, str]]:
+        """(id, why) of stored entries of ``key`` that the last read could not parse (a
+        backend holding untrusted data, like Redis, overrides this)."""
+        return []
+
+    def _drop(self, key: str, ident: str, problem: str) -> None:
+        """Count and name an entry left out of replay, once per entry."""
+        dropped = self.__dict__.setdefault("_dropped_ids", set())
+        if (key, ident) not in dropped:
+            dropped.add((key, ident))
+            log.warning("%s: dropped entry %s from replay: %s", self.where(key), ident, problem)
+
     def usable_entries(self, key: str) -> list[BufferEntry]:
-        """:meth:`entries` of ``key`` that pass :attr:`entry_check`."""
+        """:meth:`entries` of ``key`` that pass :attr:`entry_check`; the others and the
+        unreadable ones are counted and named (:meth:`_drop`)."""
         pool = self.entries(key)
+        for ident, problem in self.unreadable(key):
+            self._drop(key, ident, problem)
         if self.entry_check is None:
             return pool
         good = []
@@ -210,13 +226,8 @@ class ReplayBuffer(abc.ABC):
             problem = self.entry_check(e)
             if problem is None:
                 good.append(e)
-                continue
-            ident = (key, e.entry_id())
-            if ident not in self._dropped_ids:
-                self._dropped_ids.add(ident)
-                log.warning(
-                    "%s: dropped entry %s from replay: %s", self.where(key), ident[1], problem
-                )
+            else:
+                self._drop(key, e.entry_id(), problem)
         return good
 
     def sample(

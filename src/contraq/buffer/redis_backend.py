@@ -87,6 +87,7 @@ class RedisBuffer(ReplayBuffer):
         self.max_size = max_size
         self.near_dup_ratio = near_dup_ratio
         self._password_set = password is not None
+        self._unreadable: dict[str, list[tuple[str, str]]] = {}  # key -> (id, why), last read
         connection: dict[str, Any] = dict(
             host=host,
             port=self.port,
@@ -106,7 +107,15 @@ class RedisBuffer(ReplayBuffer):
         self._client = redis.Redis(**connection, retry=connection_retry(int(retries), backoff))
         # Start-up fails fast (no retries): a server that is not there now is a setup problem.
         with redis.Redis(**connection, retry=Retry(NoBackoff(), 0)) as probe, self._errors("ping"):
-            probe.ping()
+            try:
+                answered = probe.ping()
+            except (AttributeError, TypeError, ValueError):  # redis-py's handshake got `:42`
+                answered = False
+            if answered is not True:  # another program speaking (some of) RESP
+                raise BufferUnavailableError(
+                    f"something at {self.host}:{self.port} does not answer PING as Redis; "
+                    "check buffer.host and buffer.port"
+                )
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -131,7 +140,8 @@ class RedisBuffer(ReplayBuffer):
             raise BufferUnavailableError(
                 f"Redis replay buffer at {self.host}:{self.port} (db {self.db}) is unavailable "
                 f"({type(e).__name__}: {e}). Start a local server with "
-                f"`contraq redis start --port {self.port}`, or set buffer.backend=memory."
+                f"`contraq redis start --port {self.port}` and relaunch (a new run can use "
+                f"buffer=memory)."
             ) from None
         except redis.ResponseError as e:
             if "WRONGTYPE" in str(e):
@@ -184,27 +194,38 @@ class RedisBuffer(ReplayBuffer):
     def _parse(
         self, key: str, members: list[tuple[bytes, float]], raw: dict[bytes, bytes]
     ) -> list[BufferEntry]:
-        """Validate a sorted set's (id, score) pairs against the hash of id -> entry JSON."""
-        zkey, hkey = self._zkey(key), self._hkey(key)
-        if len(raw) != len(members):
-            raise BufferCorruptError(
-                f"Redis keys {zkey!r} and {hkey!r} disagree: {len(members)} ids in the sorted set, "
-                f"{len(raw)} entries in the hash"
-            )
-        out = []
+        """The entries of a sorted set's (id, score) pairs and the hash of id -> entry JSON.
+
+        An entry that cannot be read (not JSON, a field of the wrong type, a score that is not
+        its log_r, an id in one key only) is left out and listed by :meth:`unreadable`: one
+        tampered or foreign entry must not stop every later read of the key.
+        """
+        hkey = self._hkey(key)
+        out, bad = [], []
         for member, score in members:
+            ident = member.decode("utf-8", "replace")
             if member not in raw:
-                raise BufferCorruptError(
-                    f"Redis key {hkey!r} has no field for id {member!r} listed in {zkey!r}"
-                )
-            e = BufferEntry.from_json(raw[member], f"Redis key {hkey!r} field {member!r}")
+                bad.append((ident, f"listed in {self._zkey(key)!r} but has no entry"))
+                continue
+            try:
+                e = BufferEntry.from_json(raw[member], f"Redis key {hkey!r} field {member!r}")
+            except BufferCorruptError as err:
+                bad.append((ident, str(err).split(f"field {member!r}: ", 1)[-1]))
+                continue
             if e.log_r != score:
-                raise BufferCorruptError(
-                    f"Redis key {zkey!r}: score {score!r} of id {member!r} differs from the "
-                    f"entry's log_r {e.log_r!r}"
-                )
+                bad.append((ident, f"score {score!r} differs from the entry's log_r {e.log_r!r}"))
+                continue
             out.append(e)
+        listed = {m for m, _ in members}
+        bad += [
+            (m.decode("utf-8", "replace"), "not in the sorted set") for m in raw if m not in listed
+        ]
+        self._unreadable[key] = bad
         return sort_entries(out)
+
+    def unreadable(self, key: str) -> list[tuple[str, str]]:
+        """(id, why) of the entries of ``key`` that the last read left out."""
+        return list(self._unreadable.get(key, ()))
 
     # -- API -------------------------------------------------------------------------------
 
