@@ -21,7 +21,7 @@ from contraq.baselines import beam_records
 from contraq.conf import compose_run
 from contraq.files import REPO_ROOT, iter_jsonl, resolve_path
 from contraq.parts import Parts, build_prompts
-from contraq.questions import progress_bar, sample_unique
+from contraq.questions import progress_bar, sample_distinct_records
 from contraq.runload import heldout_facts
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     start = time.perf_counter()
     parts = Parts(cfg, with_lora=True)
     with progress_bar() as progress:
-        untrained = sample_unique(
+        untrained = sample_distinct_records(
             parts, facts, args.n, base=True, method="untrained", seed=0, progress=progress
         )
         prompts = build_prompts(cfg, facts, parts.tokenizer)

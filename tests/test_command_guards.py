@@ -74,7 +74,7 @@ def _sample(run: Path, tmp_path: Path, checkpoint: Path) -> subprocess.Completed
     facts.write_text(json.dumps({"subject": "Paris", "edit_fact": "Paris is in Italy"}) + "\n")
     out = tmp_path / "q.jsonl"
     args = [f"checkpoint={checkpoint}", f"facts={facts}", f"out={out}", "overwrite=true"]
-    return contraq("sample", *args, "n=1", "max_rounds=1", "device=cpu")
+    return contraq("sample", *args, "n=1", "device=cpu")
 
 
 def test_bad_adapter_and_checkpoint_files_are_refused_in_one_line(

@@ -42,7 +42,7 @@ def test_sample_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
     mine = tmp_path / "mine.jsonl"
     mine.write_text("my own notes\n")
     protected = {p: p.read_bytes() for p in (facts, run / "config.yaml", mine)}
-    args = ["sample", f"checkpoint={run}", f"facts={facts}", "n=2", "max_rounds=1", "device=cpu"]
+    args = ["sample", f"checkpoint={run}", f"facts={facts}", "n=2", "device=cpu"]
     refused = [
         (f"out={facts}", "input of this command"),
         (f"out={run / 'config.yaml'}", "belongs to the run folder"),
