@@ -269,29 +269,20 @@ def yield_lines(y: Mapping[str, Any] | None) -> list[str]:
         return []
     budgets = sorted({int(n) for cells in y["methods"].values() for n in cells})
     lines = [
-        "## The set per fact: distinct counted contradictions / meaning clusters",
+        "## The set per fact: distinct counted contradictions, meaning clusters, named",
         "",
         "Per fact, among its first N answered questions: distinct counted contradictions "
-        "(same content words merged) and meaning clusters among them (MiniLM, average "
-        "linkage, cosine 0.8); means over facts, 95% bootstrap intervals.",
-        "",
-        markdown_table(
-            [
-                "method",
-                *(f"N={n}: distinct" for n in budgets),
-                *(f"N={n}: clusters" for n in budgets),
-            ],
-            [
-                [
-                    m,
-                    *(_cell(cells[str(n)]["distinct"]) if str(n) in cells else "" for n in budgets),
-                    *(_cell(cells[str(n)]["clusters"]) if str(n) in cells else "" for n in budgets),
-                ]
-                for m, cells in y["methods"].items()
-            ],
-        ),
+        "(same content words merged), meaning clusters among them (MiniLM, average linkage, "
+        "cosine 0.8) and, judge-free, distinct questions whose answer names the original "
+        "object; means over facts, 95% bootstrap intervals.",
         "",
     ]
+    for kind in ("distinct", "clusters", "named"):
+        rows = [
+            [m, *(_cell(cells[str(n)][kind]) if str(n) in cells else "" for n in budgets)]
+            for m, cells in y["methods"].items()
+        ]
+        lines += [markdown_table([kind, *(f"N={n}" for n in budgets)], rows), ""]
     target = y.get("target")
     if target and y.get("compare"):
         rows = []
