@@ -69,6 +69,17 @@ def forward(
     return out.logits[:, -keep:], new_cache, getattr(out, "hidden_states", None)
 
 
+def decode_step(
+    model: nn.Module, token: Tensor, mask: Tensor, position: Tensor, cache: Any
+) -> tuple[Tensor, Any]:
+    """One KV-cached decoding step: ``token`` LongTensor[B] fed at ``position`` [B, 1] with the
+    attention ``mask`` [B, P + t + 1] so far. Returns (logits [B, 1, V], the grown cache)."""
+    logits, cache, _ = forward(
+        model, token[:, None], mask, position, keep=1, cache=cache, use_cache=True
+    )
+    return logits, cache
+
+
 def positions(mask: Tensor) -> Tensor:
     """Position ids ``cumsum(mask) - 1`` (clamped at 0): left padding changes no log-prob."""
     return (mask.long().cumsum(dim=1) - 1).clamp(min=0)

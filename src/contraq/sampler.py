@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contraq.lm_forward import forward, positions, prefill
+from contraq.lm_forward import decode_step, forward, positions, prefill
 
 
 @dataclass(kw_only=True)
@@ -314,15 +314,7 @@ def sample(
             if t == max_len - 1 or bool(done.all()):
                 n_steps = t + 1
                 break
-            logits, cache, _ = forward(
-                model,
-                token[:, None],
-                mask[:, : width + t + 1],
-                next_pos + t,
-                keep=1,
-                cache=cache,
-                use_cache=True,
-            )
+            logits, cache = decode_step(model, token, mask[:, : width + t + 1], next_pos + t, cache)
     return SampleBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

@@ -67,6 +67,25 @@ def bootstrap_rate(
     return (rate, float(np.quantile(rates, alpha)), float(np.quantile(rates, 1 - alpha)))
 
 
+def _paired_rates(
+    a: Mapping[int, tuple[float, int]],
+    b: Mapping[int, tuple[float, int]],
+    n_boot: int,
+    seed: int,
+) -> tuple[float, float, np.ndarray, np.ndarray] | None:
+    """Pooled rates of ``a`` and ``b`` on the facts both have, and of every joint resample of
+    those facts (``[n_boot]`` each); ``None`` without a common fact."""
+    facts = sorted(set(a) & set(b))
+    if not facts:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
+    full = np.arange(len(facts))[None, :]
+    rate_a = float(_resampled_rates(a, facts, full)[0])
+    rate_b = float(_resampled_rates(b, facts, full)[0])
+    return rate_a, rate_b, _resampled_rates(a, facts, idx), _resampled_rates(b, facts, idx)
+
+
 def paired_bootstrap(
     a: Mapping[int, tuple[float, int]],
     b: Mapping[int, tuple[float, int]],
@@ -80,17 +99,14 @@ def paired_bootstrap(
         ``diff``, its interval ``low``/``high`` and ``p_le_0``: the share of resamples where
         ``a`` is not above ``b`` (a one-sided bootstrap p-value for "a is better").
     """
-    facts = sorted(set(a) & set(b))
-    if not facts:
+    rates = _paired_rates(a, b, n_boot, seed)
+    if rates is None:
         return {"diff": math.nan, "low": math.nan, "high": math.nan, "p_le_0": math.nan}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
-    diffs = _resampled_rates(a, facts, idx) - _resampled_rates(b, facts, idx)
-    full = np.arange(len(facts))[None, :]
-    diff = float((_resampled_rates(a, facts, full) - _resampled_rates(b, facts, full))[0])
+    rate_a, rate_b, res_a, res_b = rates
+    diffs = res_a - res_b
     alpha = (1.0 - level) / 2
     return {
-        "diff": diff,
+        "diff": rate_a - rate_b,
         "low": float(np.quantile(diffs, alpha)),
         "high": float(np.quantile(diffs, 1 - alpha)),
         "p_le_0": float((diffs <= 0).mean()),
@@ -111,16 +127,14 @@ def ratio_bootstrap(
         ``ratio`` and its percentile interval ``ratio_low``/``ratio_high`` (inf where a
         resample's ``b`` is 0 and its ``a`` is not; NaN without facts or when ``b`` is 0).
     """
-    facts = sorted(set(a) & set(b))
     nan = {"ratio": math.nan, "ratio_low": math.nan, "ratio_high": math.nan}
-    if not facts:
+    rates = _paired_rates(a, b, n_boot, seed)
+    if rates is None:
         return nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
-    full = np.arange(len(facts))[None, :]
+    rate_a, rate_b, res_a, res_b = rates
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float((_resampled_rates(a, facts, full) / _resampled_rates(b, facts, full))[0])
-        ratios = _resampled_rates(a, facts, idx) / _resampled_rates(b, facts, idx)
+        ratio = rate_a / rate_b if rate_b else (math.inf if rate_a else math.nan)
+        ratios = res_a / res_b
     ratios = np.nan_to_num(ratios, nan=1.0, posinf=math.inf)  # 0/0: both found nothing
     if not math.isfinite(ratio):
         return {**nan, "ratio": ratio}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from contraq.lm_forward import forward, positions, prefill
+from contraq.lm_forward import decode_step, forward, positions, prefill
 from contraq.sampler import (
     SampleBatch,
     SamplerConfig,
@@ -214,15 +214,7 @@ def sample_distinct(
                 n_steps = t + 1
                 break
             cache.reorder_cache(src)
-            logits, cache, _ = forward(
-                model,
-                token[:, None],
-                mask[:, : width + t + 1],
-                next_pos + t,
-                keep=1,
-                cache=cache,
-                use_cache=True,
-            )
+            logits, cache = decode_step(model, token, mask[:, : width + t + 1], next_pos + t, cache)
     batch = SampleBatch(
         prompt_ids=ids,
         prompt_mask=pmask,
