@@ -136,7 +136,7 @@ def test_relaunches_keep_metrics_config_and_checkpoints(tmp_path: Path) -> None:
     huge = tmp_path / "huge.jsonl"
     huge.write_text(json.dumps({"subject": "X", "edit_fact": "X is Y", "prompt": "a" * 2**20}))
     started = time.time()
-    proc = contraq(*args, f"facts={huge}")
+    proc = contraq(*args, "overwrite=true", f"facts={huge}")  # q.jsonl exists from case 5
     assert proc.returncode == 2 and time.time() - started < 60
     one_line_error(proc.stderr, f"{huge}:1: prompt", "characters")
 
