@@ -104,7 +104,9 @@ def test_an_added_key_that_nothing_reads_is_refused(tmp_path: Path) -> None:
         one_line_error(train(out, given, rc=2), f"contraq train: {key}: no part of contraq reads")
     assert not out.exists()
     # Keys a reader takes: a Lightning Trainer argument, a key read when present.
-    train(out, "train.max_steps=1", "+trainer.limit_train_batches=1.0", f"+ddp_audit_dir={tmp_path}/a")
+    train(
+        out, "train.max_steps=1", "+trainer.limit_train_batches=1.0", f"+ddp_audit_dir={tmp_path}/a"
+    )
     assert summary(out)["steps"] == 1 and list((tmp_path / "a").iterdir())
 
 
