@@ -41,6 +41,12 @@ def _resampled_rates(
     return hits[idx].sum(1) / np.maximum(tot[idx].sum(1), 1.0)
 
 
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    """The central percentile interval of ``values`` at ``level`` (e.g. 0.95)."""
+    alpha = (1.0 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
 def bootstrap_rate(
     counts: Mapping[int, tuple[float, int]],
     n_boot: int = 2000,
@@ -62,9 +68,7 @@ def bootstrap_rate(
     rate = sum(counts[f][0] for f in facts) / max(total, 1)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
-    rates = _resampled_rates(counts, facts, idx)
-    alpha = (1.0 - level) / 2
-    return (rate, float(np.quantile(rates, alpha)), float(np.quantile(rates, 1 - alpha)))
+    return (rate, *_interval(_resampled_rates(counts, facts, idx), level))
 
 
 def _paired_rates(
@@ -104,13 +108,8 @@ def paired_bootstrap(
         return {"diff": math.nan, "low": math.nan, "high": math.nan, "p_le_0": math.nan}
     rate_a, rate_b, res_a, res_b = rates
     diffs = res_a - res_b
-    alpha = (1.0 - level) / 2
-    return {
-        "diff": rate_a - rate_b,
-        "low": float(np.quantile(diffs, alpha)),
-        "high": float(np.quantile(diffs, 1 - alpha)),
-        "p_le_0": float((diffs <= 0).mean()),
-    }
+    low, high = _interval(diffs, level)
+    return {"diff": rate_a - rate_b, "low": low, "high": high, "p_le_0": float((diffs <= 0).mean())}
 
 
 def ratio_bootstrap(
@@ -138,12 +137,8 @@ def ratio_bootstrap(
     ratios = np.nan_to_num(ratios, nan=1.0, posinf=math.inf)  # 0/0: both found nothing
     if not math.isfinite(ratio):
         return {**nan, "ratio": ratio}
-    alpha = (1.0 - level) / 2
-    return {
-        "ratio": ratio,
-        "ratio_low": float(np.quantile(ratios, alpha)),
-        "ratio_high": float(np.quantile(ratios, 1 - alpha)),
-    }
+    low, high = _interval(ratios, level)
+    return {"ratio": ratio, "ratio_low": low, "ratio_high": high}
 
 
 def frontier_value(points: Sequence[tuple[float, float]], x: float) -> float:
