@@ -61,6 +61,8 @@ def test_every_shipped_choice_validates(override: str) -> None:
         ("loss=vargrad train.n_samples=1", "train.n_samples: must be >= 2 for loss=vargrad"),
         ("loss=subtb reward.w_div=5", "reward.w_div: must be 0 with loss=subtb"),
         ("reward.w_div=-1", "reward.w_div: must be a number >= 0, got -1"),
+        ("loss=subtb reward.w_share=1", "reward.w_share: must be 0 with loss=subtb"),
+        ("reward.w_share=-1", "reward.w_share: must be a number >= 0, got -1"),
         ("reward.div_gate=facts", "reward.div_gate: must be one of 'none'"),
         ("reward.frozen_weights=fp8", "reward.frozen_weights: must be one of 'auto', 'shared'"),
         ("train.replay.prioritized=maybe", "train.replay.prioritized: must be true or false"),

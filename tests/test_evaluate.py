@@ -15,7 +15,9 @@ from conftest import randomize_lora_b, save_tiny_nli
 from contraq.cli import compose, main
 from contraq.config_check import ConfigError
 from contraq.evaluate import EvalConfig, compare_to_trained
+from contraq.genuine import content_key
 from contraq.metrics import independent_hit, rate_summary
+from contraq.questions import first_new_content
 from contraq.runload import RunError, load_parts, resolve_run
 from contraq.settings import typed
 
@@ -324,6 +326,40 @@ def test_sample_draws_distinct_questions_when_the_policy_repeats(
     assert code == 0
     plain = read_jsonl(out_plain)
     assert [r["question"] for r in plain] != greedy
+
+
+def test_first_new_content_answers_no_rephrasing_of_function_words() -> None:
+    rows = [0, 1, 2, 3, 4, 5, 6]
+    texts = [
+        "What is the capital of France?",
+        "What's the capital of France?",  # same content words: skipped
+        "Which city is France's capital?",
+        "What is the capital of France?",  # another fact: its own first
+        "Is Lyon the capital of France?",
+        "Where is the capital of France?",  # same content words again: skipped
+        "Who leads France?",  # the group already has n = 3
+    ]
+    groups = [0, 0, 0, 1, 0, 0, 0]
+    assert first_new_content(rows, texts, groups, 3) == [0, 2, 3, 4]
+    assert first_new_content(rows, texts, groups, 1) == [0, 3]
+
+
+def test_sample_draw_factor_answers_n_questions_with_new_content_words(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """draw_factor=3: 3n draws without replacement, the first n with new content words are
+    answered (each fact's questions then have n distinct content keys); out of range: one
+    line naming the key."""
+    facts = write_minimal_facts(tmp_path / "facts.jsonl")
+    argv = ["sample", f"checkpoint={tiny_run}", f"facts={facts}", "device=cpu", "n=4"]
+    out = tmp_path / "q.jsonl"
+    assert main([*argv, f"out={out}", "draw_factor=3"]) == 0
+    rows = read_jsonl(out)
+    for subject in ("France", "Hamlet"):
+        qs = [r["question"] for r in rows if r["subject"] == subject]
+        assert 1 <= len(qs) <= 4 and len({content_key(q) for q in qs}) == len(qs)
+    assert main([*argv, f"out={tmp_path / 'x.jsonl'}", "draw_factor=0.5"]) == 2
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 @pytest.mark.parametrize(

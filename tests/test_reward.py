@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from transformers import AutoTokenizer
 
 from contraq.conf import compose_run
 from contraq.data import EditFact
@@ -751,6 +752,53 @@ def test_novelty_reward_adds_w_div_times_novelty_among_the_facts_rows(
     again = with_log_r(records, gated.cfg, step=0)
     got = torch.tensor([r["log_r"] for r in again])
     torch.testing.assert_close(got, out_gated.log_r, atol=1e-4, rtol=0)
+
+
+def test_sharing_reward_divides_by_the_counted_rows_of_one_meaning(
+    answering_lm, smol_tokenizer, tiny_nli_dir, tmp_path, term, embedder
+) -> None:
+    """With w_share each counted row loses w_share x log(its crowding) among its own fact's
+    counted rows (row 1 repeats row 0), others keep their log R; a rescore of the records
+    (crowding dropped) computes the same values again. The tiny judge's contradiction bias is
+    raised so that most rows are counted."""
+    from transformers import AutoModelForSequenceClassification
+
+    from contraq.embedding import cluster_crowding
+    from contraq.reuse import with_log_r
+
+    judge = AutoModelForSequenceClassification.from_pretrained(tiny_nli_dir)
+    with torch.no_grad():
+        judge.classifier.bias[1] += 8.0  # index 1: contradiction in the tiny judge
+    judge.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_nli_dir).save_pretrained(tmp_path)
+    nli = NLIScorer(tmp_path, device="cpu", batch_size=64)
+    tok = smol_tokenizer
+    texts = [QUESTIONS[0], *QUESTIONS[:3], *QUESTIONS[4:]]
+    batch = make_batch(tok, PROMPTS, question_ids(tok, texts, term), pad_id=tok.pad_token_id)
+    two = facts_for(2)
+    facts = [two[0]] * 4 + [two[1]] * 4
+    plain = contradiction(answering_lm, tok, nli, term).terminal(facts, batch)
+    reward = contradiction(answering_lm, tok, nli, term, embedder, w_share=2.0)
+    out = reward.terminal(facts, batch)
+    counted = out.components["genuine"].bool()
+    keys = [f.edit_fact for f in facts]
+    expected = cluster_crowding(embedder.encode(out.questions), keys, counted.cpu())
+    crowding = out.components["crowding"]
+    torch.testing.assert_close(crowding, expected)
+    assert bool((crowding[~counted] == 1).all())
+    torch.testing.assert_close(out.log_r, plain.log_r - 2.0 * crowding.log(), atol=1e-4, rtol=0)
+    records = [
+        {"method": "m", "fact_index": 0 if b < 4 else 1, "question": out.questions[b]}
+        | {k: v for k, v in out.row_components(b).items() if k != "crowding"}
+        for b in range(8)
+    ]
+    again = with_log_r(records, reward.cfg, step=0)
+    torch.testing.assert_close(
+        torch.tensor([r["log_r"] for r in again]), out.log_r, atol=1e-4, rtol=0
+    )
+    with pytest.raises(ValueError, match="needs a sentence embedder"):
+        contradiction(answering_lm, tok, nli, term, w_share=1.0)
+    assert int(counted.sum()) >= 4 and float(crowding.max()) >= 2  # the test has teeth
 
 
 def test_novelty_credit_gates_by_subject() -> None:

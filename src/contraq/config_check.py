@@ -181,6 +181,7 @@ RULES: dict[str, Check] = {
     "reward.w_lik": number(),
     "reward.w_ans": number(),
     "reward.w_div": number(0),
+    "reward.w_share": number(0),
     "reward.div_gate": choice("none", "subject"),
     "reward.batch_size": integer(0),
     "reward.answer_max_new_tokens": integer(1),
@@ -249,12 +250,12 @@ def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
             "train.n_samples",
             f"must be >= 2 for loss=vargrad (it compares the questions of a fact), got {n}",
         )
-    w_div = get("reward.w_div")
-    if get("loss.name") == "subtb" and _is_num(w_div) and w_div != 0:
-        yield ConfigError(
-            "reward.w_div",
-            f"must be 0 with loss=subtb (a prefix has no batch to be novel in), got {w_div}",
-        )
+    for key in ("reward.w_div", "reward.w_share"):
+        w = get(key)
+        if get("loss.name") == "subtb" and _is_num(w) and w != 0:
+            yield ConfigError(
+                key, f"must be 0 with loss=subtb (a prefix has no batch to share with), got {w}"
+            )
     yield from _checkpoint_dir(cfg)
     resume = get("resume")
     if not (resume is None or resume in ("auto", "never") or isinstance(resume, str)):

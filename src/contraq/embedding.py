@@ -8,9 +8,12 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import torch
+from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
 from contraq.models import minilm_dir, quiet_loading
+
+MEANING_THRESHOLD = 0.8  # mean cosine similarity at which two groups of questions merge
 
 
 def pairwise_diversity(embeddings: Tensor) -> float:
@@ -55,6 +58,55 @@ def group_novelty(embeddings: Tensor, groups: Sequence[Hashable]) -> Tensor:
     others = same.sum(1)  # [N]
     sim = ((e @ e.T) * same).sum(1) / others.clamp(min=1)
     return torch.where(others > 0, 1.0 - sim, torch.zeros_like(sim)).float()
+
+
+def meaning_clusters(embeddings: Tensor, threshold: float = MEANING_THRESHOLD) -> list[int]:
+    """Cluster labels (0-based, in order of first appearance) of ``[N, D]`` sentence
+    embeddings: average linkage on cosine distance, cut at ``1 - threshold``."""
+    n = int(embeddings.shape[0])
+    if n <= 1:
+        return [0] * n
+    x = embeddings.double().numpy()
+    tree = linkage(x, method="average", metric="cosine")
+    raw = fcluster(tree, t=1.0 - threshold, criterion="distance")
+    order: dict[int, int] = {}
+    return [order.setdefault(int(c), len(order)) for c in raw]
+
+
+def cluster_crowding(
+    embeddings: Tensor,
+    groups: Sequence[Hashable],
+    mask: Tensor,
+    threshold: float = MEANING_THRESHOLD,
+) -> Tensor:
+    """How crowded each masked row's meaning is: the number of masked rows of its group in its
+    meaning cluster (:func:`meaning_clusters` of the group's masked rows), itself included;
+    1 for rows outside ``mask``. The reward's sharing term divides a counted question's
+    reward by this (docs/DESIGN.md section 8).
+
+    Args:
+        embeddings: ``[N, D]`` sentence embeddings.
+        groups: ``N`` hashable keys (each row's edit fact).
+        mask: ``BoolTensor[N]``: the rows that share (e.g. counted contradictions).
+
+    Returns:
+        ``FloatTensor[N]`` >= 1, on the embeddings' device.
+    """
+    n = embeddings.shape[0]
+    if len(groups) != n or mask.shape[0] != n:
+        raise ValueError(f"{len(groups)} groups and {mask.shape[0]} mask rows for {n} embeddings")
+    out = torch.ones(n, device=embeddings.device)
+    keep = mask.detach().cpu().tolist()
+    rows_of: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups):
+        if keep[i]:
+            rows_of.setdefault(g, []).append(i)
+    e = embeddings.detach().float().cpu()
+    for rows in rows_of.values():
+        labels = meaning_clusters(e[rows], threshold)
+        for i, label in zip(rows, labels, strict=True):
+            out[i] = float(labels.count(label))
+    return out
 
 
 class Embedder:

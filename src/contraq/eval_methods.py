@@ -60,6 +60,9 @@ class EvalConfig:
         trained_distinct: also the trained policy as `contraq sample` draws it
             (``trained_distinct``): ``n`` distinct questions per fact, drawn without
             replacement (:func:`contraq.questions.sample_distinct_records`).
+        draw_factor: ``trained_distinct`` draws ``ceil(draw_factor * n)`` questions per fact
+            without replacement and answers the first ``n`` with new content words (1: every
+            draw is answered; :func:`contraq.questions.sample_distinct_records`).
         untrained_distinct: also the untrained policy drawn so (``untrained_distinct``, T=1):
             sample-and-filter without repeats.
         budgets: numbers of answered questions per fact at which the set each method finds
@@ -99,6 +102,7 @@ class EvalConfig:
     untrained_distinct: bool = False
     budgets: list[int] | None = None
     trained: bool = True
+    draw_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -114,6 +118,8 @@ class EvalConfig:
                 raise ConfigError(key, f"must be >= {low}, got {getattr(self, key)}")
         if any(not 1 <= b <= self.n for b in self.yield_budgets):
             raise ConfigError("budgets", f"must each lie in [1, n={self.n}], got {self.budgets}")
+        if not 1.0 <= self.draw_factor <= 16.0:
+            raise ConfigError("draw_factor", f"must lie in [1, 16], got {self.draw_factor}")
         for key in ("temperatures", "trained_temperatures"):
             if any(not t > 0 for t in getattr(self, key)):
                 raise ConfigError(key, f"must all be > 0, got {getattr(self, key)}")
@@ -216,6 +222,7 @@ def method_records(
                     base=name.startswith("untrained"),
                     method=name,
                     progress=progress,
+                    draw_factor=ecfg.draw_factor if name == "trained_distinct" else 1.0,
                 )
                 records[name] = [r for recs in per_fact for r in recs]
             elif name == "file":

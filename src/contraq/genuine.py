@@ -141,3 +141,20 @@ def echo_flags(
             f"{len(edit_facts)} facts"
         )
     return [is_echo(q, a, f) for q, a, f in zip(questions, answers, edit_facts, strict=True)]
+
+
+# Words that carry no content of their own in a question: interrogatives, auxiliaries,
+# articles, prepositions, pronouns, and the "s" left of a possessive by normalize_text.
+_FUNCTION_TEXT = """what who whom whose which where when why how is are was were be been being am do does
+    did has have had can could will would shall should may might must the a an of in on at to
+    for from by with about as into onto than that this these those it its it's he she they him
+    her them his their there here s d ll re ve and or but not any some one"""
+FUNCTION_WORDS = frozenset(_FUNCTION_TEXT.split())
+
+
+def content_key(question: str) -> str:
+    """The near-duplicate key of a question: its content words, sorted and de-duplicated
+    (all of its normalised words when it has none)."""
+    words = normalize_text(question).split()
+    content = sorted({w for w in words if w not in FUNCTION_WORDS})
+    return " ".join(content or words)

@@ -8,6 +8,7 @@ questions per fact without replacement.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -16,11 +17,12 @@ import torch
 from omegaconf import DictConfig
 
 from contraq.data import EditFact
+from contraq.genuine import content_key
 from contraq.models import base_model
 from contraq.parts import Parts, build_prompts
 from contraq.sampler import SampleBatch, sample
 from contraq.stochastic_beam import sample_distinct
-from contraq.tokens import left_pad
+from contraq.tokens import decode_questions, left_pad
 
 
 def reward_step(cfg: DictConfig) -> int:
@@ -132,34 +134,60 @@ def sample_distinct_records(
     base: bool = False,
     method: str = "trained",
     progress: Any = None,
+    draw_factor: float = 1.0,
 ) -> list[list[dict[str, Any]]]:
     """``n`` distinct questions per fact, drawn without replacement from the policy (``base``:
     the untrained policy) at ``temperature`` (:func:`contraq.stochastic_beam.sample_distinct`),
-    each scored by the reward: exactly ``n`` draws, each answered once.
+    each scored by the reward (answered once).
 
-    Facts go ``max(1, batch_size // n)`` at a time, ``n`` beams each. A fact with fewer than
-    ``n`` possible questions (never with a real vocabulary) gets fewer.
+    With ``draw_factor`` 1 every draw is answered. Above 1, ``ceil(draw_factor * n)`` are
+    drawn without replacement and the first ``n`` (in drawing order) whose content words
+    (:func:`contraq.genuine.content_key`) no earlier one has are answered: no answer is spent
+    on a rephrasing that only moves function words. Facts go ``max(1, batch_size // k)`` at a
+    time, ``k`` beams each. A fact with fewer possible questions gets fewer.
 
     Returns:
         per fact, its records in drawing order.
     """
+    if not draw_factor >= 1.0:
+        raise ValueError(f"draw_factor must be >= 1, got {draw_factor}")
+    k = max(n, math.ceil(draw_factor * n - 1e-9))
     prompts = build_prompts(parts.cfg, facts, parts.tokenizer)
     device = next(parts.policy.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     cfg = replace(parts.sampler_cfg, temperature=float(temperature))
     per_fact: list[list[dict[str, Any]]] = [[] for _ in facts]
     task = progress.add_task(method, total=n * len(facts)) if progress else None
-    for chunk in chunks(list(range(len(facts))), max(1, batch_size // n)):
+    for chunk in chunks(list(range(len(facts))), max(1, batch_size // k)):
         ids, mask = left_pad([prompts[i] for i in chunk], cfg.pad_token_id, device)
         if base:
             with base_model(parts.policy) as lm:
-                out = sample_distinct(lm, ids, mask, cfg, n, generator=generator)
+                out = sample_distinct(lm, ids, mask, cfg, k, generator=generator)
         else:
-            out = sample_distinct(parts.policy, ids, mask, cfg, n, generator=generator)
+            out = sample_distinct(parts.policy, ids, mask, cfg, k, generator=generator)
         rows = out.valid.nonzero().flatten().tolist()
-        fact_ids = [chunk[r // n] for r in rows]
+        if k > n:
+            texts = decode_questions(parts.tokenizer, out.batch.actions, out.batch.lengths)
+            rows = first_new_content(rows, [texts[r] for r in rows], [r // k for r in rows], n)
+        fact_ids = [chunk[r // k] for r in rows]
         for rec in score_records(parts, facts, fact_ids, select_rows(out.batch, rows), method):
             per_fact[rec["fact_index"]].append(rec)
         if progress:
             progress.advance(task, len(chunk) * n)
     return per_fact
+
+
+def first_new_content(
+    rows: Sequence[int], texts: Sequence[str], groups: Sequence[int], n: int
+) -> list[int]:
+    """The rows to answer: per group (a fact), in the given (drawing) order, the first ``n``
+    whose :func:`contraq.genuine.content_key` is new to the group."""
+    seen: dict[int, set[str]] = {}
+    kept: list[int] = []
+    for row, text, group in zip(rows, texts, groups, strict=True):
+        keys = seen.setdefault(group, set())
+        key = content_key(text)
+        if key not in keys and len(keys) < n:
+            keys.add(key)
+            kept.append(row)
+    return kept

@@ -23,6 +23,7 @@ from contraq.files import iter_jsonl, jsonl_or_gz
 from contraq.questions import reward_step
 from contraq.reward.contradiction import (
     ContradictionRewardConfig,
+    counted_flags,
     counted_log_r,
     novelty_credit,
 )
@@ -47,6 +48,7 @@ LOG_R_KEYS = (
     "beta",
     "w_lik",
     "w_div",
+    "w_share",
     "div_gate",
     "log_c_floor",
     "min_len",
@@ -150,7 +152,8 @@ def with_log_r(
     (:func:`contraq.reward.contradiction.counted_log_r`). With ``cfg.w_div != 0`` each record's
     ``novelty`` is used, or computed among the records of its method and fact when any lacks
     it (records written before the term existed); ``cfg.div_gate`` reads each record's
-    ``question`` and ``subject``."""
+    ``question`` and ``subject``. With ``cfg.w_share != 0`` each record's ``crowding`` is used,
+    or computed among the counted records of its method and fact when any lacks it."""
     if not records:
         return []
     novelty = None
@@ -166,6 +169,14 @@ def with_log_r(
         )
     flag = lambda key: torch.tensor([bool(r[key]) for r in records])  # noqa: E731
     value = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
+    crowding = None
+    if cfg.w_share != 0.0:
+        if all("crowding" in r for r in records):
+            crowding = value("crowding")
+        else:
+            counted = counted_flags(value("log_c"), flag("is_question"), flag("is_echo"))
+            crowding = records_crowding(records, counted)
+        records = [{**r, "crowding": float(crowding[i])} for i, r in enumerate(records)]
     log_pa = value("log_pa") if cfg.w_ans != 0.0 else None
     log_r, _ = counted_log_r(
         cfg,
@@ -176,6 +187,7 @@ def with_log_r(
         log_pa,
         step,
         novelty,
+        crowding,
     )
     return [{**r, "log_r": float(log_r[i])} for i, r in enumerate(records)]
 
@@ -187,6 +199,16 @@ def records_novelty(records: Sequence[dict[str, Any]]) -> torch.Tensor:
 
     embeddings = Embedder().encode([str(r["question"]) for r in records])
     return group_novelty(embeddings, [(r.get("method"), r["fact_index"]) for r in records])
+
+
+def records_crowding(records: Sequence[dict[str, Any]], counted: torch.Tensor) -> torch.Tensor:
+    """``FloatTensor[N]``: each counted record's :func:`contraq.embedding.cluster_crowding`
+    among the counted records of the same method and fact (1 for the others)."""
+    from contraq.embedding import Embedder, cluster_crowding
+
+    embeddings = Embedder().encode([str(r["question"]) for r in records])
+    groups = [(r.get("method"), r["fact_index"]) for r in records]
+    return cluster_crowding(embeddings, groups, counted)
 
 
 # What a record of an eval folder needs to be reused or judged again (`contraq eval` writes them).

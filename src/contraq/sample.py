@@ -3,7 +3,7 @@
 The questions of a fact are drawn without replacement (:mod:`contraq.stochastic_beam`): ``n``
 draws, ``n`` distinct questions, each answered once. Each comes with its answer, the reward's
 parts (log C, log P_Q, log R), whether it counts (a question, not an echo, judged a
-contradiction) and its near-duplicate group within the fact (:func:`contraq.yields.content_key`);
+contradiction) and its near-duplicate group within the fact (:func:`contraq.genuine.content_key`);
 the settings and their defaults are ``configs/sample.yaml``.
 """
 
@@ -22,10 +22,10 @@ from omegaconf import DictConfig
 from contraq.config_check import ConfigError
 from contraq.data import DEFAULT_MAX_CHARS, load_facts
 from contraq.files import check_output_file, resolve_path, write_output_file
+from contraq.genuine import content_key
 from contraq.questions import progress_bar, sample_distinct_records
 from contraq.runload import load_parts, load_run_config, pick_device, resolve_run
 from contraq.settings import typed
-from contraq.yields import content_key
 
 # CSV columns in this order, then any other field of the records.
 SAMPLE_FIELDS = (
@@ -60,6 +60,7 @@ class SampleConfig:
     seed: int
     device: str
     overwrite: bool = False
+    draw_factor: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("n", "batch_size"):
@@ -67,6 +68,8 @@ class SampleConfig:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if not self.temperature > 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if not 1.0 <= self.draw_factor <= 16.0:
+            raise ConfigError("draw_factor", f"must lie in [1, 16], got {self.draw_factor}")
 
 
 def questions_text(records: Sequence[dict[str, Any]], as_csv: bool) -> str:
@@ -131,6 +134,7 @@ def run_sample(cfg: DictConfig) -> Path:
             method="plain" if s.plain else "trained",
             base=s.plain,
             progress=progress,
+            draw_factor=s.draw_factor,
         )
     found = [mark_sets(recs) for recs in per_fact]
     for f, recs, k in zip(facts, per_fact, found, strict=True):

@@ -27,43 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
-from contraq.genuine import normalize_text
+from contraq.embedding import meaning_clusters
+from contraq.genuine import content_key
 from contraq.metrics import independent_hit, rate_flags
 from contraq.stats import bootstrap_rate, paired_bootstrap, ratio_bootstrap
-
-# Words that carry no content of their own in a question: interrogatives, auxiliaries,
-# articles, prepositions, pronouns, and the "s" left of a possessive by normalize_text.
-_FUNCTION_TEXT = """what who whom whose which where when why how is are was were be been being am do does
-    did has have had can could will would shall should may might must the a an of in on at to
-    for from by with about as into onto than that this these those it its it's he she they him
-    her them his their there here s d ll re ve and or but not any some one"""
-FUNCTION_WORDS = frozenset(_FUNCTION_TEXT.split())
-
-MEANING_THRESHOLD = 0.8  # mean cosine similarity at which two groups of questions merge
-
-
-def content_key(question: str) -> str:
-    """The near-duplicate key of a question: its content words, sorted and de-duplicated
-    (all of its normalised words when it has none)."""
-    words = normalize_text(question).split()
-    content = sorted({w for w in words if w not in FUNCTION_WORDS})
-    return " ".join(content or words)
-
-
-def meaning_clusters(embeddings: Tensor, threshold: float = MEANING_THRESHOLD) -> list[int]:
-    """Cluster labels (0-based, in order of first appearance) of ``[N, D]`` sentence
-    embeddings: average linkage on cosine distance, cut at ``1 - threshold``."""
-    n = int(embeddings.shape[0])
-    if n <= 1:
-        return [0] * n
-    x = embeddings.double().numpy()
-    tree = linkage(x, method="average", metric="cosine")
-    raw = fcluster(tree, t=1.0 - threshold, criterion="distance")
-    order: dict[int, int] = {}
-    return [order.setdefault(int(c), len(order)) for c in raw]
 
 
 def by_fact(records: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

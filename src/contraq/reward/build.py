@@ -39,7 +39,7 @@ def build_reward(
         if nli is None:
             raise ValueError("reward config name='contradiction' needs an NLIScorer (nli=...)")
         embedder = None
-        if float(cfg.get("w_div", 0.0) or 0.0) != 0.0:
+        if any(float(cfg.get(k, 0.0) or 0.0) != 0.0 for k in ("w_div", "w_share")):
             from contraq.embedding import Embedder
 
             embedder = Embedder(device=next(policy.parameters()).device)

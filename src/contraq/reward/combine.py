@@ -26,6 +26,8 @@ def combine_log_reward(
     w_ans: float = 0.0,
     novelty: Tensor | None = None,
     w_div: float = 0.0,
+    crowding: Tensor | None = None,
+    w_share: float = 0.0,
     step: int = 0,
     hybrid_steps: int = 0,
     hybrid_threshold: float = 0.5,
@@ -33,7 +35,9 @@ def combine_log_reward(
 ) -> tuple[Tensor, Tensor]:
     """The contradiction log-reward from its parts (all ``FloatTensor[N]``).
 
-    ``log R = log C / beta + w_lik * log P_Q (+ w_ans * log P_A) (+ w_div * novelty)``; during
+    ``log R = log C / beta + w_lik * log P_Q (+ w_ans * log P_A) (+ w_div * novelty)
+    (- w_share * log crowding)``, ``crowding`` (>= 1) the rows that share the question's meaning
+    (:func:`contraq.embedding.cluster_crowding`); during
     the hybrid warm-up (``step < hybrid_steps``)
     ``log R = log P_Q - hybrid_penalty * [log C < log hybrid_threshold]``.
     Questions with ``n_tokens < min_len`` get ``min_log_r``; so does any row where a component
@@ -54,6 +58,8 @@ def combine_log_reward(
             log_r = log_r + w_ans * log_pa
         if novelty is not None and w_div != 0.0:
             log_r = log_r + w_div * novelty.to(log_r.device)
+        if crowding is not None and w_share != 0.0:
+            log_r = log_r - w_share * crowding.to(log_r.device).clamp(min=1.0).log()
     floor = torch.full_like(log_r, float(min_log_r))
     log_r = torch.where(n_tokens.to(log_r.device) < min_len, floor, log_r)
     bad = (n_nonfinite > 0) | ~torch.isfinite(log_r)

@@ -73,6 +73,14 @@ class ContradictionRewardConfig:
             computed). The term depends on the other questions of the batch, so it is no fixed
             reward: it pushes the policy away from one question per fact. Replayed questions
             keep the log R of the batch they were sampled in. Not with ``loss=subtb``.
+        w_share: reward sharing among a step's counted contradictions of one edit fact: a
+            counted question's log R loses ``w_share * log k``, k the counted questions of its
+            fact in the step (itself included) in its meaning cluster
+            (:func:`contraq.embedding.cluster_crowding`: MiniLM, average linkage, cosine 0.8).
+            So the policy gains by spreading over probes rather than phrasings of one: with k
+            draws of one cluster each keeps ``1 / k**w_share`` of its reward (fitness sharing).
+            Like ``w_div`` it depends on the batch, so replayed questions keep the log R of the
+            batch they were sampled in. Not with ``loss=subtb``. 0: off.
         div_gate: which questions earn the novelty term: ``none`` every question, ``subject``
             only questions that name the edit's subject (:func:`contraq.genuine.names_subject`).
             Ungated, the cheapest novelty is a question about some other subject.
@@ -104,6 +112,7 @@ class ContradictionRewardConfig:
     w_lik: float = 1.0
     w_ans: float = 0.0
     w_div: float = 0.0
+    w_share: float = 0.0
     div_gate: str = "none"
     min_len: int = 0
     min_log_r: float = -50.0
@@ -129,6 +138,11 @@ class ContradictionRewardConfig:
             (math.isfinite(self.w_lik), "w_lik", "must be finite"),
             (math.isfinite(self.w_ans), "w_ans", "must be finite"),
             (math.isfinite(self.w_div) and self.w_div >= 0, "w_div", "must be finite and >= 0"),
+            (
+                math.isfinite(self.w_share) and self.w_share >= 0,
+                "w_share",
+                "must be finite and >= 0",
+            ),
             (self.div_gate in DIV_GATES, "div_gate", f"expected {' or '.join(DIV_GATES)}"),
             (math.isfinite(self.min_log_r), "min_log_r", "must be finite"),
             (math.isfinite(self.beta) and self.beta > 0, "beta", "must be > 0"),
@@ -226,14 +240,18 @@ def counted_log_r(
     log_pa: Tensor | None = None,
     step: int = 0,
     novelty: Tensor | None = None,
+    crowding: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``log R`` of N judged questions under ``cfg`` (:func:`counted_log_c`, then
     :func:`combine_log_reward`): ``log_c`` the judge's, ``form_ok`` a question whose answer is
     no echo, ``n_tok`` tokens before termination, ``novelty`` each question's
-    :func:`contraq.embedding.group_novelty` (needed when ``cfg.w_div != 0``). Returns
+    :func:`contraq.embedding.group_novelty` (needed when ``cfg.w_div != 0``), ``crowding``
+    :func:`contraq.embedding.cluster_crowding` (needed when ``cfg.w_share != 0``). Returns
     ``(log_r, n_nonfinite)``, ``[N]``."""
     if cfg.w_div != 0.0 and novelty is None:
         raise ValueError("reward.w_div != 0 needs each question's novelty")
+    if cfg.w_share != 0.0 and crowding is None:
+        raise ValueError("reward.w_share != 0 needs each question's crowding")
     if cfg.count_only_genuine:
         counted = counted_log_c(log_c, form_ok, cfg.log_c_floor)
     else:
@@ -250,6 +268,8 @@ def counted_log_r(
         w_ans=cfg.w_ans,
         novelty=novelty,
         w_div=cfg.w_div,
+        crowding=crowding,
+        w_share=cfg.w_share,
         step=step,
         hybrid_steps=cfg.hybrid_steps,
         hybrid_threshold=cfg.hybrid_threshold,
@@ -270,7 +290,7 @@ class _Judged:
 
 class ContradictionReward(BaseLMAnswers):
     """``log R(x) = log C(x) / beta + w_lik * log P_Q(x) [+ w_ans * log P_A(x)]
-    [+ w_div * novelty(x)]`` (docs/DESIGN.md section 2), with ``log C`` as :func:`counted_log_c`
+    [+ w_div * novelty(x)] [- w_share * log crowding(x)]`` (docs/DESIGN.md section 2), with ``log C`` as :func:`counted_log_c`
     counts it (non-questions and echoes get ``log_c_floor``; ``count_only_genuine: false`` only
     clamps).
 
@@ -281,7 +301,8 @@ class ContradictionReward(BaseLMAnswers):
       question prompt the policy saw;
     - ``log P_A``: base-LM log-prob of the answer tokens as generated (cut before the newline)
       given the answer prompt; computed only when ``w_ans != 0``;
-    - ``novelty``: :meth:`novelty`, computed only when ``w_div != 0``.
+    - ``novelty``: :meth:`novelty`, computed only when ``w_div != 0``;
+    - ``crowding``: :meth:`crowding`, computed only when ``w_share != 0``.
 
     Identical question texts are answered once, identical (fact, answer) pairs judged once
     (greedy decoding is deterministic), which matters for ``prefixes``: rows often share
@@ -304,8 +325,8 @@ class ContradictionReward(BaseLMAnswers):
             nli: the NLI judge.
             cfg: a :class:`ContradictionRewardConfig` or its mapping.
             termination_token_id: id of the token ending a question.
-            embedder: the sentence embedder of the novelty term (required when
-                ``cfg.w_div != 0``).
+            embedder: the sentence embedder of the novelty and sharing terms (required when
+                ``cfg.w_div != 0`` or ``cfg.w_share != 0``).
         """
         self.policy = policy
         self.tokenizer = tokenizer
@@ -316,8 +337,8 @@ class ContradictionReward(BaseLMAnswers):
             else ContradictionRewardConfig.from_mapping(cfg)
         )
         self.term_id = int(termination_token_id)
-        if self.cfg.w_div != 0.0 and embedder is None:
-            raise ValueError("reward config field w_div != 0 needs a sentence embedder")
+        if (self.cfg.w_div != 0.0 or self.cfg.w_share != 0.0) and embedder is None:
+            raise ValueError("reward config field w_div or w_share != 0 needs a sentence embedder")
         self.embedder = embedder
         self._setup_answers(tokenizer)
         self._copies: dict[str, nn.Module] = {}  # frozen_weights -> the base's copy
@@ -361,9 +382,12 @@ class ContradictionReward(BaseLMAnswers):
         log_pa: Tensor | None,
         step: int,
         novelty: Tensor | None = None,
+        crowding: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         form_ok = judged.question & ~judged.echo
-        return counted_log_r(self.cfg, judged.log_c, form_ok, log_pq, n_tok, log_pa, step, novelty)
+        return counted_log_r(
+            self.cfg, judged.log_c, form_ok, log_pq, n_tok, log_pa, step, novelty, crowding
+        )
 
     def novelty(self, edit_facts: Sequence[str], questions: Sequence[str]) -> Tensor | None:
         """``FloatTensor[N]`` each question's novelty among the rows of the same edit fact
@@ -373,6 +397,21 @@ class ContradictionReward(BaseLMAnswers):
         from contraq.embedding import group_novelty
 
         return group_novelty(self.embedder.encode(questions), edit_facts)
+
+    def crowding(
+        self, edit_facts: Sequence[str], questions: Sequence[str], judged: _Judged
+    ) -> Tensor | None:
+        """``FloatTensor[N]``: for each counted contradiction, the counted questions of its
+        edit fact in its meaning cluster (:func:`contraq.embedding.cluster_crowding`), 1 for
+        the others; ``None`` when ``w_share`` is 0."""
+        if self.cfg.w_share == 0.0 or self.embedder is None:
+            return None
+        from contraq.embedding import cluster_crowding
+
+        counted = counted_flags(judged.log_c, judged.question, judged.echo)
+        if not bool(counted.any()):
+            return torch.ones(len(questions), device=judged.log_c.device)
+        return cluster_crowding(self.embedder.encode(questions), edit_facts, counted.cpu())
 
     def terminal(
         self, facts: Sequence[EditFact], batch: SampleBatch, step: int = 0
@@ -396,7 +435,8 @@ class ContradictionReward(BaseLMAnswers):
             novelty = novelty.to(log_pq.device)
             subjects = [f.subject for f in facts]
             credit = novelty_credit(novelty, questions, subjects, self.cfg.div_gate)
-        log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step, credit)
+        crowding = self.crowding([f.edit_fact for f in facts], questions, judged)
+        log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step, credit, crowding)
         floor = self.cfg.min_log_r
         log_c = torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor)
         components = {
@@ -412,6 +452,8 @@ class ContradictionReward(BaseLMAnswers):
             components["log_pa"] = torch.nan_to_num(log_pa, nan=floor, posinf=floor, neginf=floor)
         if novelty is not None:
             components["novelty"] = novelty
+        if crowding is not None:
+            components["crowding"] = crowding.to(log_pq.device)
         return RewardOutput(
             log_r=log_r, components=components, answers=judged.answers, questions=questions
         )
