@@ -10,7 +10,7 @@ rows cost little: a bigger batch is cheap, and splitting a batch over processes 
 
 ``--head`` times the LM head alone on the last position of ``[rows, prompt, H]`` hidden states,
 as transformers slices it (a strided view) and copied contiguous first (what
-``contraq.models.contiguous_head_input`` does for every loaded model), in float32 and bfloat16:
+``contraq.lm.models.contiguous_head_input`` does for every loaded model), in float32 and bfloat16:
 with frozen weights, ``F.linear`` on the strided view broadcasts and copies the head weight.
 
 ``--bf16`` times the same steps with the weights in bfloat16 too (CPUs with avx512_bf16 or
@@ -33,8 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from contraq.conf import compose_run  # noqa: E402
-from contraq.parts import Parts  # noqa: E402
+from contraq.config.schema import compose_run  # noqa: E402
+from contraq.run.parts import Parts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Full-size check of the GPU preset (gpt2-large + DeBERTa-v3-large MNLI judge), no model hub.
 
 Builds both architectures at their real sizes from ``configs/archs/*.json`` with random weights
-(stand-in tokenizers: see ``contraq.preset_check``), saves them as local HF folders (cached under
+(stand-in tokenizers: see ``bench/preset_check.py``), saves them as local HF folders (cached under
 ``--weights-dir``), loads them through ``model.name_or_path`` / ``nli.path`` of
 ``experiment=gpu-gpt2-large`` and runs, with the project's own code path:
 
@@ -38,9 +38,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from contraq import preset_check as pc  # noqa: E402
+import preset_check as pc  # noqa: E402  (bench/preset_check.py, beside this file)
 from contraq.files import default_cache_dir  # noqa: E402
-from contraq.parts import Parts  # noqa: E402
+from contraq.run.parts import Parts  # noqa: E402
 
 GIB = 2**30
 
@@ -123,7 +123,7 @@ def prompt_width_max(cfg: Any, tokenizer: Any) -> int:
     widest prompt, so this bounds P for any batch of the preset."""
     from contraq.data import load_facts
     from contraq.files import resolve_path
-    from contraq.parts import build_prompts
+    from contraq.run.parts import build_prompts
 
     facts = load_facts(resolve_path(cfg.data.path))
     return max(len(p) for p in build_prompts(cfg, facts, tokenizer))

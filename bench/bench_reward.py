@@ -29,15 +29,15 @@ from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E
 from contraq.data import EditFact, load_facts  # noqa: E402
 from contraq.judge.config import NLITrainConfig  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
-from contraq.models import (  # noqa: E402
+from contraq.lm.models import (  # noqa: E402
     ModelConfig,
     attach_lora,
     load_model_and_tokenizer,
     minilm_dir,
     termination_token_id,
 )
+from contraq.lm.sampling import SampleBatch  # noqa: E402
 from contraq.reward.contradiction import ContradictionReward  # noqa: E402
-from contraq.sampler import SampleBatch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

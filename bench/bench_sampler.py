@@ -24,8 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from contraq.models import ModelConfig, attach_lora, load_model_and_tokenizer  # noqa: E402
-from contraq.sampler import SamplerConfig, sample, score_actions  # noqa: E402
+from contraq.lm.models import ModelConfig, attach_lora, load_model_and_tokenizer  # noqa: E402
+from contraq.lm.sampling import SamplerConfig, sample, score_actions  # noqa: E402
 
 SUBJECTS = [
     "the Eiffel Tower",

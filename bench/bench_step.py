@@ -3,7 +3,7 @@
 One Trajectory Balance step of the default experiment (SmolLM2-135M-Instruct + LoRA, the
 offline MiniLM judge from the cache, or MiniLM-L6 with a random head of the same size), split
 into the parts of :meth:`contraq.reward.ContradictionReward.terminal` and
-:meth:`contraq.module.GFlowNetModule.compute_loss`, each timed on its own:
+:meth:`contraq.training.module.GFlowNetModule.compute_loss`, each timed on its own:
 
 - sampling: the KV-cached sampler, ``facts x n`` questions at T=1;
 - answering: greedy answers of the base LM (adapters disabled);
@@ -18,7 +18,7 @@ Prints seconds per part (median of the repeats) and their share of the step twic
 and the step as training runs, with the ratio baseline / new:
 
 - ``--baseline each-prompt`` (default): every row runs its own prompt
-  (``contraq.lm_forward.no_prompt_sharing``) against each distinct prompt once with its KV cache
+  (``contraq.lm.forward.no_prompt_sharing``) against each distinct prompt once with its KV cache
   shared; both with the default config's weights (``model.dtype=auto``).
 - ``--baseline float32``: float32 weights against bfloat16 (what ``model.dtype=auto`` picks on
   a CPU with AMX), both with shared prompts. The questions and answers differ a
@@ -57,17 +57,17 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_reward import judge_dir  # noqa: E402
-from contraq.conf import compose_run  # noqa: E402
+from contraq.config.schema import compose_run  # noqa: E402
 from contraq.data import load_split  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
-from contraq.lm_forward import no_prompt_sharing  # noqa: E402
-from contraq.losses import LogZHead, trajectory_balance_loss  # noqa: E402
-from contraq.models import weights_dtype  # noqa: E402
-from contraq.parts import Parts, build_prompts  # noqa: E402
+from contraq.lm.forward import no_prompt_sharing  # noqa: E402
+from contraq.lm.models import weights_dtype  # noqa: E402
+from contraq.lm.sampling import SampleBatch, sample, score_actions  # noqa: E402
+from contraq.lm.tokens import decode_questions, left_pad  # noqa: E402
 from contraq.reward.base import base_logprobs, batch_logprobs, frozen_base  # noqa: E402
 from contraq.reward.build import build_reward  # noqa: E402
-from contraq.sampler import SampleBatch, sample, score_actions  # noqa: E402
-from contraq.tokens import decode_questions, left_pad  # noqa: E402
+from contraq.run.parts import Parts, build_prompts  # noqa: E402
+from contraq.training.losses import LogZHead, trajectory_balance_loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ Counts the tensor calls that wait for a GPU's queue (:mod:`contraq.syncs`) while
 random Llama of the tests samples questions and answers them, apart for the loop's own code
 and for the model's forward passes (transformers' mask code checks the padding once per step).
 On a GPU the sampler's draw also copies each step's probabilities to the CPU generator
-(:func:`contraq.sampler.draw_tokens`), a sync the CPU run cannot show.
+(:func:`contraq.lm.sampling.draw_tokens`), a sync the CPU run cannot show.
 
     python bench/bench_syncs.py
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-import contraq.lm_forward as lm_forward
+import contraq.lm.forward as lm_forward
+import contraq.lm.sampling as sampler_module
 import contraq.reward.answers as answers_module
-import contraq.sampler as sampler_module
-from contraq.models import (
+from contraq.lm.models import (
     ModelConfig,
     attach_lora,
     base_model,
@@ -24,9 +24,9 @@ from contraq.models import (
     load_smollm2_tokenizer,
     termination_token_id,
 )
+from contraq.lm.tokens import left_pad
 from contraq.reward.contradiction import ContradictionReward
 from contraq.syncs import count_host_syncs
-from contraq.tokens import left_pad
 
 
 def counting_forward(counts: dict[str, int], original):

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contraq.config_check import ConfigError
-from contraq.metrics import counted_texts, flag_counts
-from contraq.reuse import read_eval_folder
-from contraq.stats import bootstrap_rate, paired_bootstrap
+from contraq.config.checks import ConfigError
+from contraq.evaluation.metrics import counted_texts, flag_counts
+from contraq.evaluation.reuse import read_eval_folder
+from contraq.evaluation.stats import bootstrap_rate, paired_bootstrap
 
 # The counted rate; the answer names the pre-edit object; distinct counted questions per fact.
 KEYS = ("genuine_rate", "independent_rate", "counted_distinct")

@@ -9,7 +9,8 @@ project's dependencies::
 
 An import is *top* (runs when the module loads), *lazy* (inside a function: runs when it is
 called) or *typing* (under ``if TYPE_CHECKING:``: never runs). Cycles and layers are checked on
-top and lazy imports: a lazy import only postpones a cycle, it does not remove it.
+top and lazy imports: a lazy import only postpones a cycle, it does not remove it. The packages
+(``contraq.lm``, ``contraq.training``, ...) are checked for cycles among themselves as well.
 
 Every submodule of a package is its own node. ``import contraq.a.b`` and ``from contraq.a.b
 import x`` also run ``contraq/a/__init__.py`` (an edge to ``contraq.a``) unless the importer is
@@ -18,7 +19,7 @@ inside ``contraq.a`` already; ``from contraq.a import b`` is an import of ``cont
 out.
 
 ``LAYERS`` below is the picture in docs/ARCHITECTURE.md, top to bottom: a module may import
-only from lower layers (TYPE_CHECKING imports included), and inside its own package. Exit
+only from lower layers (TYPE_CHECKING imports included), and inside a package listed whole. Exit
 status 1 when there is a cycle, an upward or sideways import or a module missing from
 ``LAYERS``, else 0.
 """
@@ -34,30 +35,46 @@ from pathlib import Path
 
 ROOT = "contraq"
 
-# docs/ARCHITECTURE.md's layer picture, top to bottom. A package name stands for all its
-# submodules (imports inside a package are not checked against the layers, only for cycles).
+# docs/ARCHITECTURE.md's layer picture, top to bottom. An entry is a module (``training.module``)
+# or a package listed whole, standing for all its submodules (``reward``: imports inside it are
+# not checked against the layers, only for cycles).
 LAYERS: list[list[str]] = [
     ["cli"],  # the `contraq` command
-    ["rescore"],  # an eval folder judged again (reuses evaluate's report)
-    ["evaluate", "sample", "smooth", "preset_check", "editing"],  # commands on a trained run
-    ["eval_methods"],  # eval's methods, in one process or several
-    ["baselines", "report", "train", "reuse", "question_file"],  # eval's methods, tables...; train
+    ["evaluation.rescore"],  # an eval folder judged again (reuses evaluate's report)
+    ["evaluation.evaluate", "sample", "training.smooth", "editing"],  # commands on a trained run
+    ["evaluation.methods"],  # eval's methods, in one process or several
     [
-        "questions",
-        "runload",
-        "callbacks",
-        "launch",
-        "yields",
-        "hydra_record",
-    ],  # a run loaded back; the set found
-    ["module", "parts"],  # one training step; a run's parts built from its config
-    ["conf", "distributed"],  # the config schema; a step's batch across ranks
-    ["reward", "buffer", "losses", "metrics"],  # the GFlowNet's parts
-    ["judge", "redis_server", "runs", "settings", "plots"],  # services of the parts above
-    ["embedding", "stochastic_beam"],  # sentence embeddings; drawing without replacement
-    ["sampler", "models", "data", "tokens", "genuine", "stats", "config_check"],  # foundations
-    ["files", "lm_forward", "threads", "procs", "syncs"],
-    ["errors"],  # the one-line user errors  # no contraq import
+        "evaluation.baselines",
+        "evaluation.report",
+        "evaluation.reuse",
+        "evaluation.question_file",
+        "training.train",
+    ],  # eval's methods, tables, reused baselines, a questions file; the Lightning run
+    [
+        "evaluation.questions",
+        "evaluation.yields",
+        "run.load",
+        "run.hydra_record",
+        "training.callbacks",
+        "training.launch",
+    ],  # a run loaded back; its questions; the set found; around the Lightning run
+    ["training.module", "run.parts"],  # one training step; a run's parts built from its config
+    ["config.schema", "training.distributed"],  # the config schema; a step's batch across ranks
+    ["reward", "buffer", "training.losses", "evaluation.metrics"],  # the GFlowNet's parts
+    ["judge", "redis_server", "run.folder", "config.settings", "evaluation.plots"],  # services
+    ["lm.embedding", "lm.stochastic_beam"],  # sentence embeddings; drawing without replacement
+    [
+        "lm.sampling",
+        "lm.models",
+        "lm.tokens",
+        "data",
+        "genuine",
+        "evaluation.stats",
+        "config.checks",
+    ],  # foundations
+    ["files", "lm.forward", "threads", "procs", "syncs", "config.upgrade"],
+    # the one-line user errors; the packages' __init__ (docstrings only): no contraq import
+    ["errors", "lm", "training", "evaluation", "run", "config"],
 ]
 
 
@@ -198,13 +215,19 @@ def strongly_connected(nodes: list[str], graph: dict[str, set[str]]) -> list[lis
 
 
 def layer_of(module: str) -> tuple[int, str] | None:
-    """(layer index, unit) of a module: its package's layer for a package's submodule."""
+    """(layer index, unit) of a module: the ``LAYERS`` entry naming it, else the package above
+    it listed whole. A package whose modules are listed one by one (``lm``) stands for its
+    ``__init__`` only, so a new module there is reported until it is placed."""
     short = module.removeprefix(ROOT + ".")
-    unit = short.split(".")[0]
+    units = [unit for layer in LAYERS for unit in layer]
+    found = None
     for i, layer in enumerate(LAYERS):
-        if unit in layer:
-            return i, unit
-    return None
+        for unit in layer:
+            whole = not any(u.startswith(unit + ".") for u in units)
+            inside = whole and short.startswith(unit + ".")
+            if (short == unit or inside) and (found is None or len(unit) > len(found[1])):
+                found = (i, unit)
+    return found
 
 
 def depths(nodes: list[str], graph: dict[str, set[str]]) -> dict[str, int]:
@@ -263,6 +286,23 @@ def main(argv: list[str] | None = None) -> int:
             for e in chosen:
                 if e.src in component and e.dst in component:
                     print(f"    {e.where()}: {e.src} -> {e.dst} ({e.kind})")
+
+    # The packages themselves form a tree too: no two of them import each other, even through
+    # different modules (contraq.training -> contraq.evaluation.metrics is fine only while no
+    # evaluation module imports training).
+    package = {v: v.split(".")[1] for v in nodes}
+    graph = {
+        p: {package[e.dst] for e in runtime if package[e.src] == p} - {p} for p in package.values()
+    }
+    for component in strongly_connected(sorted(set(package.values())), graph):
+        problems += 1
+        print(f"PACKAGE CYCLE (top + lazy imports): {' <-> '.join(component)}")
+        for e in runtime:
+            src, dst = package[e.src], package[e.dst]
+            if src != dst and src in component and dst in component:
+                print(f"    {e.where()}: {e.src} -> {e.dst} ({e.kind})")
+    if problems == 0:
+        print("package cycles: none")
 
     unplaced = [v for v in nodes if layer_of(v) is None]
     for v in unplaced:

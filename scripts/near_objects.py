@@ -12,12 +12,12 @@ import argparse
 import json
 from importlib.resources import files
 
-from contraq.embedding import Embedder
 from contraq.files import resolve_path
 from contraq.judge.config import NLITrainConfig
 from contraq.judge.facts import read_fact_rows
 from contraq.judge.near import NEAR_TABLE, near_table
 from contraq.judge.pairs import PairBuilder
+from contraq.lm.embedding import Embedder
 
 
 def main() -> None:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from contraq.metrics import flag_counts
-from contraq.reuse import read_eval_folder
-from contraq.stats import bootstrap_rate, paired_bootstrap
+from contraq.evaluation.metrics import flag_counts
+from contraq.evaluation.reuse import read_eval_folder
+from contraq.evaluation.stats import bootstrap_rate, paired_bootstrap
 
 
 def _records(folder: str, method: str) -> list[dict]:

@@ -1,5 +1,5 @@
 """The set per fact of one method in two eval folders (same facts), paired over facts: e.g.
-two training recipes, both drawn without replacement (contraq.yields).
+two training recipes, both drawn without replacement (contraq.evaluation.yields).
 
     python scripts/paired_sets.py docs/results/set-b0/eval32 docs/results/set-a/eval32 \
         --method trained_distinct --budget 32
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from contraq.embedding import Embedder
+from contraq.evaluation.yields import KINDS, fact_yields, yield_summary
 from contraq.files import iter_jsonl
-from contraq.yields import KINDS, fact_yields, yield_summary
+from contraq.lm.embedding import Embedder
 
 
 def records(folder: str, method: str) -> list[dict]:

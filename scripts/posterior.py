@@ -26,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from contraq.baselines import policy_records
-from contraq.metrics import Embedder, grouped_diversity, rate_summary
-from contraq.parts import build_prompts
-from contraq.questions import progress_bar
-from contraq.runload import heldout_facts, load_parts, pick_device, resolve_run
+from contraq.evaluation.baselines import policy_records
+from contraq.evaluation.metrics import Embedder, grouped_diversity, rate_summary
+from contraq.evaluation.questions import progress_bar
+from contraq.run.load import heldout_facts, load_parts, pick_device, resolve_run
+from contraq.run.parts import build_prompts
 
 
 def _args(argv: list[str]) -> dict[str, str]:

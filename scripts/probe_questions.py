@@ -17,12 +17,12 @@ import json
 import time
 from pathlib import Path
 
-from contraq.baselines import beam_records
-from contraq.conf import compose_run
+from contraq.config.schema import compose_run
+from contraq.evaluation.baselines import beam_records
+from contraq.evaluation.questions import progress_bar, sample_distinct_records
 from contraq.files import REPO_ROOT, iter_jsonl, resolve_path
-from contraq.parts import Parts, build_prompts
-from contraq.questions import progress_bar, sample_distinct_records
-from contraq.runload import heldout_facts
+from contraq.run.load import heldout_facts
+from contraq.run.parts import Parts, build_prompts
 
 
 def main() -> None:

@@ -96,7 +96,7 @@ IFS=$'\t' read -r output_dir backend host port data_dir < <(
 	"$PYTHON" - "${overrides[@]}" <<'PY'
 import sys
 from contraq.cli import config_dir
-from contraq.conf import compose_run
+from contraq.config.schema import compose_run
 cfg = compose_run(config_dir(), sys.argv[1:])
 b = cfg.buffer
 redis = b.backend == "redis"
@@ -112,7 +112,7 @@ launch_log="$output_dir/launch.log"
 "$PYTHON" - "${overrides[@]}" <<'PY' 2>&1 | tee -a "$launch_log"
 import sys
 from contraq.cli import config_dir
-from contraq.conf import compose_run
+from contraq.config.schema import compose_run
 cfg = compose_run(config_dir(), sys.argv[1:])
 if cfg.reward.name == "contradiction":
     from contraq.judge.training import ensure_judge

@@ -15,8 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from contraq.evaluation.questions import dedup_key
 from contraq.files import iter_jsonl
-from contraq.questions import dedup_key
 
 # A sentence end followed by more text.
 _SECOND_SENTENCE = re.compile(r"[.!?]\s+\S")

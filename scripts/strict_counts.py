@@ -24,11 +24,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from contraq.evaluation.reuse import read_eval_folder
+from contraq.evaluation.stats import bootstrap_rate, per_fact_counts
 from contraq.genuine import names_subject, normalize_text
 from contraq.judge.facts import FactRow, read_fact_rows, same_answer
 from contraq.judge.pairs import PairBuilder
-from contraq.reuse import read_eval_folder
-from contraq.stats import bootstrap_rate, per_fact_counts
 
 DATA = ("data/counterfact_1000.jsonl", "data/zsre_1000.jsonl")
 

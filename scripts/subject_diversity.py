@@ -15,10 +15,10 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-from contraq.embedding import Embedder
+from contraq.evaluation.metrics import grouped_diversity
+from contraq.evaluation.reuse import read_eval_folder
 from contraq.genuine import names_subject
-from contraq.metrics import grouped_diversity
-from contraq.reuse import read_eval_folder
+from contraq.lm.embedding import Embedder
 
 
 def main() -> None:

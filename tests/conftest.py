@@ -24,7 +24,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
 from contraq.judge.training import ensure_judge  # noqa: E402
-from contraq.models import (  # noqa: E402
+from contraq.lm.models import (  # noqa: E402
     ModelConfig,
     attach_lora,
     build_tiny_model,
@@ -130,7 +130,7 @@ def save_tiny_nli(
 @pytest.fixture(scope="session")
 def embedder():
     """The real all-MiniLM-L6-v2 sentence embedder (metrics' diversity, the novelty term)."""
-    from contraq.embedding import Embedder
+    from contraq.lm.embedding import Embedder
 
     return Embedder(device="cpu")
 

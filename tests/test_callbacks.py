@@ -1,5 +1,5 @@
-"""contraq.callbacks.build_callbacks: the callbacks group's `_target_` nodes, instantiated; the
-ones a run folder needs are refused in one line when swapped out."""
+"""contraq.training.callbacks.build_callbacks: the callbacks group's `_target_` nodes,
+instantiated; the ones a run folder needs are refused in one line when swapped out."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
-from contraq.callbacks import (
+from contraq.config.checks import ConfigError
+from contraq.config.schema import compose_run
+from contraq.training.callbacks import (
     AdapterCheckpoint,
     DDPAudit,
     FreshSampleEval,
@@ -17,8 +19,6 @@ from contraq.callbacks import (
     StopOnSignal,
     build_callbacks,
 )
-from contraq.conf import compose_run
-from contraq.config_check import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -64,7 +64,7 @@ def test_overrides_change_drop_and_swap_callbacks() -> None:
     ("override", "message"),
     [
         (
-            "callbacks.sample_writer._target_=contraq.callbacks.Nope",
+            "callbacks.sample_writer._target_=contraq.training.callbacks.Nope",
             "callbacks.sample_writer: cannot build",
         ),
         ("+callbacks.sample_writer.color=red", "callbacks.sample_writer: cannot build"),

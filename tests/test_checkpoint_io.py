@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from contraq.config_check import ConfigError
-from contraq.runs import (
+from contraq.config.checks import ConfigError
+from contraq.run.folder import (
     AtomicCheckpointIO,
     checkpoint_problem,
     find_resume_checkpoint,
@@ -37,7 +37,7 @@ def _ckpt(step: int, mb: int = 0) -> dict:
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from contraq.runs import AtomicCheckpointIO
+    from contraq.run.folder import AtomicCheckpointIO
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
     io = AtomicCheckpointIO() if sys.argv[2] == "atomic" else TorchCheckpointIO()
     big = {"global_step": 99, "state_dict": {"w": torch.ones(160 * 2**18)},

@@ -1,4 +1,4 @@
-"""contraq.config_check: every shipped config validates, bad values name their key, secrets
+"""contraq.config.checks: every shipped config validates, bad values name their key, secrets
 are masked, relaunch differences are listed (issue 9)."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from contraq.conf import compose_run
-from contraq.config_check import (
+from contraq.config.checks import (
     ConfigError,
     check_relaunch,
     config_diff,
@@ -17,6 +16,7 @@ from contraq.config_check import (
     one_line_errors,
     validate,
 )
+from contraq.config.schema import compose_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CHOICES = [
@@ -123,7 +123,7 @@ def test_relaunch_diff_ignores_length_and_bookkeeping(tmp_path: Path) -> None:
 
 
 def test_saved_configs_of_older_versions_are_upgraded_to_todays_keys():
-    from contraq.config_check import upgrade_saved_config
+    from contraq.config.upgrade import upgrade_saved_config
 
     old = {
         "reward": {"name": "contradiction", "reward_temp_start": 2.0, "reward_temp_end": 1.0},
@@ -148,7 +148,7 @@ def test_saved_configs_of_older_versions_are_upgraded_to_todays_keys():
 @pytest.mark.parametrize("bar", ["rich", "none"])
 def test_saved_flat_callbacks_keys_are_upgraded_and_relaunch(tmp_path: Path, bar: str) -> None:
     """A run folder written before the callbacks became `_target_` nodes."""
-    from contraq.config_check import upgrade_saved_config
+    from contraq.config.upgrade import upgrade_saved_config
 
     flat = {
         "checkpoint_every_n_steps": 7,
@@ -175,7 +175,7 @@ def test_saved_flat_callbacks_keys_are_upgraded_and_relaunch(tmp_path: Path, bar
 def test_a_key_added_to_the_schema_later_is_no_difference_at_its_default(tmp_path: Path) -> None:
     """A run written before `model.gradient_checkpointing` existed still resumes (found when
     a 160-step run was continued), unless the relaunch sets the new key to another value."""
-    from contraq.conf import RunConfig
+    from contraq.config.schema import RunConfig
 
     schema = OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=False)
     saved = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
@@ -194,7 +194,7 @@ def test_baselines_of_a_run_written_before_a_new_key_are_reusable() -> None:
     """`baselines_from` compares the model/prompt/sampler/reward groups of two runs: an older
     run lacking `model.gradient_checkpointing` is the same model while the key is at its
     default (found when `cf-t12-320-s1` reused `cf-genuine`'s baselines)."""
-    from contraq.reuse import _differences
+    from contraq.evaluation.reuse import _differences
 
     new = _compose("train.max_steps=10")
     old = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
@@ -209,7 +209,7 @@ def test_baselines_compare_the_dtype_as_loaded() -> None:
     """`model.dtype=auto` is bfloat16 on one machine and float32 on another: the eval records
     the weights' dtype and `baselines_from` compares that, not the config's word. Evals
     written before it was recorded loaded float32."""
-    from contraq.reuse import _differences
+    from contraq.evaluation.reuse import _differences
 
     new = _compose("train.max_steps=10", "model.dtype=auto")
     old = OmegaConf.to_container(
@@ -223,7 +223,7 @@ def test_baselines_compare_the_dtype_as_loaded() -> None:
 def test_baselines_from_a_copied_eval_folder_find_their_run(tmp_path: Path) -> None:
     """An eval folder copied with its run (docs/results/RUN/eval...) names a run folder that
     exists only where it was made: the parent holding config.yaml is that run."""
-    from contraq.reuse import earlier_run
+    from contraq.evaluation.reuse import earlier_run
 
     run = tmp_path / "docs" / "RUN"
     (run / "eval").mkdir(parents=True)
@@ -235,3 +235,55 @@ def test_baselines_from_a_copied_eval_folder_find_their_run(tmp_path: Path) -> N
     named.mkdir(parents=True)
     (named / "config.yaml").write_text("name: RUN\n")
     assert earlier_run(run / "eval", gone) == named  # the named run wins while it exists
+
+
+def _targets(node) -> list[str]:
+    """Every ``_target_`` string under a plain config node."""
+    if isinstance(node, dict):
+        own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def test_saved_targets_of_moved_modules_are_renamed_and_relaunch(tmp_path: Path) -> None:
+    """A run folder written before the modules moved into packages (issue 27) names
+    ``contraq.callbacks.*`` and ``contraq.runs.AppendingCSVLogger``: it loads with today's
+    paths, and its relaunch with today's configs is no difference."""
+    from contraq.config.upgrade import MOVED_MODULES, upgrade_saved_config
+
+    saved = OmegaConf.to_container(_compose("train.max_steps=10", "logger=csv"), resolve=True)
+    old_of = {new: old for old, new in MOVED_MODULES.items()}
+    text = OmegaConf.to_yaml(saved)
+    for target in set(_targets(saved)):
+        module, _, name = target.rpartition(".")
+        if module in old_of:
+            text = text.replace(f"_target_: {target}\n", f"_target_: {old_of[module]}.{name}\n")
+    assert "_target_: contraq.runs.AppendingCSVLogger" in text
+    assert "_target_: contraq.callbacks.StepTimer" in text
+    (tmp_path / "config.yaml").write_text(text)
+    old = OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml"))
+    assert sorted(_targets(upgrade_saved_config(old))) == sorted(_targets(saved))
+    relaunch = OmegaConf.to_container(_compose("train.max_steps=20", "logger=csv"), resolve=True)
+    check_relaunch(tmp_path, relaunch, "auto")
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((CONFIGS.parent / "docs" / "results").glob("*/config.yaml")),
+    ids=lambda p: p.parent.name,
+)
+def test_committed_run_configs_name_importable_targets(path: Path) -> None:
+    """The run folders under docs/results were saved before the modules moved: read back as a
+    run folder's config is (:func:`contraq.run.load.load_run_config`), every ``_target_`` is an
+    object that exists today."""
+    from hydra.utils import get_object
+
+    from contraq.run.load import load_run_config
+
+    cfg = OmegaConf.to_container(load_run_config(path.parent), resolve=False)
+    targets = _targets(cfg)
+    assert any(t.startswith("contraq.") for t in targets)
+    for target in targets:
+        assert callable(get_object(target)), target

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from contraq.conf import (
+from contraq.config.schema import (
     RewardTempConfig,
     TrainConfig,
     compose_run,

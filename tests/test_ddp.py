@@ -1,6 +1,6 @@
 """DDP on CPU with real gloo processes (tiny random llama, likelihood reward).
 
-What each rank holds and trains on is recorded by ``contraq.callbacks.DDPAudit``
+What each rank holds and trains on is recorded by ``contraq.training.callbacks.DDPAudit``
 (``+ddp_audit_dir``): one JSON line per rank per optimizer step with a digest of the trainable
 parameters and of every trajectory the rank trained on. The tests compare those files across
 ranks; they do not trust the code under test to check itself.
@@ -28,12 +28,12 @@ import torch
 
 from contraq import redis_server
 from contraq.buffer import RedisBuffer
-from contraq.distributed import check_sampling, pack_rows, slice_reward_output, unpack_rows
-from contraq.launch import shared_cpu_threads, train_overrides, trainer_kwargs_from_env
-from contraq.module import step_generator
+from contraq.lm.sampling import SampleBatch
 from contraq.reward.base import RewardOutput
-from contraq.sampler import SampleBatch
 from contraq.threads import usable_cores
+from contraq.training.distributed import check_sampling, pack_rows, slice_reward_output, unpack_rows
+from contraq.training.launch import shared_cpu_threads, train_overrides, trainer_kwargs_from_env
+from contraq.training.module import step_generator
 from redis_fixtures import free_port, require_redis_binary
 
 REPO = Path(__file__).resolve().parents[1]

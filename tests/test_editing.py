@@ -18,7 +18,7 @@ from contraq.editing.editors import FTSettings, fit_ft
 from contraq.editing.models import EditedModelError, check_adapter, check_hf_folder
 from contraq.editing.probe import Answerer, read_questions
 from contraq.editing.scores import control_logprobs, encode_rows, kl_to_base, score_targets
-from contraq.models import ModelConfig, attach_lora, build_tiny_model, load_model_and_tokenizer
+from contraq.lm.models import ModelConfig, attach_lora, build_tiny_model, load_model_and_tokenizer
 from contraq.reward.contradiction import ContradictionRewardConfig
 
 REPO = Path(__file__).resolve().parents[1]

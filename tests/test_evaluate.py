@@ -13,13 +13,13 @@ import torch
 
 from conftest import randomize_lora_b, save_tiny_nli
 from contraq.cli import compose, main
-from contraq.config_check import ConfigError
-from contraq.evaluate import EvalConfig, compare_to_trained
+from contraq.config.checks import ConfigError
+from contraq.config.settings import typed
+from contraq.evaluation.evaluate import EvalConfig, compare_to_trained
+from contraq.evaluation.metrics import independent_hit, rate_summary
+from contraq.evaluation.questions import first_new_content
 from contraq.genuine import content_key
-from contraq.metrics import independent_hit, rate_summary
-from contraq.questions import first_new_content
-from contraq.runload import RunError, load_parts, resolve_run
-from contraq.settings import typed
+from contraq.run.load import RunError, load_parts, resolve_run
 
 # --------------------------------------------------------------------------- rates and comparisons
 
@@ -196,7 +196,7 @@ FACTS = [
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder as training leaves it: config.yaml + adapter/ (LoRA with random B)."""
-    from contraq.parts import Parts
+    from contraq.run.parts import Parts
 
     root = tmp_path_factory.mktemp("tiny_run")
     nli_dir = root / "nli"
@@ -254,8 +254,8 @@ def test_eval_facts_from_either_split(tiny_run: Path) -> None:
     """With no facts file, eval takes the run's test split (its label unchanged, so earlier
     eval folders stay reusable) or, with split=val, the validation split: disjoint facts."""
     from contraq.data import load_facts, split_facts
-    from contraq.eval_methods import eval_facts
-    from contraq.runload import heldout_facts
+    from contraq.evaluation.methods import eval_facts
+    from contraq.run.load import heldout_facts
 
     parts = load_parts(resolve_run(tiny_run), device=torch.device("cpu"))
     data = tiny_run.parent / "facts.jsonl"
@@ -535,7 +535,7 @@ def test_lora_from_a_lightning_checkpoint(tiny_run: Path, tmp_path: Path) -> Non
 
 
 def test_split_methods_deals_every_method_once() -> None:
-    from contraq.eval_methods import split_methods
+    from contraq.evaluation.methods import split_methods
 
     names = ["trained", "trained_T0.7", "untrained", "untrained_T0.5", "untrained_T0.7", "beam"]
     for workers in (1, 2, 3, 10):
@@ -555,7 +555,7 @@ def test_a_failed_eval_worker_is_an_error_with_its_log(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from contraq.eval_methods import _collect
+    from contraq.evaluation.methods import _collect
 
     (tmp_path / "spec.json").write_text(json.dumps({"methods": ["beam"]}))
     with (tmp_path / "worker.log").open("w") as log:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from contraq.buffer import MemoryBuffer
-from contraq.conf import LossConfig, ReplayConfig, TrainConfig
+from contraq.config.schema import LossConfig, ReplayConfig, TrainConfig
 from contraq.data import EditFact
-from contraq.models import base_model, termination_token_id
-from contraq.module import GFlowNetModule
+from contraq.lm.models import base_model, termination_token_id
+from contraq.lm.sampling import SamplerConfig, score_actions
 from contraq.reward.likelihood import LikelihoodReward
-from contraq.sampler import SamplerConfig, score_actions
+from contraq.training.module import GFlowNetModule
 
 FACTS = [
     EditFact(subject="Colt King Cobra", edit_fact="Colt King Cobra is made by Ford"),

@@ -12,7 +12,8 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as qdyn
 
 from contraq.judge.scorer import NLIScorer
-from contraq.models import base_model, termination_token_id
+from contraq.lm.models import base_model, termination_token_id
+from contraq.lm.sampling import token_logprobs
 from contraq.reward.contradiction import ContradictionReward, ContradictionRewardConfig
 from contraq.reward.frozen_weights import (
     INT8_FLOAT_LAST_LAYERS,
@@ -20,7 +21,6 @@ from contraq.reward.frozen_weights import (
     int8_linear_names,
     resolve_frozen_weights,
 )
-from contraq.sampler import token_logprobs
 
 PROMPTS = ["Ask one short question about Marie Curie.", "Ask about Apple."]
 QUESTIONS = ["Where was Marie Curie born?", "Who is the CEO of Apple?"]

@@ -12,9 +12,9 @@ import pytest
 
 from conftest import save_tiny_nli
 from contraq.cli import main
+from contraq.evaluation.report import write_report
+from contraq.evaluation.reuse import read_eval_folder
 from contraq.files import REPO_ROOT, iter_jsonl, jsonl_or_gz
-from contraq.report import write_report
-from contraq.reuse import read_eval_folder
 
 RESULTS = REPO_ROOT / "docs" / "results"
 

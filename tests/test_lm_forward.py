@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contraq.lm_forward import distinct_prompts, prefill
-from contraq.models import ModelConfig, attach_lora, build_tiny_model
-from contraq.sampler import SamplerConfig, default_banned_token_ids, sample, score_actions
+from contraq.lm.forward import distinct_prompts, prefill
+from contraq.lm.models import ModelConfig, attach_lora, build_tiny_model
+from contraq.lm.sampling import SamplerConfig, default_banned_token_ids, sample, score_actions
 
 PROMPTS = [
     "Ask a question about Paris:\nQuestion:",

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from contraq.losses import (
+from contraq.training.losses import (
     LogZHead,
     modified_subtb_loss,
     tb_stats,

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from contraq.genuine import normalize_text
-from contraq.metrics import (
+from contraq.evaluation.metrics import (
     Embedder,
     answer_hit,
     contradiction_rate,
@@ -20,7 +19,8 @@ from contraq.metrics import (
     pairwise_diversity,
     summarize,
 )
-from contraq.models import minilm_dir
+from contraq.genuine import normalize_text
+from contraq.lm.models import minilm_dir
 
 
 def test_normalize_text() -> None:

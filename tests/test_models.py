@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import contraq.models as models
-from contraq.models import (
+import contraq.lm.models as models
+from contraq.lm.models import (
     ModelConfig,
     attach_lora,
     base_model,

@@ -7,15 +7,24 @@ downloaded gpt2-large and DeBERTa-v3-large would.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from contraq import preset_check as pc
 from contraq.judge.scorer import NLIScorer, load_scorer
-from contraq.models import ModelConfig, load_model_and_tokenizer
-from contraq.parts import Parts
+from contraq.lm.models import ModelConfig, load_model_and_tokenizer
+from contraq.run.parts import Parts
+
+# bench/preset_check.py is a bench tool, not part of the installed package: loaded from its file
+# (registered under its name first: dataclasses look their module up in sys.modules).
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "preset_check.py"
+_spec = importlib.util.spec_from_file_location("preset_check", _PATH)
+pc = importlib.util.module_from_spec(_spec)
+sys.modules["preset_check"] = pc
+_spec.loader.exec_module(pc)
 
 TINY_LM = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 256}
 TINY_NLI = {

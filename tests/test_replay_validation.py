@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from contraq.buffer import BufferEntry, RedisBuffer
-from contraq.conf import LossConfig, ReplayConfig, TrainConfig
+from contraq.config.schema import LossConfig, ReplayConfig, TrainConfig
 from contraq.data import EditFact
-from contraq.models import termination_token_id
-from contraq.module import GFlowNetModule
+from contraq.lm.models import termination_token_id
+from contraq.lm.sampling import SamplerConfig
 from contraq.reward.likelihood import LikelihoodReward
-from contraq.sampler import SamplerConfig
+from contraq.training.module import GFlowNetModule
 from redis_fixtures import RedisHandle, redis_handle  # noqa: F401
 
 pytestmark = pytest.mark.redis

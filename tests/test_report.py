@@ -10,14 +10,20 @@ from pathlib import Path
 import pytest
 
 from contraq.cli import main
-from contraq.plots import (
+from contraq.evaluation.plots import (
     PANELS,
     plot_rate_vs_diversity,
     plot_reward_distributions,
     plot_reward_vs_diversity,
     smooth,
 )
-from contraq.report import ReportError, eval_markdown, read_metrics, top_questions, write_report
+from contraq.evaluation.report import (
+    ReportError,
+    eval_markdown,
+    read_metrics,
+    top_questions,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

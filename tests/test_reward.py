@@ -18,18 +18,19 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoTokenizer
 
-from contraq.conf import compose_run
+from contraq.config.schema import compose_run
 from contraq.data import EditFact
-from contraq.embedding import group_novelty, pairwise_diversity
 from contraq.genuine import echo_flags
 from contraq.judge.scorer import NLIScorer
-from contraq.models import (
+from contraq.lm.embedding import group_novelty, pairwise_diversity
+from contraq.lm.models import (
     ModelConfig,
     attach_lora,
     base_model,
     build_tiny_model,
     termination_token_id,
 )
+from contraq.lm.sampling import SampleBatch, token_logprobs
 from contraq.reward.answers import first_line
 from contraq.reward.base import question_lengths
 from contraq.reward.build import build_reward
@@ -41,7 +42,6 @@ from contraq.reward.contradiction import (
     novelty_credit,
 )
 from contraq.reward.likelihood import LikelihoodReward
-from contraq.sampler import SampleBatch, token_logprobs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -706,7 +706,7 @@ def test_novelty_reward_adds_w_div_times_novelty_among_the_facts_rows(
     """Rows 0-3 belong to one fact, 4-7 to another (row 1 repeats row 0): each question's
     novelty is counted among its own fact's rows only, and adds w_div x novelty to log R; a
     rescore of the records (novelty dropped) computes the same values again."""
-    from contraq.reuse import with_log_r
+    from contraq.evaluation.reuse import with_log_r
 
     tok = smol_tokenizer
     texts = [QUESTIONS[0], *QUESTIONS[:3], *QUESTIONS[4:]]
@@ -763,8 +763,8 @@ def test_sharing_reward_divides_by_the_counted_rows_of_one_meaning(
     raised so that most rows are counted."""
     from transformers import AutoModelForSequenceClassification
 
-    from contraq.embedding import cluster_crowding
-    from contraq.reuse import with_log_r
+    from contraq.evaluation.reuse import with_log_r
+    from contraq.lm.embedding import cluster_crowding
 
     judge = AutoModelForSequenceClassification.from_pretrained(tiny_nli_dir)
     with torch.no_grad():
@@ -819,7 +819,7 @@ def test_rescoring_with_the_same_judge_reproduces_the_reward(
 ) -> None:
     """`contraq rescore` recomputes log C, echo, counted and log R from the stored answers: with
     the judge that scored them it must give the reward's own numbers back."""
-    from contraq.rescore import rescore_records
+    from contraq.evaluation.rescore import rescore_records
 
     tok = smol_tokenizer
     batch = make_batch(tok, PROMPTS, question_ids(tok, QUESTIONS, term), pad_id=tok.pad_token_id)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from contraq.sampler import (
+from contraq.lm.sampling import (
     SampleBatch,
     SamplerConfig,
     default_banned_token_ids,
@@ -153,7 +153,7 @@ def test_teacher_forced_matches_sampler_and_naive_loop(arch, request, smol_token
 
 @pytest.mark.slow
 def test_teacher_forced_matches_sampler_smollm2(smollm2, smol_tokenizer):
-    from contraq.models import termination_token_id
+    from contraq.lm.models import termination_token_id
 
     term = termination_token_id(smol_tokenizer, "?")
     cfg = SamplerConfig(

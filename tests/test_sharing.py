@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from contraq.embedding import cluster_crowding
+from contraq.lm.embedding import cluster_crowding
 from contraq.reward.combine import combine_log_reward
 from contraq.reward.contradiction import ContradictionRewardConfig, counted_log_r
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import smoke_train_cmd
-from contraq.sampler import SamplerConfig
-from contraq.smooth import SmoothConfig, question_nll, select_questions
+from contraq.lm.sampling import SamplerConfig
+from contraq.training.smooth import SmoothConfig, question_nll, select_questions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,9 +102,9 @@ def test_smooth_fits_a_runs_buffer_questions_and_writes_a_loadable_run(tmp_path)
     from omegaconf import OmegaConf
 
     from contraq.buffer import prompt_key
-    from contraq.parts import Parts, build_prompts, run_split
-    from contraq.runload import load_parts, resolve_run
-    from contraq.runs import load_checkpoint_file
+    from contraq.run.folder import load_checkpoint_file
+    from contraq.run.load import load_parts, resolve_run
+    from contraq.run.parts import Parts, build_prompts, run_split
 
     run = tmp_path / "run"
     cmd = smoke_train_cmd(run, "train.max_steps=2", "eval.every_n_steps=1000")

@@ -6,7 +6,12 @@ import math
 
 import numpy as np
 
-from contraq.stats import bootstrap_rate, frontier_value, paired_bootstrap, per_fact_counts
+from contraq.evaluation.stats import (
+    bootstrap_rate,
+    frontier_value,
+    paired_bootstrap,
+    per_fact_counts,
+)
 
 
 def test_per_fact_counts() -> None:
@@ -59,7 +64,7 @@ def test_frontier_interpolates_and_holds_ends() -> None:
 
 
 def test_coverage_counts_facts_with_at_least_one_counted_question():
-    from contraq.metrics import coverage
+    from contraq.evaluation.metrics import coverage
 
     recs = [
         {"fact_index": f, "genuine": g}

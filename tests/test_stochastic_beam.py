@@ -9,8 +9,8 @@ import mpmath
 import pytest
 import torch
 
-from contraq.sampler import SamplerConfig, default_banned_token_ids, score_actions
-from contraq.stochastic_beam import log1mexp, sample_distinct, truncated_gumbel
+from contraq.lm.sampling import SamplerConfig, default_banned_token_ids, score_actions
+from contraq.lm.stochastic_beam import log1mexp, sample_distinct, truncated_gumbel
 
 PROMPTS = ["Generate a question about Paris:\nQuestion:", "Tell me"]
 

@@ -140,7 +140,7 @@ def _losses(out: Path) -> list[tuple[int, float, float]]:
 
 
 def _step_seconds(out: Path) -> list[float]:
-    """train/step_seconds of every logged training step (contraq.callbacks.StepTimer)."""
+    """train/step_seconds of every logged training step (contraq.training.callbacks.StepTimer)."""
     return [float(r["train/step_seconds"]) for r in _step_rows(out)]
 
 
@@ -185,6 +185,6 @@ def test_fixed_seed_losses_are_pinned(tmp_path: Path, case: str) -> None:
     got = _losses(out)
     assert [s for s, _, _ in got] == list(range(len(losses)))
     assert [s for s, _, r in got if r == 1.0] == replayed
-    # rel 1e-4, not 1e-5: since a step runs each distinct prompt once (contraq.lm_forward), the
+    # rel 1e-4, not 1e-5: since a step runs each distinct prompt once (contraq.lm.forward), the
     # log-probs come from a KV-cached pass that rounds differently (about 3e-5 here).
     assert [loss for _, loss, _ in got] == pytest.approx(losses, rel=1e-4)

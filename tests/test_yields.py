@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from contraq.stats import ratio_bootstrap
-from contraq.yields import (
+from contraq.evaluation.stats import ratio_bootstrap
+from contraq.evaluation.yields import (
     content_key,
     fact_yields,
     meaning_clusters,

@@ -81,8 +81,8 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     Hydra's whole command line: run folder, multirun, job logging."""
     import hydra
 
-    from contraq.conf import check_added_keys, register_schemas
-    from contraq.config_check import check_name_override, one_line_errors
+    from contraq.config.checks import check_name_override, one_line_errors
+    from contraq.config.schema import check_added_keys, register_schemas
 
     check_added_keys(overrides, config_dir())  # `+trian.lr=0.5`: refused, not trained at 2e-4
     check_name_override(overrides)  # Hydra creates outputs/<name> before the job runs
@@ -93,8 +93,8 @@ def _hydra(job: Callable[..., object], overrides: list[str], prog: str, config: 
     if rank > 0:
         # Under torchrun every rank runs this: only rank 0 writes Hydra's files and job log.
         overrides = [*overrides, "hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
-    else:  # .hydra/ is written once the config is accepted (contraq.hydra_record)
-        from contraq import hydra_record
+    else:  # .hydra/ is written once the config is accepted (contraq.run.hydra_record)
+        from contraq.run import hydra_record
 
         overrides = hydra_record.defer(overrides)
     argv = sys.argv
@@ -156,11 +156,11 @@ def _guarded(cmd: str, job: Callable[[Any], object]) -> Callable[[Any], None]:
 
 
 def _train(cfg: Any) -> None:
-    from contraq.config_check import validate
+    from contraq.config.checks import validate
 
     validate(cfg)  # before the heavy imports: a bad value is reported at once
     quiet_lightning()
-    from contraq.train import run_training
+    from contraq.training.train import run_training
 
     run_training(cfg)
 
@@ -168,11 +168,11 @@ def _train(cfg: Any) -> None:
 def _demo(cfg: Any) -> None:
     """Train as configured, evaluate on the held-out test facts (``cfg.evaluation``), write
     the report; prints where everything is."""
-    from contraq.config_check import validate
-    from contraq.evaluate import EvalConfig, evaluate_run
-    from contraq.report import eval_table, write_report
-    from contraq.settings import typed
-    from contraq.train import run_training
+    from contraq.config.checks import validate
+    from contraq.config.settings import typed
+    from contraq.evaluation.evaluate import EvalConfig, evaluate_run
+    from contraq.evaluation.report import eval_table, write_report
+    from contraq.training.train import run_training
 
     validate(cfg)  # both before training: a bad value is reported at once
     ecfg = typed(EvalConfig, cfg.evaluation, prefix="evaluation.")
@@ -200,7 +200,7 @@ def compose(name: str, overrides: list[str], schemas: bool = True) -> Any:
     from hydra.errors import HydraException
 
     if schemas:
-        from contraq.conf import register_schemas
+        from contraq.config.schema import register_schemas
 
         register_schemas()
     try:
@@ -239,11 +239,11 @@ def _command(cmd: str, rest: list[str]) -> int:
 
         run_sample(cfg)
     elif cmd == "eval":
-        from contraq.evaluate import run_eval
+        from contraq.evaluation.evaluate import run_eval
 
         run_eval(cfg)
     elif cmd == "smooth":
-        from contraq.smooth import run_smooth
+        from contraq.training.smooth import run_smooth
 
         quiet_lightning()
         run_smooth(cfg)
@@ -252,11 +252,11 @@ def _command(cmd: str, rest: list[str]) -> int:
 
         (run_edit if cmd == "edit" else run_probe)(cfg)
     elif cmd == "rescore":
-        from contraq.rescore import run_rescore
+        from contraq.evaluation.rescore import run_rescore
 
         run_rescore(cfg)
     else:
-        from contraq.report import run_report
+        from contraq.evaluation.report import run_report
 
         run_report(cfg)
     return 0
@@ -266,10 +266,10 @@ def _nli_train(cfg: Any) -> None:
     """The judge's recipe typed (a bad value names its ``nli.train.`` key), then trained once."""
     from dataclasses import fields
 
-    from contraq.config_check import ConfigError, boolean
+    from contraq.config.checks import ConfigError, boolean
+    from contraq.config.settings import typed
     from contraq.judge.cli import nli_train
     from contraq.judge.config import NLITrainConfig
-    from contraq.settings import typed
 
     if cfg.nli.get("train") is None:
         raise OverrideError(f"nli={cfg.nli.name} has no train: recipe (nothing to train)")
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(cmd: str, rest: list[str]) -> int:
-    from contraq.config_check import refuse_secret_overrides
+    from contraq.config.checks import refuse_secret_overrides
 
     refuse_secret_overrides(rest)  # before Hydra writes the command line anywhere
     if cmd == "train":

@@ -402,7 +402,8 @@ def load_split(cfg: Any) -> FactSplit:
 
     Args:
         cfg: ``path`` (see :func:`contraq.files.resolve_path`), ``val_fraction``, ``test_fraction``,
-            ``split_seed`` and ``max_fact_chars`` (``contraq.conf.DataConfig`` or its DictConfig).
+            ``split_seed`` and ``max_fact_chars`` (``contraq.config.schema.DataConfig`` or its
+            DictConfig).
     """
     max_chars = int(getattr(cfg, "max_fact_chars", DEFAULT_MAX_CHARS))  # older run configs lack it
     facts = load_facts(resolve_path(cfg.path), max_chars=max_chars)

@@ -1,6 +1,6 @@
 """`contraq sample`: distinct questions for new edit facts from a trained run.
 
-The questions of a fact are drawn without replacement (:mod:`contraq.stochastic_beam`): ``n``
+The questions of a fact are drawn without replacement (:mod:`contraq.lm.stochastic_beam`): ``n``
 draws, ``n`` distinct questions, each answered once. Each comes with its answer, the reward's
 parts (log C, log P_Q, log R), whether it counts (a question, not an echo, judged a
 contradiction) and its near-duplicate group within the fact (:func:`contraq.genuine.content_key`);
@@ -19,13 +19,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from contraq.config_check import ConfigError
+from contraq.config.checks import ConfigError
+from contraq.config.settings import typed
 from contraq.data import DEFAULT_MAX_CHARS, load_facts
+from contraq.evaluation.questions import progress_bar, sample_distinct_records
 from contraq.files import check_output_file, resolve_path, write_output_file
 from contraq.genuine import content_key
-from contraq.questions import progress_bar, sample_distinct_records
-from contraq.runload import load_parts, load_run_config, pick_device, resolve_run
-from contraq.settings import typed
+from contraq.run.load import load_parts, load_run_config, pick_device, resolve_run
 
 # CSV columns in this order, then any other field of the records.
 SAMPLE_FIELDS = (

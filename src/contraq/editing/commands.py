@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from contraq.config_check import ConfigError
+from contraq.config.checks import ConfigError
+from contraq.config.settings import typed
 from contraq.editing.dataset import (
     EditCase,
     dataset_metrics,
@@ -44,8 +45,7 @@ from contraq.editing.probe import (
 from contraq.editing.summary import markdown, per_fact, plot, source_rows, usual_metrics
 from contraq.files import resolve_path, write_dir_atomically
 from contraq.judge.scorer import load_scorer
-from contraq.runload import pick_device
-from contraq.settings import typed
+from contraq.run.load import pick_device
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from contraq.config_check import ConfigError
+from contraq.config.checks import ConfigError
 from contraq.data import EditFact, load_facts
 from contraq.editing.scores import (
     Row,
@@ -30,7 +30,7 @@ from contraq.editing.scores import (
     target_logprobs,
 )
 from contraq.files import resolve_path
-from contraq.models import ModelConfig, attach_lora
+from contraq.lm.models import ModelConfig, attach_lora
 
 log = logging.getLogger(__name__)
 EDITORS = ("ft", "in_context", "external")

@@ -20,10 +20,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from contraq.conf import load_group
+from contraq.config.schema import load_group
 from contraq.errors import UserError
-from contraq.models import ModelConfig, load_model_and_tokenizer
-from contraq.runload import load_run_config, resolve_run
+from contraq.lm.models import ModelConfig, load_model_and_tokenizer
+from contraq.run.load import load_run_config, resolve_run
 
 EDIT_JSON = "edit.json"
 ADAPTER_DIR = "adapter"
@@ -204,7 +204,7 @@ def load_hf_folder(folder: Path, mcfg: ModelConfig, device: Any) -> Edited:
     locality)."""
     from transformers import AutoModelForCausalLM
 
-    from contraq.models import disable_dropout
+    from contraq.lm.models import disable_dropout
 
     base, tok = load_base(mcfg, device)
     check_hf_folder(folder, base, tok)

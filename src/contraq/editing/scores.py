@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contraq.lm_forward import forward, positions
-from contraq.tokens import left_pad
+from contraq.lm.forward import forward, positions
+from contraq.lm.tokens import left_pad
 
 Row = tuple[list[int], list[int]]  # (prompt ids, target ids)
 

@@ -4,7 +4,7 @@ A *source* is either one of the dataset's probes (the edit prompt: efficacy; the
 prompt: generalisation; both together) or one method of questions in the questions file
 (``method``: e.g. ``trained``, ``plain``, ``beam``). For each: the share of facts on which the
 edit fails on at least one probe, and failures per probe, each with a 95% bootstrap interval
-over facts (:func:`contraq.stats.bootstrap_rate`).
+over facts (:func:`contraq.evaluation.stats.bootstrap_rate`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from contraq.stats import bootstrap_rate
+from contraq.evaluation.stats import bootstrap_rate
 
 DATASET_SOURCES = {
     "edit prompt (efficacy)": ("efficacy",),

@@ -47,7 +47,7 @@ def nearest_objects(
 
     Args:
         objects: distinct answers of one relation (duplicates after normalisation are merged).
-        embed: texts -> ``[N, D]`` embeddings (e.g. :meth:`contraq.embedding.Embedder.encode`).
+        embed: texts -> ``[N, D]`` embeddings (e.g. :meth:`contraq.lm.embedding.Embedder.encode`).
         k: neighbours kept per object.
         regions: normalised names of regions (:func:`region_names`).
     """

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from contraq.judge.cache import cfg_get, judge_path
-from contraq.models import DTYPES, quiet_loading
+from contraq.lm.models import DTYPES, quiet_loading
 
 # --------------------------------------------------------------------------- label indices
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contraq.lm_forward import forward, positions, sharing_prompts
+from contraq.lm.forward import forward, positions, sharing_prompts
+from contraq.lm.tokens import left_pad, right_pad
 from contraq.reward.base import base_logprobs, model_device
-from contraq.tokens import left_pad, right_pad
 
 DEFAULT_CHAT_TEXT = "Answer the question in one short declarative sentence.\nQuestion: {question}"
 DEFAULT_FEWSHOT_TEXT = (

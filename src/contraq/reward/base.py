@@ -1,9 +1,9 @@
 """What every reward shares: its output, its protocol, and the base LM's teacher-forced scores.
 
 Every reward returns UNSCALED log-rewards; the training loop divides them by the scheduled
-reward temperature (:meth:`contraq.conf.RewardTempConfig.at`).
+reward temperature (:meth:`contraq.config.schema.RewardTempConfig.at`).
 
-Tensor conventions are those of docs/ARCHITECTURE.md: a :class:`~contraq.sampler.SampleBatch`
+Tensor conventions are those of docs/ARCHITECTURE.md: a :class:`~contraq.lm.sampling.SampleBatch`
 holds left-padded prompts ``prompt_ids/prompt_mask [B, P]``, actions ``[B, T]`` (termination
 token included, padding after it) and ``lengths [B]`` (termination included). The question of
 row ``b`` is ``actions[b, :lengths[b]]``; its *length* for the min-length check is the number of
@@ -11,7 +11,7 @@ actions before the termination token (never a count of non-pad tokens: padding m
 termination token itself).
 
 The frozen base LM is the policy with its LoRA adapters disabled
-(:func:`contraq.models.base_model`), so the weights are held once.
+(:func:`contraq.lm.models.base_model`), so the weights are held once.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from contraq.models import base_model
-from contraq.sampler import sampling_mode, teacher_forced_logits
+from contraq.lm.models import base_model
+from contraq.lm.sampling import sampling_mode, teacher_forced_logits
 
 if TYPE_CHECKING:
     from contraq.data import EditFact
-    from contraq.sampler import SampleBatch
+    from contraq.lm.sampling import SampleBatch
 
 
 @dataclass
@@ -106,7 +106,7 @@ def base_logprobs(
     """One teacher-forced pass: log-probs of every action and of the termination token.
 
     Args:
-        model: a causal LM (call it inside :func:`contraq.models.base_model` for the base LM).
+        model: a causal LM (call it inside :func:`contraq.lm.models.base_model` for the base LM).
         prompt_ids, prompt_mask: ``LongTensor[B, P]``, left-padded.
         actions: ``LongTensor[B, T]``; positions ``t >= lengths[b]`` are padding (masked out
             of attention, their outputs set to 0).
@@ -142,7 +142,7 @@ def distinct_rows(batch: SampleBatch) -> tuple[SampleBatch, Tensor]:
     """The distinct (prompt, question) rows of a batch (a trained policy repeats its questions).
 
     Returns:
-        ``(rows, inverse)``: a :class:`~contraq.sampler.SampleBatch` of the U distinct rows
+        ``(rows, inverse)``: a :class:`~contraq.lm.sampling.SampleBatch` of the U distinct rows
         (``log_pf``/``log_pterm`` taken from the first row of each) and ``LongTensor[B]`` with
         row ``b`` of ``batch`` equal to row ``inverse[b]`` of ``rows``.
     """
@@ -163,7 +163,7 @@ def distinct_rows(batch: SampleBatch) -> tuple[SampleBatch, Tensor]:
 def batch_logprobs(
     lm: nn.Module, batch: SampleBatch, termination_token_id: int, batch_size: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """:func:`base_logprobs` of a :class:`~contraq.sampler.SampleBatch`, moved to ``lm``'s
+    """:func:`base_logprobs` of a :class:`~contraq.lm.sampling.SampleBatch`, moved to ``lm``'s
     device, each distinct (prompt, question) row computed once and copied to its repeats:
     ``(tok_lp, term_lp)``, both ``FloatTensor[B, T]``."""
     dev = model_device(lm)

@@ -40,7 +40,7 @@ def build_reward(
             raise ValueError("reward config name='contradiction' needs an NLIScorer (nli=...)")
         embedder = None
         if any(float(cfg.get(k, 0.0) or 0.0) != 0.0 for k in ("w_div", "w_share")):
-            from contraq.embedding import Embedder
+            from contraq.lm.embedding import Embedder
 
             embedder = Embedder(device=next(policy.parameters()).device)
         return ContradictionReward(policy, tokenizer, nli, cfg, termination_token_id, embedder)

@@ -37,7 +37,7 @@ def combine_log_reward(
 
     ``log R = log C / beta + w_lik * log P_Q (+ w_ans * log P_A) (+ w_div * novelty)
     (- w_share * log crowding)``, ``crowding`` (>= 1) the rows that share the question's meaning
-    (:func:`contraq.embedding.cluster_crowding`); during
+    (:func:`contraq.lm.embedding.cluster_crowding`); during
     the hybrid warm-up (``step < hybrid_steps``)
     ``log R = log P_Q - hybrid_penalty * [log C < log hybrid_threshold]``.
     Questions with ``n_tokens < min_len`` get ``min_log_r``; so does any row where a component

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from contraq.genuine import echo_flags, is_question, names_subject
+from contraq.lm.tokens import decode_questions
 from contraq.reward.answers import AnswerPromptConfig, BaseLMAnswers
 from contraq.reward.base import (
     RewardOutput,
@@ -32,13 +33,12 @@ from contraq.reward.base import (
 )
 from contraq.reward.combine import combine_log_reward, counted_log_c
 from contraq.reward.frozen_weights import FROZEN_WEIGHTS, frozen_copy, resolve_frozen_weights
-from contraq.tokens import decode_questions
 
 if TYPE_CHECKING:
     from contraq.data import EditFact
-    from contraq.embedding import Embedder
     from contraq.judge.scorer import NLIScorer
-    from contraq.sampler import SampleBatch
+    from contraq.lm.embedding import Embedder
+    from contraq.lm.sampling import SampleBatch
 
 
 # Which questions earn the novelty term (ContradictionRewardConfig.div_gate).
@@ -69,14 +69,14 @@ class ContradictionRewardConfig:
             number: with 0.05, log P_Q fell from -66 to -120 nats in 20 steps).
         w_ans: weight of the answer's log-likelihood (0: not computed).
         w_div: weight of the question's novelty among the batch's questions for the same edit
-            fact (:func:`contraq.embedding.group_novelty` of all-MiniLM-L6-v2 embeddings; 0: not
+            fact (:func:`contraq.lm.embedding.group_novelty` of all-MiniLM-L6-v2 embeddings; 0: not
             computed). The term depends on the other questions of the batch, so it is no fixed
             reward: it pushes the policy away from one question per fact. Replayed questions
             keep the log R of the batch they were sampled in. Not with ``loss=subtb``.
         w_share: reward sharing among a step's counted contradictions of one edit fact: a
             counted question's log R loses ``w_share * log k``, k the counted questions of its
             fact in the step (itself included) in its meaning cluster
-            (:func:`contraq.embedding.cluster_crowding`: MiniLM, average linkage, cosine 0.8).
+            (:func:`contraq.lm.embedding.cluster_crowding`: MiniLM, average linkage, cosine 0.8).
             So the policy gains by spreading over probes rather than phrasings of one: with k
             draws of one cluster each keeps ``1 / k**w_share`` of its reward (fitness sharing).
             Like ``w_div`` it depends on the batch, so replayed questions keep the log R of the
@@ -245,8 +245,8 @@ def counted_log_r(
     """``log R`` of N judged questions under ``cfg`` (:func:`counted_log_c`, then
     :func:`combine_log_reward`): ``log_c`` the judge's, ``form_ok`` a question whose answer is
     no echo, ``n_tok`` tokens before termination, ``novelty`` each question's
-    :func:`contraq.embedding.group_novelty` (needed when ``cfg.w_div != 0``), ``crowding``
-    :func:`contraq.embedding.cluster_crowding` (needed when ``cfg.w_share != 0``). Returns
+    :func:`contraq.lm.embedding.group_novelty` (needed when ``cfg.w_div != 0``), ``crowding``
+    :func:`contraq.lm.embedding.cluster_crowding` (needed when ``cfg.w_share != 0``). Returns
     ``(log_r, n_nonfinite)``, ``[N]``."""
     if cfg.w_div != 0.0 and novelty is None:
         raise ValueError("reward.w_div != 0 needs each question's novelty")
@@ -391,10 +391,10 @@ class ContradictionReward(BaseLMAnswers):
 
     def novelty(self, edit_facts: Sequence[str], questions: Sequence[str]) -> Tensor | None:
         """``FloatTensor[N]`` each question's novelty among the rows of the same edit fact
-        (:func:`contraq.embedding.group_novelty`); ``None`` when ``w_div`` is 0."""
+        (:func:`contraq.lm.embedding.group_novelty`); ``None`` when ``w_div`` is 0."""
         if self.cfg.w_div == 0.0 or self.embedder is None:
             return None
-        from contraq.embedding import group_novelty
+        from contraq.lm.embedding import group_novelty
 
         return group_novelty(self.embedder.encode(questions), edit_facts)
 
@@ -402,11 +402,11 @@ class ContradictionReward(BaseLMAnswers):
         self, edit_facts: Sequence[str], questions: Sequence[str], judged: _Judged
     ) -> Tensor | None:
         """``FloatTensor[N]``: for each counted contradiction, the counted questions of its
-        edit fact in its meaning cluster (:func:`contraq.embedding.cluster_crowding`), 1 for
+        edit fact in its meaning cluster (:func:`contraq.lm.embedding.cluster_crowding`), 1 for
         the others; ``None`` when ``w_share`` is 0."""
         if self.cfg.w_share == 0.0 or self.embedder is None:
             return None
-        from contraq.embedding import cluster_crowding
+        from contraq.lm.embedding import cluster_crowding
 
         counted = counted_flags(judged.log_c, judged.question, judged.echo)
         if not bool(counted.any()):

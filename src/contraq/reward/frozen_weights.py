@@ -25,8 +25,8 @@ import re
 import torch
 from torch import nn
 
-from contraq.lm_forward import hf_model
-from contraq.models import contiguous_head_input
+from contraq.lm.forward import hf_model
+from contraq.lm.models import contiguous_head_input
 
 FROZEN_WEIGHTS = ("auto", "shared", "float16", "int8")
 INT8_FLOAT_LAST_LAYERS = 2

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from contraq.lm.tokens import decode_questions
 from contraq.reward.base import (
     RewardOutput,
     batch_logprobs,
@@ -22,11 +23,10 @@ from contraq.reward.base import (
     prefix_states,
     question_lengths,
 )
-from contraq.tokens import decode_questions
 
 if TYPE_CHECKING:
     from contraq.data import EditFact
-    from contraq.sampler import SampleBatch
+    from contraq.lm.sampling import SampleBatch
 
 
 @dataclass
