@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
 from contraq.config.checks import ConfigError
@@ -13,11 +14,15 @@ from contraq.config.schema import compose_run
 from contraq.training.callbacks import (
     AdapterCheckpoint,
     DDPAudit,
+    DiskSpaceError,
     FreshSampleEval,
     SampleWriter,
     StepTimer,
     StopOnSignal,
     build_callbacks,
+    bytes_needed,
+    check_free_space,
+    tensor_bytes,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -79,3 +84,23 @@ def test_a_callback_that_cannot_be_built_names_its_node(override: str, message: 
     with pytest.raises(ConfigError) as info:
         _built(*override.split())
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_checkpoint_is_written_only_when_its_size_and_the_margin_are_free() -> None:
+    """Issue 28: a full disk failed a checkpoint write with the adapter already a step ahead.
+    The decision, on plain numbers: the checkpoint (its tensors, or the previous file when
+    larger), the adapter after it and the margin must fit in the free bytes."""
+    state = {"state_dict": {"w": torch.zeros(10, 4)}, "optimizer_states": [{"m": torch.ones(3)}]}
+    assert tensor_bytes(state) == 10 * 4 * 4 + 3 * 4 and tensor_bytes({"step": 3}) == 0
+    assert bytes_needed(state=172, previous=0, adapter=100, margin=28) == 300
+    assert bytes_needed(state=172, previous=500, adapter=100, margin=0) == 600
+    check_free_space(Path("/runs/x/checkpoints"), needed=300, free=300)
+    with pytest.raises(DiskSpaceError, match=r"checkpoints: 300 bytes needed .*, 299 free"):
+        check_free_space(Path("/runs/x/checkpoints"), needed=300, free=299)
+    # Lightning runs Checkpoint callbacks last in list order: the adapter after last.ckpt.
+    built = list(_built("callbacks.adapter_checkpoint.free_margin_mb=0.5"))
+    assert built.index(ModelCheckpoint) < built.index(AdapterCheckpoint)
+    assert built[-1] is AdapterCheckpoint
+    assert _built("callbacks.adapter_checkpoint.free_margin_mb=0.5")[AdapterCheckpoint].margin == (
+        2**19
+    )

@@ -144,3 +144,20 @@ def test_a_run_name_stays_one_folder_inside_outputs(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr[-2000:]
         one_line_error(proc.stdout + proc.stderr, "contraq train: name: must be", needle)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]
+
+
+def test_sample_and_eval_refuse_a_key_they_do_not_read(run: Path, tmp_path: Path) -> None:
+    """Issue 28: `contraq sample +temprature=0.5` sampled at T=1 and wrote its file; train and
+    demo already refused such a `+key`. Refused in one line before any file is read."""
+    out = tmp_path / "q.jsonl"
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "Paris", "edit_fact": "Paris is in Italy."}) + "\n")
+    for cmd, args, key in (
+        ("sample", [f"facts={facts}", f"out={out}", "n=1", "+temprature=0.5"], "temprature"),
+        ("sample", [f"facts={facts}", f"out={out}", "n=1", "++seeds=3"], "seeds"),
+        ("eval", [f"facts={tmp_path / 'absent.jsonl'}", "+evaluation.n=2"], "evaluation.n"),
+    ):
+        proc = contraq(cmd, f"checkpoint={run}", "device=cpu", *args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        one_line_error(proc.stderr, f"contraq {cmd}: {key}: no part of contraq reads this key")
+        assert not out.exists() and not (run / "eval").exists()

@@ -255,3 +255,29 @@ def test_eval_plots_and_markdown(tmp_path: Path) -> None:
     assert "| beam | 0.400 | [0.200, 0.600] | 0.0000 |" in md
     assert "at the trained policy's diversity 0.400: 0.100; trained: 0.500." in md
     assert "![Reward](d.png)" in md and "note: plain beam" in md
+
+
+def test_report_on_a_damaged_metrics_file_says_which_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 28: a metrics.csv that is not UTF-8 ended `contraq report` with a traceback."""
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    metrics = run / "logs" / "metrics.csv"
+    for data, says in (
+        (b"step,loss\n0,1\n\xff\xfe1,2\n", "metrics.csv:3: not UTF-8 text (byte 0xff)"),
+        (b"", "metrics.csv:1: empty file"),
+        (b"step,loss\n0,1\n1," + b"9" * 200_000 + b"\n", "metrics.csv:3: not CSV"),
+    ):
+        metrics.write_bytes(data)
+        assert main(["report", f"run={run}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("contraq report: ") and says in err and err.count("\n") == 1, err
+    # Cut off mid-row (a kill while CSVLogger wrote): the rows before it are reported.
+    metrics.write_bytes(b"step,train/loss\n0,1.5\n1,0.")
+    assert main(["report", f"run={run}"]) == 0
+    assert read_metrics(metrics)["train/loss"] == [(0, 1.5), (1, 0.0)]
+    (run / "samples.jsonl").write_bytes(b'{"step": 0}\n\xff\n')
+    assert main(["report", f"run={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "samples.jsonl: not UTF-8 text" in err and err.count("\n") == 1, err

@@ -136,3 +136,18 @@ def test_a_second_ctrl_c_aborts_in_one_line(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr[-3000:]
     one_line_error(stderr, "contraq train: aborted by a second SIGINT", "not saved")
+
+
+def test_a_full_disk_stops_before_a_checkpoint_with_the_last_ones_intact(tmp_path: Path) -> None:
+    """Issue 28: a write that failed for want of space left adapter/ at step 25 and last.ckpt
+    at 20. The adapter now follows last.ckpt (at the end too), and a checkpoint with its
+    adapter is written only when the disk has room (here a margin no disk has)."""
+    out = tmp_path / "run"
+    train(out, "train.max_steps=3")  # checkpoints every 2 steps: the end is saved too
+    last = out / "checkpoints" / "last.ckpt"
+    assert _step(last) == 3
+    kept = {p: p.read_bytes() for p in [last, *(out / "adapter").iterdir()]}
+    text = train(out, "train.max_steps=6", "callbacks.adapter_checkpoint.free_margin_mb=1e12", rc=2)
+    one_line_error(text, "contraq train: ", f"{out / 'checkpoints'}: ", "bytes needed", " free;")
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".adapter")) == []

@@ -231,6 +231,7 @@ def _command(cmd: str, rest: list[str]) -> int:
         print("\n".join((config_dir() / f).read_text() for f in HELP_FILES[cmd]))
         return 0
     cfg = compose(cmd, rest, schemas=cmd != "nli-train")
+    refuse_unread_keys(cmd, cfg, rest)
     _offline_env()
     if cmd == "nli-train":
         _nli_train(cfg)
@@ -260,6 +261,39 @@ def _command(cmd: str, rest: list[str]) -> int:
 
         run_report(cfg)
     return 0
+
+
+def refuse_unread_keys(cmd: str, cfg: Any, overrides: list[str]) -> None:
+    """Refuse a key that `contraq sample|eval` would not read: Hydra adds any ``+key=value``
+    and the command's typed settings skip it, so ``+temprature=0.5`` sampled at T=1 (the
+    message is train's for its `+key`, :func:`contraq.config.schema.check_added_keys`).
+
+    Raises:
+        ConfigError: naming the first such key, before anything is loaded or written.
+    """
+    from dataclasses import fields
+
+    from contraq.config.checks import ConfigError
+
+    if cmd == "sample":
+        from contraq.sample import SampleConfig
+
+        schemas: tuple[type, ...] = (SampleConfig,)
+    elif cmd == "eval":
+        from contraq.evaluate import EvalConfig, EvalTarget
+
+        schemas = (EvalTarget, EvalConfig)
+    else:
+        return
+    read = {f.name for schema in schemas for f in fields(schema)}
+    for top in sorted(set(cfg) - read):
+        given = (o.lstrip("+").split("=", 1)[0] for o in overrides)  # +evaluation.n=2
+        key = next((k for k in given if k.split(".")[0] == top), str(top))
+        raise ConfigError(
+            key,
+            f"no part of contraq reads this key (a typo?); `contraq {cmd} --help` lists every "
+            "setting",
+        )
 
 
 def _nli_train(cfg: Any) -> None:

@@ -197,6 +197,7 @@ RULES: dict[str, Check] = {
     "callbacks.model_checkpoint.save_top_k": integer(-1),
     "callbacks.model_checkpoint.save_last": choice(True),
     "callbacks.adapter_checkpoint.every_n_steps": integer(1),
+    "callbacks.adapter_checkpoint.free_margin_mb": number(0),
     "callbacks.sample_writer.every_n_steps": integer(1),
     "data.path": text,
     "data.val_fraction": number(0, 1),

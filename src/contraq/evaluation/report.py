@@ -9,6 +9,7 @@ be written on any machine.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -42,25 +43,43 @@ def read_metrics(path: str | Path) -> dict[str, Series]:
     p = Path(path)
     if not p.is_file():
         raise ReportError(f"{p}: metrics file not found")
-    with p.open(newline="") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_utf8_text(p), newline=""))
+    try:
         if not reader.fieldnames or "step" not in reader.fieldnames:
-            raise ReportError(f"{p}:1: header has no 'step' column (not a CSVLogger metrics.csv?)")
-        table: dict[str, dict[int, float]] = {}
-        for line, row in enumerate(reader, start=2):
-            raw_step = row.get("step") or ""
+            what = "empty file" if not reader.fieldnames else "header has no 'step' column"
+            raise ReportError(f"{p}:1: {what} (not a CSVLogger metrics.csv?)")
+        return _metric_series(p, reader)
+    except csv.Error as e:  # a field over csv's size limit (line_num: the lines before it)
+        raise ReportError(f"{p}:{reader.line_num + 1}: not CSV ({e})") from None
+
+
+def _utf8_text(p: Path) -> str:
+    """The file's text; one that is not UTF-8 (CSVLogger writes UTF-8) names its line."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ReportError(f"{p}:{line}: not UTF-8 text (byte {data[e.start]:#04x})") from None
+
+
+def _metric_series(p: Path, reader: csv.DictReader[str]) -> dict[str, Series]:
+    """:func:`read_metrics`' columns from its reader (positioned after the header)."""
+    table: dict[str, dict[int, float]] = {}
+    for line, row in enumerate(reader, start=2):
+        raw_step = row.get("step") or ""
+        try:
+            step = int(float(raw_step))
+        except ValueError:
+            raise ReportError(f"{p}:{line}: step: not a number ({raw_step!r})") from None
+        for key, cell in row.items():
+            if key in (None, "step") or cell in (None, ""):
+                continue
             try:
-                step = int(float(raw_step))
+                value = float(cell)
             except ValueError:
-                raise ReportError(f"{p}:{line}: step: not a number ({raw_step!r})") from None
-            for key, cell in row.items():
-                if key in (None, "step") or cell in (None, ""):
-                    continue
-                try:
-                    value = float(cell)
-                except ValueError:
-                    continue
-                table.setdefault(key, {})[step] = value
+                continue
+            table.setdefault(key, {})[step] = value
     return {k: sorted(v.items()) for k, v in sorted(table.items())}
 
 
@@ -68,6 +87,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Objects of a JSON Lines file; blank lines skipped; bad lines raise naming file:line."""
     try:
         return [obj for _, obj in iter_jsonl(path)]
+    except UnicodeDecodeError as exc:  # a ValueError that names no file
+        raise ReportError(f"{jsonl_or_gz(path)}: not UTF-8 text ({exc.reason})") from None
     except ValueError as exc:
         raise ReportError(str(exc)) from None
 

@@ -1,7 +1,8 @@
 """The run's Lightning callbacks: :func:`build_callbacks` instantiates the ``callbacks`` group
 (``configs/callbacks/``: one ``_target_`` node per callback, Lightning's and these):
 
-- :class:`AdapterCheckpoint`: the LoRA adapter next to every ``last.ckpt``;
+- :class:`AdapterCheckpoint`: the LoRA adapter after every ``last.ckpt``, each written only
+  when the disk has room for both;
 - :class:`SampleWriter`: the step's questions, answers and reward parts to ``samples.jsonl``;
 - :class:`FreshSampleEval`: on-policy ``val/`` metrics to the loggers and ``fresh_eval.jsonl``;
 - :class:`StopOnSignal`: SIGINT/SIGTERM finish the step, save ``last.ckpt`` and stop;
@@ -16,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -26,31 +28,120 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from contraq.config.checks import ConfigError
+from contraq.errors import UserError
 from contraq.evaluation.metrics import Embedder
+from contraq.files import write_dir_atomically
 from contraq.lm.sampling import SampleBatch
 from contraq.training.module import save_adapter
 
 log = logging.getLogger(__name__)
 
 
-class AdapterCheckpoint(L.Callback):
-    """Saves the LoRA adapter next to every last.ckpt, so `contraq sample` needs no Lightning."""
+class DiskSpaceError(UserError):
+    """Too little free space to write a checkpoint (and the adapter with it)."""
 
-    def __init__(self, out_dir: str | os.PathLike[str], every_n_steps: int) -> None:
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list/tuple: what ``torch.save`` writes, give or
+    take the pickled structure."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def bytes_needed(state: int, previous: int, adapter: int, margin: int) -> int:
+    """Free bytes a checkpoint write needs: the larger of its tensors' bytes and the previous
+    checkpoint's size (the buffer and pickled parts grow), the adapter written after it, and
+    the margin (the old files stay until the new ones are complete)."""
+    return max(state, previous) + adapter + margin
+
+
+def check_free_space(folder: Path, needed: int, free: int) -> None:
+    """Refuse the write when ``free`` bytes in ``folder`` fall short of ``needed``.
+
+    Raises:
+        DiskSpaceError: naming the folder and both numbers.
+    """
+    if free < needed:
+        raise DiskSpaceError(
+            f"{folder}: {needed} bytes needed for the next checkpoint and adapter, {free} free; "
+            "the last checkpoint and adapter/ were kept as they were (free some space, or "
+            "lower callbacks.adapter_checkpoint.free_margin_mb, and relaunch to resume)"
+        )
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files directly in ``folder`` (0 when absent)."""
+    return sum(p.stat().st_size for p in folder.glob("*") if p.is_file())
+
+
+def _ckpt_dir(trainer: L.Trainer) -> Path:
+    """The folder of ``last.ckpt`` (``callbacks.model_checkpoint.dirpath``)."""
+    model_checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+    return Path(str(model_checkpoint.dirpath))
+
+
+class AdapterCheckpoint(Checkpoint):
+    """Saves the LoRA adapter after each ``last.ckpt`` of its steps, so `contraq sample` needs
+    no Lightning; never ahead of ``last.ckpt`` (the run may resume from it).
+
+    A :class:`Checkpoint`: Lightning runs it after ``ModelCheckpoint`` (``build_callbacks``
+    orders them), so a checkpoint write that fails leaves the adapter of the previous one.
+    Before every checkpoint write (``on_save_checkpoint``, also the stop on a signal) the
+    target's free space is checked against the checkpoint's and the adapter's size plus
+    ``free_margin_mb``: a full disk stops the run in one line with both intact.
+    """
+
+    def __init__(
+        self, out_dir: str | os.PathLike[str], every_n_steps: int, free_margin_mb: float = 64
+    ) -> None:
         self.out_dir, self.every = Path(out_dir), max(1, every_n_steps)
+        self.margin = int(free_margin_mb * 2**20)
+        self.saved_step = -1  # the step of the last checkpoint written (on every rank)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]
+    ) -> None:
+        folder = _ckpt_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        last = folder / "last.ckpt"
+        trainable = sum(
+            p.numel() * p.element_size() for p in pl_module.parameters() if p.requires_grad
+        )
+        needed = bytes_needed(
+            tensor_bytes(checkpoint),
+            last.stat().st_size if last.is_file() else 0,
+            max(folder_bytes(self.out_dir), trainable),
+            self.margin,
+        )
+        check_free_space(folder, needed, shutil.disk_usage(folder).free)
+        self.saved_step = trainer.global_step
+
+    def _save(self, pl_module: Any) -> None:
+        """The adapter folder replaced whole: a failed write leaves the previous one."""
+        write_dir_atomically(
+            self.out_dir, lambda tmp: save_adapter(pl_module, tmp), lambda _: False, replace=True
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.is_global_zero and trainer.global_step % self.every == 0:
-            save_adapter(pl_module, self.out_dir)
+        step = trainer.global_step
+        if trainer.is_global_zero and step % self.every == 0 and step == self.saved_step:
+            self._save(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.saved_step != trainer.global_step:  # last.ckpt first (collective under DDP)
+            trainer.save_checkpoint(str(_ckpt_dir(trainer) / "last.ckpt"))
         if trainer.is_global_zero:
-            save_adapter(pl_module, self.out_dir)
+            self._save(pl_module)
 
 
 class SampleWriter(L.Callback):
@@ -291,5 +382,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
             got = type(callback).__name__
             raise ConfigError(key, f"must build a {want.__name__}, got a {got}")
         out.append(callback)
+    # Lightning runs Checkpoint callbacks last, in list order: the adapter after last.ckpt.
+    out.sort(key=lambda c: isinstance(c, AdapterCheckpoint))
     audit_dir = OmegaConf.select(cfg, "ddp_audit_dir", default=None)
     return [*out, *([DDPAudit(audit_dir)] if audit_dir else [])]
