@@ -280,7 +280,7 @@ def refuse_unread_keys(cmd: str, cfg: Any, overrides: list[str]) -> None:
 
         schemas: tuple[type, ...] = (SampleConfig,)
     elif cmd == "eval":
-        from contraq.evaluate import EvalConfig, EvalTarget
+        from contraq.evaluation.evaluate import EvalConfig, EvalTarget
 
         schemas = (EvalTarget, EvalConfig)
     else:
