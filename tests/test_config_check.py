@@ -203,6 +203,13 @@ def test_baselines_of_a_run_written_before_a_new_key_are_reusable() -> None:
     assert _differences(settings, settings, old, new) == []
     old["model"]["lora_r"] = 4
     assert _differences(settings, settings, old, new) == ["run config model"]
+    # A reward key added since (frozen_weights; found when the w_share runs reused base0's
+    # baselines) is no difference at its default, a difference elsewhere.
+    old = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
+    del old["reward"]["frozen_weights"]
+    assert _differences(settings, settings, old, new) == []
+    float16 = _compose("train.max_steps=10", "reward.frozen_weights=float16")
+    assert _differences(settings, settings, old, float16) == ["run config reward"]
 
 
 def test_baselines_compare_the_dtype_as_loaded() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,11 @@ def _differences(
     for group in RUN_GROUPS:
         mine = _plain(run_cfg.get(group), group)
         # A key added to the schema since the earlier run was written is no difference.
-        theirs = fill_absent(_plain(old_cfg.get(group), group), mine, schema.get(group))
+        defaults = schema.get(group)
+        if group == "reward" and mine.get("name") == "contradiction":
+            # The reward group's schema is its dataclass (the run schema leaves it open).
+            defaults = asdict(ContradictionRewardConfig())
+        theirs = fill_absent(_plain(old_cfg.get(group), group), mine, defaults)
         if theirs != mine:
             diff.append(f"run config {group}")
     return diff
