@@ -2,15 +2,16 @@
 
 Questions of one fact are not independent (one prompt, one subject the base LM does or does
 not know), so every interval resamples *facts* with replacement and pools their questions.
-Pure functions on plain lists; numpy for the resampling.
+Pure functions on plain lists; percentile intervals from ``scipy.stats.bootstrap``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import scipy.stats
 
 __all__ = [
     "bootstrap_rate",
@@ -32,19 +33,49 @@ def per_fact_counts(
     return out
 
 
-def _resampled_rates(
-    counts: Mapping[int, tuple[float, int]], facts: Sequence[int], idx: np.ndarray
-) -> np.ndarray:
-    """Pooled rate of every resample: ``idx [n_boot, F]`` indexes ``facts``."""
+def _pooled_rate(hits: np.ndarray, tot: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pooled rate of facts along ``axis``: their hits over their questions."""
+    return np.sum(hits, axis=axis) / np.maximum(np.sum(tot, axis=axis), 1.0)
+
+
+def _columns(
+    counts: Mapping[int, tuple[float, int]], facts: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(hits [F], questions [F])`` of ``facts`` in their order."""
     hits = np.array([counts[f][0] for f in facts], dtype=np.float64)
     tot = np.array([counts[f][1] for f in facts], dtype=np.float64)
-    return hits[idx].sum(1) / np.maximum(tot[idx].sum(1), 1.0)
+    return hits, tot
 
 
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    """The central percentile interval of ``values`` at ``level`` (e.g. 0.95)."""
-    alpha = (1.0 - level) / 2
-    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+def _bootstrap(
+    columns: Sequence[np.ndarray],
+    statistic: Callable[..., np.ndarray],
+    n_boot: int,
+    level: float,
+    seed: int,
+) -> tuple[float, float, np.ndarray]:
+    """Percentile bootstrap of ``statistic(*columns, axis=-1)`` resampling facts (the columns'
+    entries) jointly: ``(low, high, the statistic of every resample [n_boot])``.
+
+    scipy draws the resamples as ``default_rng(seed).integers(0, F, (n_boot, F))``, each row
+    one resample of fact indices. With one fact every resample is that fact (scipy wants two).
+    """
+    if len(columns[0]) < 2:
+        value = float(statistic(*columns, axis=-1))
+        return value, value, np.full(n_boot, value)
+    with np.errstate(invalid="ignore"):  # its standard error of a ratio that reached inf
+        res = scipy.stats.bootstrap(
+            tuple(columns),
+            statistic,
+            n_resamples=n_boot,
+            paired=True,  # the columns are one fact's numbers: resampled together
+            vectorized=True,
+            confidence_level=level,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
+    ci = res.confidence_interval
+    return float(ci.low), float(ci.high), np.asarray(res.bootstrap_distribution)
 
 
 def bootstrap_rate(
@@ -66,28 +97,34 @@ def bootstrap_rate(
         return (math.nan, math.nan, math.nan)
     total = sum(counts[f][1] for f in facts)
     rate = sum(counts[f][0] for f in facts) / max(total, 1)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
-    return (rate, *_interval(_resampled_rates(counts, facts, idx), level))
+    low, high, _ = _bootstrap(_columns(counts, facts), _pooled_rate, n_boot, level, seed)
+    return (rate, low, high)
 
 
-def _paired_rates(
-    a: Mapping[int, tuple[float, int]],
-    b: Mapping[int, tuple[float, int]],
-    n_boot: int,
-    seed: int,
-) -> tuple[float, float, np.ndarray, np.ndarray] | None:
-    """Pooled rates of ``a`` and ``b`` on the facts both have, and of every joint resample of
-    those facts (``[n_boot]`` each); ``None`` without a common fact."""
+def _difference(
+    hits_a: np.ndarray, tot_a: np.ndarray, hits_b: np.ndarray, tot_b: np.ndarray, axis: int = -1
+) -> np.ndarray:
+    return _pooled_rate(hits_a, tot_a, axis) - _pooled_rate(hits_b, tot_b, axis)
+
+
+def _ratio(
+    hits_a: np.ndarray, tot_a: np.ndarray, hits_b: np.ndarray, tot_b: np.ndarray, axis: int = -1
+) -> np.ndarray:
+    """``a / b`` of pooled rates: inf where only ``b`` is 0, 1 where both are (both found
+    nothing)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = _pooled_rate(hits_a, tot_a, axis) / _pooled_rate(hits_b, tot_b, axis)
+    return np.nan_to_num(ratios, nan=1.0, posinf=math.inf)
+
+
+def _paired_columns(
+    a: Mapping[int, tuple[float, int]], b: Mapping[int, tuple[float, int]]
+) -> list[np.ndarray] | None:
+    """``[hits_a, tot_a, hits_b, tot_b]`` on the facts both have; ``None`` without one."""
     facts = sorted(set(a) & set(b))
     if not facts:
         return None
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(facts), size=(n_boot, len(facts)))
-    full = np.arange(len(facts))[None, :]
-    rate_a = float(_resampled_rates(a, facts, full)[0])
-    rate_b = float(_resampled_rates(b, facts, full)[0])
-    return rate_a, rate_b, _resampled_rates(a, facts, idx), _resampled_rates(b, facts, idx)
+    return [*_columns(a, facts), *_columns(b, facts)]
 
 
 def paired_bootstrap(
@@ -103,12 +140,11 @@ def paired_bootstrap(
         ``diff``, its interval ``low``/``high`` and ``p_le_0``: the share of resamples where
         ``a`` is not above ``b`` (a one-sided bootstrap p-value for "a is better").
     """
-    rates = _paired_rates(a, b, n_boot, seed)
-    if rates is None:
+    columns = _paired_columns(a, b)
+    if columns is None:
         return {"diff": math.nan, "low": math.nan, "high": math.nan, "p_le_0": math.nan}
-    rate_a, rate_b, res_a, res_b = rates
-    diffs = res_a - res_b
-    low, high = _interval(diffs, level)
+    rate_a, rate_b = float(_pooled_rate(*columns[:2])), float(_pooled_rate(*columns[2:]))
+    low, high, diffs = _bootstrap(columns, _difference, n_boot, level, seed)
     return {"diff": rate_a - rate_b, "low": low, "high": high, "p_le_0": float((diffs <= 0).mean())}
 
 
@@ -127,17 +163,14 @@ def ratio_bootstrap(
         resample's ``b`` is 0 and its ``a`` is not; NaN without facts or when ``b`` is 0).
     """
     nan = {"ratio": math.nan, "ratio_low": math.nan, "ratio_high": math.nan}
-    rates = _paired_rates(a, b, n_boot, seed)
-    if rates is None:
+    columns = _paired_columns(a, b)
+    if columns is None:
         return nan
-    rate_a, rate_b, res_a, res_b = rates
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = rate_a / rate_b if rate_b else (math.inf if rate_a else math.nan)
-        ratios = res_a / res_b
-    ratios = np.nan_to_num(ratios, nan=1.0, posinf=math.inf)  # 0/0: both found nothing
+    rate_a, rate_b = float(_pooled_rate(*columns[:2])), float(_pooled_rate(*columns[2:]))
+    ratio = rate_a / rate_b if rate_b else (math.inf if rate_a else math.nan)
     if not math.isfinite(ratio):
         return {**nan, "ratio": ratio}
-    low, high = _interval(ratios, level)
+    low, high, _ = _bootstrap(columns, _ratio, n_boot, level, seed)
     return {"ratio": ratio, "ratio_low": low, "ratio_high": high}
 
 
