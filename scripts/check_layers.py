@@ -40,7 +40,8 @@ ROOT = "contraq"
 # not checked against the layers, only for cycles).
 LAYERS: list[list[str]] = [
     ["cli"],  # the `contraq` command
-    ["evaluation.rescore"],  # an eval folder judged again (reuses evaluate's report)
+    # an eval folder judged again (reuses evaluate's report); tables from eval folders
+    ["evaluation.rescore", "evaluation.compare"],
     ["evaluation.evaluate", "sample", "training.smooth", "editing"],  # commands on a trained run
     ["evaluation.methods"],  # eval's methods, in one process or several
     [

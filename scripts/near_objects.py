@@ -1,4 +1,6 @@
-"""Write src/contraq/judge/tables/near_objects.json: for every relation of the judge's edit
+"""A tool: rewrites the committed src/contraq/judge/tables/near_objects.json (judge v9).
+
+Write src/contraq/judge/tables/near_objects.json: for every relation of the judge's edit
 facts, each object's nearest other objects in all-MiniLM-L6-v2 embedding space
 (contraq.judge.near). The judge's pair generator reads the table; rerun this after changing
 the facts (`nli.train.facts`) and give the judge a new name.

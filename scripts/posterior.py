@@ -1,4 +1,6 @@
-"""What the reward's target looks like: the untrained policy's questions filtered by the reward.
+"""Reproduces docs/EXPERIMENTS.md section 10, "What the reward's target looks like" (posterior-v5).
+
+What the reward's target looks like: the untrained policy's questions filtered by the reward.
 
 With ``log R = log C / beta + log P_Q`` and small ``beta``, the GFlowNet's target is the
 untrained policy (the prior, T=1) restricted to counted contradictions. This script draws

@@ -1,4 +1,6 @@
-"""Edit facts and questions to probe an edited model with, before a trained sampler exists:
+"""Reproduces the inputs of docs/results/probe-cf32 (its README: facts.jsonl, questions.jsonl).
+
+Edit facts and questions to probe an edited model with, before a trained sampler exists:
 the first N held-out (test split) facts of a run config, and N_Q distinct questions per fact
 from the untrained policy (the base LM at T=1, as `contraq sample plain=true` draws them) and
 from beam search on the base LM (as `contraq eval` runs it), each scored by the run's reward

@@ -1,4 +1,6 @@
-"""One Markdown row per evaluation folder: the trained policy's counted rate, facts covered and
+"""Reproduces docs/EXPERIMENTS.md section 5's table "On the first 32 test facts" (one-off).
+
+One Markdown row per evaluation folder: the trained policy's counted rate, facts covered and
 diversity with 95% intervals, and its paired differences from T=0.5 and beam search.
 
 Usage::

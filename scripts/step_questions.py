@@ -1,4 +1,6 @@
-"""What the logged training steps of runs hold that a faster step could exploit: how many of a
+"""Reproduces docs/EXPERIMENTS.md section 6's "checked against the logged steps" counts (one-off).
+
+What the logged training steps of runs hold that a faster step could exploit: how many of a
 step's questions are distinct (answering them once each would drop the repeats' rows), and how
 many answers run past their first sentence (stopping there would shorten answering).
 

@@ -1,4 +1,6 @@
-"""Stricter readings of the counted rate, to see whether a margin survives them.
+"""Reproduces docs/EXPERIMENTS.md section 5, "Stricter readings of counted" (one-off).
+
+Stricter readings of the counted rate, to see whether a margin survives them.
 
 A counted question (the judge's contradiction, a question, no echo) is re-read two ways:
 

@@ -1,4 +1,6 @@
-"""How much of a method's diversity comes from questions that leave the edit's subject.
+"""Reproduces docs/EXPERIMENTS.md section 6's on-subject columns (reward.div_gate=subject runs).
+
+How much of a method's diversity comes from questions that leave the edit's subject.
 
 For each method of an eval folder: the share of its questions that name the edit's subject in
 full (:func:`contraq.genuine.names_subject`), the diversity of all its questions per fact (the

@@ -14,6 +14,10 @@ contraq smooth run=RUN out=DIR [overrides]
 contraq rescore records=EVAL judge=NLI out=DIR [overrides]
                                     an eval's questions and answers judged again
                                     (configs/rescore.yaml)
+contraq compare mode=paired a=EVAL b=EVAL | mode=splits test=[EVAL,..] val=[EVAL,..]
+        | mode=labels labels=FILE records=EVAL
+                                    tables from eval folders: paired over facts, both
+                                    splits, hand-label precision (configs/compare.yaml)
 contraq edit facts=FILE out=DIR [editor=ft|in_context|external] [overrides]
                                     edit the base LM with facts (configs/edit.yaml)
 contraq probe edited=DIR|in_context questions=FILE out=DIR [overrides]
@@ -218,6 +222,7 @@ HELP_FILES = {
     "report": ("report.yaml",),
     "smooth": ("smooth.yaml",),
     "rescore": ("rescore.yaml",),
+    "compare": ("compare.yaml",),
     "nli-train": ("nli-train.yaml", "nli/minilm-zsre.yaml"),
     "edit": ("edit.yaml",),
     "probe": ("probe.yaml",),
@@ -225,12 +230,12 @@ HELP_FILES = {
 
 
 def _command(cmd: str, rest: list[str]) -> int:
-    """`contraq sample|eval|report|smooth|rescore|edit|probe|nli-train`: compose ``configs/<cmd>.yaml``
+    """`contraq sample|eval|report|smooth|rescore|compare|edit|probe|nli-train`: compose ``configs/<cmd>.yaml``
     and run the command."""
     if any(a in ("-h", "--help") for a in rest):
         print("\n".join((config_dir() / f).read_text() for f in HELP_FILES[cmd]))
         return 0
-    cfg = compose(cmd, rest, schemas=cmd != "nli-train")
+    cfg = compose(cmd, rest, schemas=cmd not in ("nli-train", "compare"))
     refuse_unread_keys(cmd, cfg, rest)
     _offline_env()
     if cmd == "nli-train":
@@ -256,6 +261,10 @@ def _command(cmd: str, rest: list[str]) -> int:
         from contraq.evaluation.rescore import run_rescore
 
         run_rescore(cfg)
+    elif cmd == "compare":
+        from contraq.evaluation.compare import run_compare
+
+        run_compare(cfg)
     else:
         from contraq.evaluation.report import run_report
 
@@ -264,7 +273,7 @@ def _command(cmd: str, rest: list[str]) -> int:
 
 
 def refuse_unread_keys(cmd: str, cfg: Any, overrides: list[str]) -> None:
-    """Refuse a key that `contraq sample|eval` would not read: Hydra adds any ``+key=value``
+    """Refuse a key that `contraq sample|eval|compare` would not read: Hydra adds any ``+key=value``
     and the command's typed settings skip it, so ``+temprature=0.5`` sampled at T=1 (the
     message is train's for its `+key`, :func:`contraq.config.schema.check_added_keys`).
 
@@ -283,6 +292,10 @@ def refuse_unread_keys(cmd: str, cfg: Any, overrides: list[str]) -> None:
         from contraq.evaluation.evaluate import EvalConfig, EvalTarget
 
         schemas = (EvalTarget, EvalConfig)
+    elif cmd == "compare":
+        from contraq.evaluation.compare import CompareConfig
+
+        schemas = (CompareConfig,)
     else:
         return
     read = {f.name for schema in schemas for f in fields(schema)}
