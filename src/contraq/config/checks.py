@@ -256,7 +256,9 @@ def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
         w = get(key)
         if get("loss.name") == "subtb" and _is_num(w) and w != 0:
             yield ConfigError(
-                key, f"must be 0 with loss=subtb (a prefix has no batch to share with), got {w}"
+                key,
+                f"must be 0 with loss=subtb (a prefix has no batch to share with), got {w}: "
+                f"add {key}=0",
             )
     yield from _checkpoint_dir(cfg)
     resume = get("resume")
