@@ -44,6 +44,7 @@ from contraq.judge.scorer import contradiction_index
 from contraq.lm.models import load_smollm2_tokenizer, minilm_dir, save_converted
 from contraq.run.parts import Parts, build_prompts
 from contraq.training.module import GFlowNetModule
+from contraq.training.step import StepBatch
 from contraq.training.train import step_loader
 
 ARCHS_DIR = REPO_ROOT / "configs" / "archs"
@@ -307,29 +308,29 @@ def run_step(
     phases = _Phases(on_phase)
     meter = SavedActivations(parts.policy.config.vocab_size, parts.policy.parameters())
     seen: dict[str, Any] = {}
-    get_batch, compute_loss = module.get_batch, module.compute_loss
+    make_batch, compute_loss = module.make_batch, module.compute_loss
 
-    def timed_get_batch(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def timed_make_batch(*args: Any, **kwargs: Any) -> StepBatch:
         phases.mark("sample_and_reward")
-        seen["data"] = get_batch(*args, **kwargs)
+        seen["data"] = make_batch(*args, **kwargs)
         return seen["data"]
 
-    def metered_loss(data: dict[str, Any]) -> Any:
+    def metered_loss(sb: StepBatch) -> Any:
         phases.mark("loss_forward")
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-            loss, extra = compute_loss(data)
+            loss, extra = compute_loss(sb)
         seen["loss"] = float(loss.detach())
         return loss, extra
 
-    module.get_batch, module.compute_loss = timed_get_batch, metered_loss  # type: ignore[method-assign]
+    module.make_batch, module.compute_loss = timed_make_batch, metered_loss  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(**_trainer_kwargs(cfg), callbacks=[phases], default_root_dir=tmp)
-        trainer.fit(module, train_dataloaders=step_loader())
+        trainer.fit(module, train_dataloaders=step_loader(module))
     after = module.trainable_state_dict()
     changed = {
         k: not torch.equal(before[k], after[k].detach().to(before[k].device)) for k in before
     }
-    batch = seen["data"]["batch"]
+    batch = seen["data"].batch
     return StepReport(
         loss_name=str(cfg.loss.name),
         loss=seen["loss"],

@@ -61,6 +61,7 @@ LAYERS: list[list[str]] = [
     ],  # a run loaded back; its questions; the set found; around the Lightning run
     ["training.module", "run.parts"],  # one training step; a run's parts built from its config
     ["config.schema", "training.distributed"],  # the config schema; a step's batch across ranks
+    ["training.step"],  # a step's plan (from the DataLoader) and its batch
     ["reward", "buffer", "training.losses", "evaluation.metrics"],  # the GFlowNet's parts
     ["judge", "redis_server", "run.folder", "config.settings", "evaluation.plots"],  # services
     ["lm.embedding", "lm.stochastic_beam"],  # sentence embeddings; drawing without replacement

@@ -262,7 +262,7 @@ def buffer_texts(port: int, namespace: str) -> set[tuple[str, str]]:
 
 
 def first_replay_end(start: int, seed: int = 0, prob: float = 0.5) -> int:
-    """Smallest max_steps > start + 2 whose last step index replays (the coin of get_batch)."""
+    """Smallest max_steps > start + 2 whose last step index replays (the coin of its plan)."""
     step = start + 2
     while torch.rand((), generator=step_generator(seed, step, 3)).item() >= prob:
         step += 1

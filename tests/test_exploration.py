@@ -12,6 +12,7 @@ from contraq.lm.models import base_model, termination_token_id
 from contraq.lm.sampling import SamplerConfig, score_actions
 from contraq.reward.likelihood import LikelihoodReward
 from contraq.training.module import GFlowNetModule
+from contraq.training.step import StepBatch
 
 FACTS = [
     EditFact(subject="Colt King Cobra", edit_fact="Colt King Cobra is made by Ford"),
@@ -44,21 +45,25 @@ def _module(policy, tok, **train) -> GFlowNetModule:
     )
 
 
+def _step0(module: GFlowNetModule) -> StepBatch:
+    return module.make_batch(module.plan(0))
+
+
 def _questions(batch, rows) -> list[tuple[int, ...]]:
     return [tuple(batch.actions[b, : int(batch.lengths[b])].tolist()) for b in rows]
 
 
 def test_distinct_draws_give_each_fact_distinct_questions(tiny_llama, smol_tokenizer):
-    iid = _module(tiny_llama, smol_tokenizer).get_batch(step=0)
-    data = _module(tiny_llama, smol_tokenizer, draw="distinct").get_batch(step=0)
-    batch = data["batch"]
-    assert len(batch) == 12 and data["fact_rows"] == iid["fact_rows"]
+    iid = _step0(_module(tiny_llama, smol_tokenizer))
+    data = _step0(_module(tiny_llama, smol_tokenizer, draw="distinct"))
+    batch = data.batch
+    assert len(batch) == 12 and data.fact_rows == iid.fact_rows
     for k in range(2):
-        rows = [b for b, f in enumerate(data["fact_rows"]) if f == data["fact_rows"][6 * k]]
+        rows = [b for b, f in enumerate(data.fact_rows) if f == data.fact_rows[6 * k]]
         assert rows == list(range(6 * k, 6 * k + 6))
         assert len(set(_questions(batch, rows))) == 6
     # Independent draws of the same policy repeat here: the draw, not the policy, differs.
-    assert min(len(set(_questions(iid["batch"], range(6 * k, 6 * k + 6)))) for k in (0, 1)) < 6
+    assert min(len(set(_questions(iid.batch, range(6 * k, 6 * k + 6)))) for k in (0, 1)) < 6
     # The loss sees the policy's own log-probs of the distinct questions.
     loss, _ = _module(tiny_llama, smol_tokenizer, draw="distinct").compute_loss(data)
     assert torch.isfinite(loss)
@@ -66,9 +71,9 @@ def test_distinct_draws_give_each_fact_distinct_questions(tiny_llama, smol_token
 
 def test_base_draws_come_from_the_base_lm(tiny_llama, smol_tokenizer):
     module = _module(tiny_llama, smol_tokenizer, base_prob=1.0)
-    data = module.get_batch(step=0)
-    batch = data["batch"]
-    assert data["stats"]["base_draw"] == 1.0 and data["stats"]["pf_temperature"] == 1.0
+    data = _step0(module)
+    batch = data.batch
+    assert data.base_draw is True and data.pf_temperature == 1.0
     cfg = module.sampler_cfg
     with base_model(tiny_llama) as lm:
         base_pf, _ = score_actions(lm, batch.prompt_ids, batch.prompt_mask, batch.actions, cfg)
@@ -78,15 +83,15 @@ def test_base_draws_come_from_the_base_lm(tiny_llama, smol_tokenizer):
     torch.testing.assert_close(batch.log_pf, base_pf, atol=1e-4, rtol=0)
     assert not torch.allclose(batch.log_pf, policy_pf, atol=1e-3)
     # base_prob=0 (the default) draws from the policy and leaves the step's streams as before.
-    plain = _module(tiny_llama, smol_tokenizer).get_batch(step=0)
-    assert plain["stats"]["base_draw"] == 0.0
+    plain = _step0(_module(tiny_llama, smol_tokenizer))
+    assert plain.base_draw is False
     torch.testing.assert_close(
-        plain["batch"].log_pf,
+        plain.batch.log_pf,
         score_actions(
             tiny_llama,
-            plain["batch"].prompt_ids,
-            plain["batch"].prompt_mask,
-            plain["batch"].actions,
+            plain.batch.prompt_ids,
+            plain.batch.prompt_mask,
+            plain.batch.actions,
             cfg,
         )[0],
         atol=1e-4,

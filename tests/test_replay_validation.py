@@ -68,11 +68,11 @@ def test_invalid_replay_entries_are_dropped_counted_and_named(
     assert other.add(key, [good, *bad]) == 4
 
     with caplog.at_level(logging.WARNING, logger="contraq.buffer"):
-        data = module.get_batch(step=0)
+        data = module.make_batch(module.plan(0))
         loss, _ = module.compute_loss(data)
-    assert data["stats"]["replay"] == 1.0
-    assert all(e == [100, 200, term] for e in data["batch"].actions[:, :3].tolist())
-    assert torch.isfinite(data["log_r"]).all() and math.isfinite(loss.item())
+    assert data.replay
+    assert all(e == [100, 200, term] for e in data.batch.actions[:, :3].tolist())
+    assert torch.isfinite(data.log_r).all() and math.isfinite(loss.item())
     assert buffer.dropped == 3
     where = f"Redis key '{buffer.namespace}:buf:{key}:h'"
     warnings = [r.getMessage() for r in caplog.records if where in r.getMessage()]
@@ -81,7 +81,7 @@ def test_invalid_replay_entries_are_dropped_counted_and_named(
     assert "vocabulary size" in text and "sampler.max_len" in text and "log_r" in text
     # Each bad entry is warned about once, not at every replay.
     with caplog.at_level(logging.WARNING, logger="contraq.buffer"):
-        module.get_batch(step=1)
+        module.make_batch(module.plan(1))
     assert sum(where in r.getMessage() for r in caplog.records) == 3
 
 
@@ -94,9 +94,9 @@ def test_a_fact_with_only_invalid_entries_is_sampled_on_policy(
     module = _module(tiny_llama, smol_tokenizer, buffer)
     term, key = module.sampler_cfg.termination_token_id, module.prompt_keys[0]
     buffer.add(key, [BufferEntry([len(smol_tokenizer) + 1, term], -1.0, {}, "bad?")])
-    data = module.get_batch(step=0)
+    data = module.make_batch(module.plan(0))
     loss, _ = module.compute_loss(data)
-    assert data["stats"]["replay"] == 0.0 and math.isfinite(loss.item())
+    assert not data.replay and math.isfinite(loss.item())
     assert buffer.dropped == 1
 
 
@@ -125,10 +125,10 @@ def test_unterminated_garbage_and_mistyped_redis_entries_are_skipped(
 
     with caplog.at_level(logging.WARNING, logger="contraq.buffer"):
         for step in range(3):
-            data = module.get_batch(step=step)
+            data = module.make_batch(module.plan(step))
             loss, _ = module.compute_loss(data)
-            assert data["stats"]["replay"] == 1.0 and math.isfinite(loss.item())
-            assert all(e == [100, 200, term] for e in data["batch"].actions[:, :3].tolist())
+            assert data.replay and math.isfinite(loss.item())
+            assert all(e == [100, 200, term] for e in data.batch.actions[:, :3].tolist())
     assert buffer.dropped == 3
     warnings = [r.getMessage() for r in caplog.records if f"Redis key '{hkey}'" in r.getMessage()]
     assert len(warnings) == 3, caplog.text  # once each, not at every replay

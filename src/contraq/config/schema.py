@@ -56,7 +56,7 @@ class PromptConfig:
 
 @dataclass
 class ReplayConfig:
-    """Replay from the buffer (read by the training step, ``GFlowNetModule.get_batch``)."""
+    """Replay from the buffer (read by the training step, ``GFlowNetModule.make_batch``)."""
 
     prob: float = 0.25  # chance that a step replays from the buffer instead of sampling
     prioritized: bool = True  # replay P ~ softmax(log R); false: uniform

@@ -38,8 +38,15 @@ from contraq.evaluation.metrics import Embedder
 from contraq.files import write_dir_atomically
 from contraq.lm.sampling import SampleBatch
 from contraq.training.module import save_adapter
+from contraq.training.step import StepBatch
 
 log = logging.getLogger(__name__)
+
+
+def step_batch(outputs: Any) -> StepBatch | None:
+    """The step batch a training step returned (``outputs["step_batch"]``), if any."""
+    sb = outputs.get("step_batch") if isinstance(outputs, Mapping) else None
+    return sb if isinstance(sb, StepBatch) else None
 
 
 class DiskSpaceError(UserError):
@@ -150,15 +157,17 @@ class SampleWriter(L.Callback):
     def __init__(self, path: str | os.PathLike[str], every_n_steps: int) -> None:
         self.path, self.every = Path(path), max(1, every_n_steps)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        data = pl_module.last_batch
-        if not trainer.is_global_zero or data is None or data["reward_out"] is None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        sb = step_batch(outputs)
+        if not trainer.is_global_zero or sb is None or sb.reward_out is None:
             return
         if trainer.global_step % self.every != 0:
             return
-        out = data["reward_out"]
+        out = sb.reward_out
         with self.path.open("a") as f:
-            for b, fact in enumerate(data["facts"]):
+            for b, fact in enumerate(sb.facts):
                 row = {
                     "step": trainer.global_step,
                     "subject": fact.subject,
@@ -340,17 +349,18 @@ class DDPAudit(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._write(trainer, {"event": "start", **self._base(trainer, pl_module)})
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        data = pl_module.last_batch or {}
-        batch = data.get("batch")
-        glob = data.get("global_batch")
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        sb = step_batch(outputs)
+        glob = sb.global_batch if sb is not None else None
         self._write(
             trainer,
             {
                 "event": "step",
                 **self._base(trainer, pl_module),
-                "replay": float(data.get("stats", {}).get("replay", 0.0)),
-                "rows": row_digests(batch) if batch is not None else [],
+                "replay": float(sb.replay) if sb is not None else 0.0,
+                "rows": row_digests(sb.batch) if sb is not None else [],
                 "global_rows": row_digests(glob) if glob is not None else None,
             },
         )

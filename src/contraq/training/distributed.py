@@ -1,5 +1,8 @@
 """Several processes (DDP): how a step's batch reaches every rank (scatter/pack of batches).
 
+The module draws a :class:`~contraq.training.step.StepBatch` for the slices
+:func:`slices_to_draw` names and :func:`share_batch` hands each rank its rows.
+
 Three sampling modes (``train.sampling``, docs/DESIGN.md section 5):
 
 - ``per_rank``: every rank samples and scores its own slice (the facts and the sampling RNG
@@ -13,7 +16,7 @@ Three sampling modes (``train.sampling``, docs/DESIGN.md section 5):
   slice and every rank trains on that same slice (N processes, one process's learning).
 
 What must agree across ranks agrees: the replay/sample coin of a step depends on
-``(seed, step)`` only (``GFlowNetModule.get_batch``), the reward temperature and learning-rate
+``(seed, step)`` only (``training.step.plan_step``), the reward temperature and learning-rate
 schedules on the global step; DDP averages the LoRA (and log Z) gradients, so the optimizer
 steps stay identical. Starting the processes is :mod:`contraq.training.launch`'s business.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,20 +34,12 @@ from torch import Tensor
 from contraq.data import EditFact
 from contraq.lm.sampling import SampleBatch
 from contraq.reward.base import RewardOutput
+from contraq.training.step import StepBatch
 
 SAMPLING_MODES = ("per_rank", "rank0", "rank0_broadcast")
 
 # Header layout (int64): P, T, has_prefix, replay, then one row count per rank.
 _HEADER_FIXED = 4
-
-
-class BatchSource(Protocol):
-    """What :func:`step_batch` needs from the training module."""
-
-    device: torch.device
-    facts: list[EditFact]
-
-    def get_batch(self, step: int, slice_ranks: Sequence[int] | None = None) -> dict[str, Any]: ...
 
 
 def dist_ready() -> bool:
@@ -144,43 +139,58 @@ def slice_reward_output(out: RewardOutput, start: int, stop: int) -> RewardOutpu
     )
 
 
-def step_batch(module: BatchSource, step: int, mode: str) -> dict[str, Any]:
-    """This rank's training data for ``step`` under sampling ``mode`` (``train.sampling``).
+def slices_to_draw(mode: str, rank: int, world: int) -> list[int]:
+    """Whose slices this rank draws under sampling ``mode``: its own (``per_rank`` or one
+    process), every rank's (rank 0 under ``rank0``), rank 0's (rank 0 under
+    ``rank0_broadcast``), none (the other ranks under rank 0 sampling)."""
+    mode = check_sampling(mode)
+    if mode == "per_rank" or world == 1:
+        return [rank]
+    if rank != 0:
+        return []
+    return list(range(world)) if mode == "rank0" else [0]
 
-    ``per_rank`` (or no process group): ``module.get_batch(step)``. ``rank0`` /
-    ``rank0_broadcast``: rank 0 runs ``get_batch`` for every rank's slice (or only its own),
-    then two small broadcasts (int64 header ``[4 + world]``: P, T, has_prefix, replay, rows per
-    rank; float64 exploration temperature) and two scatters (:func:`pack_rows` tensors, padded
-    to the largest slice) hand each rank its rows. The returned dict
-    has ``get_batch``'s keys for this rank's slice (``reward_out``: rank 0's slice on rank 0,
-    None elsewhere) plus ``global_batch``: everything rank 0 drew (rank 0), else None.
+
+def share_batch(
+    drawn: StepBatch | None,
+    step: int,
+    mode: str,
+    facts: Sequence[EditFact],
+    device: torch.device,
+) -> StepBatch:
+    """This rank's training rows of ``step`` under sampling ``mode`` (``train.sampling``), on
+    ``device``.
+
+    ``drawn``: what this rank drew (the slices of :func:`slices_to_draw`), None where it drew
+    none. ``per_rank`` (or no process group): ``drawn`` itself. ``rank0`` /
+    ``rank0_broadcast``: two small broadcasts (int64 header ``[4 + world]``: P, T, has_prefix,
+    replay, rows per rank; float64 exploration temperature) and two scatters (:func:`pack_rows`
+    tensors, padded to the largest slice) hand each rank its rows of rank 0's ``drawn``
+    (``facts``: the training facts, to name each received row's fact). ``reward_out``: rank 0's
+    slice on rank 0, None elsewhere; ``global_batch``: everything rank 0 drew (rank 0), else None.
     """
     mode = check_sampling(mode)
     if mode == "per_rank" or not dist_ready():
-        data = module.get_batch(step)
-        data.setdefault("global_batch", None)
-        return data
+        assert drawn is not None, "every rank draws its own slice"
+        return drawn
     world, rank = dist.get_world_size(), dist.get_rank()
-    dev = comm_device(module.device)
+    dev = comm_device(device)
     header = torch.zeros(_HEADER_FIXED + world, dtype=torch.long, device=dev)
     temp = torch.full((1,), float("nan"), dtype=torch.float64, device=dev)
     scatter_l: list[Tensor] | None = None
     scatter_f: list[Tensor] | None = None
-    data: dict[str, Any] | None = None
-    if rank == 0:
-        data = module.get_batch(step, list(range(world)) if mode == "rank0" else [0])
-        bounds = data["slices"] if mode == "rank0" else data["slices"] * world
-        longs, floats = pack_rows(
-            data["batch"], data["log_r"], data["prefix_log_r"], data["fact_rows"]
-        )
+    if drawn is not None:  # rank 0
+        bounds = list(drawn.slices) if mode == "rank0" else list(drawn.slices) * world
+        longs, floats = pack_rows(drawn.batch, drawn.log_r, drawn.prefix_log_r, drawn.fact_rows)
         counts = [b - a for a, b in bounds]
         width = max(counts)
         scatter_l = [_pad_rows(longs[a:b], width).to(dev) for a, b in bounds]
         scatter_f = [_pad_rows(floats[a:b], width).to(dev) for a, b in bounds]
-        p, t = data["batch"].prompt_ids.shape[1], data["batch"].actions.shape[1]
-        fixed = [p, t, int(data["prefix_log_r"] is not None), int(data["stats"].get("replay", 0.0))]
+        p, t = drawn.batch.prompt_ids.shape[1], drawn.batch.actions.shape[1]
+        fixed = [p, t, int(drawn.prefix_log_r is not None), int(drawn.replay)]
         header.copy_(torch.tensor(fixed + counts, dtype=torch.long))
-        temp.fill_(float(data["stats"].get("pf_temperature", float("nan"))))
+        temp_value = drawn.pf_temperature if drawn.pf_temperature is not None else float("nan")
+        temp.fill_(float(temp_value))
     dist.broadcast(header, src=0)
     dist.broadcast(temp, src=0)
     p, t, has_prefix, replay = (int(v) for v in header[:_HEADER_FIXED].tolist())
@@ -196,21 +206,20 @@ def step_batch(module: BatchSource, step: int, mode: str) -> dict[str, Any]:
     batch, log_r, prefix, fact_rows = unpack_rows(
         recv_l[:n].cpu(), recv_f[:n].cpu(), p, t, bool(has_prefix)
     )
-    batch = batch.to(module.device)
-    stats: dict[str, float] = {"replay": float(replay)}
-    if not replay:
-        stats["pf_temperature"] = float(temp.item())
     reward_out = None
-    if data is not None and data["reward_out"] is not None:
-        reward_out = slice_reward_output(data["reward_out"], 0, n)
-    return {
-        "batch": batch,
-        "facts": [module.facts[i] for i in fact_rows],
-        "fact_rows": fact_rows,
-        "log_r": log_r.to(module.device),
-        "prefix_log_r": prefix.to(module.device) if prefix is not None else None,
-        "reward_out": reward_out,
-        "stats": {**(data["stats"] if data is not None else {}), **stats},
-        "slices": [(0, n)],
-        "global_batch": data["batch"] if data is not None else None,
-    }
+    if drawn is not None and drawn.reward_out is not None:
+        reward_out = slice_reward_output(drawn.reward_out, 0, n)
+    return StepBatch(
+        step=step,
+        batch=batch.to(device),
+        facts=tuple(facts[i] for i in fact_rows),
+        fact_rows=tuple(fact_rows),
+        log_r=log_r.to(device),
+        prefix_log_r=prefix.to(device) if prefix is not None else None,
+        reward_out=reward_out,
+        slices=((0, n),),
+        replay=bool(replay),
+        pf_temperature=None if replay else float(temp.item()),
+        base_draw=drawn.base_draw if drawn is not None else None,
+        global_batch=drawn.batch if drawn is not None else None,
+    )

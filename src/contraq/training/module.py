@@ -3,8 +3,9 @@
 The maths lives elsewhere (`sampler`, `losses`, `reward`, `buffer`); this file only wires one
 training step together:
 
-1. pick edit facts (deterministically from the step counter, so a resumed run continues the same
-   stream of facts without any data-loader state);
+1. take the step's plan from the DataLoader (``training.step``: the step index, its replay coin
+   and its facts, all drawn from (seed, step), so a resumed run continues the same stream
+   without any data-loader state); a replay step's facts are those with buffer entries;
 2. get questions: replay from the buffer with probability ``train.replay.prob``, else sample from the
    policy (with probability ``pf_temp_prob`` at a random temperature: off-policy exploration);
 3. score them with the reward (unscaled log R and its components) and add fresh ones to the buffer;
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -44,21 +44,15 @@ from contraq.training.losses import (
     trajectory_balance_loss,
     vargrad_loss,
 )
+from contraq.training.step import (
+    StepBatch,
+    StepPlan,
+    pick_facts,
+    plan_step,
+    step_generator,
+)
 
 log = logging.getLogger(__name__)
-
-
-def step_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from (seed, *parts) by a stable digest.
-
-    Every random choice of step s is drawn from ``step_generator(seed, s, ...)``: a resumed run
-    continues the exact same random stream without storing RNG state, and no global RNG is
-    re-seeded.
-    """
-    digest = hashlib.blake2b(repr((seed, *parts)).encode(), digest_size=8).digest()
-    g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return g
 
 
 class GFlowNetModule(L.LightningModule):
@@ -119,7 +113,6 @@ class GFlowNetModule(L.LightningModule):
         self.log_z_head.requires_grad_(loss_cfg.name == "tb")
         # Only the LoRA adapters and the log Z head go into checkpoints (see on_save_checkpoint).
         self.strict_loading = False
-        self.last_batch: dict[str, Any] | None = None
         # Replayed entries must fit this model: ids inside its vocabulary, at most max_len
         # tokens, a bounded log R (a stored entry may come from another model or be tampered).
         vocab = min(len(tokenizer), policy.get_input_embeddings().num_embeddings)
@@ -152,20 +145,23 @@ class GFlowNetModule(L.LightningModule):
         return self.cfg.reward_temp.at(self.global_step)
 
     # ------------------------------------------------------------------ data
-    def choose_facts(self, step: int, replay: bool = False, rank: int | None = None) -> list[int]:
-        """Fact indices for a step, drawn without replacement from a step-seeded generator.
+    def plan(self, step: int) -> StepPlan:
+        """The plan of ``step`` (:func:`~contraq.training.step.plan_step`) for this run's world."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        c = self.cfg
+        return plan_step(self.seed, step, len(self.facts), c.facts_per_step, c.replay.prob, world)
 
-        On replay steps only facts with buffer entries are eligible (with hundreds of facts a
-        random pick would almost never have any); [] when none has. ``rank``: whose slice
-        (default: this process's global rank).
-        """
-        g = step_generator(self.seed, step, self.global_rank if rank is None else rank, 0)
-        pool = list(range(len(self.facts)))
-        if replay:
-            stored = set(self.buffer.keys())
-            pool = [i for i in pool if self.prompt_keys[i] in stored]
-        n = min(self.cfg.facts_per_step, len(pool))
-        return [pool[j] for j in torch.randperm(len(pool), generator=g)[:n].tolist()]
+    def first_step(self) -> int:
+        """The step index the next plan starts at (after a resume: the checkpoint's)."""
+        return self.global_step * self.trainer.accumulate_grad_batches
+
+    def replay_facts(self, step: int, rank: int) -> list[int]:
+        """A replay step's facts for ``rank``'s slice: drawn like the plan's (same generator),
+        among the facts with buffer entries only (with hundreds of facts a random pick would
+        almost never have any); [] when none has."""
+        stored = set(self.buffer.keys())
+        pool = [i for i in range(len(self.facts)) if self.prompt_keys[i] in stored]
+        return pick_facts(self.seed, step, rank, pool, self.cfg.facts_per_step)
 
     @torch.no_grad()
     def sample_questions(
@@ -240,37 +236,38 @@ class GFlowNetModule(L.LightningModule):
             self.buffer.add(key, entries)
 
     # ------------------------------------------------------------------ training
-    def get_batch(self, step: int, slice_ranks: Sequence[int] | None = None) -> dict[str, Any]:
+    def make_batch(self, plan: StepPlan, ranks: Sequence[int] | None = None) -> StepBatch:
         """Questions, unscaled log-rewards and components for one step (no grad).
 
-        ``slice_ranks``: whose slices to draw, concatenated (default: this rank's own). Rank 0
-        under ``train.sampling=rank0`` draws every rank's slice in one batch and scatters them
-        (``contraq.training.distributed.step_batch``); ``slices[i]`` is the row range of slice i.
-        The replay/sample coin depends on (seed, step) only, so all ranks agree on it.
+        ``ranks``: whose slices to draw, concatenated (default: this rank's own). Rank 0 under
+        ``train.sampling=rank0`` draws every rank's slice in one batch and scatters them
+        (``contraq.training.distributed.share_batch``); ``slices[i]`` is the row range of slice
+        i. The plan's replay coin depends on (seed, step) only, so all ranks agree on it.
         """
-        c = self.cfg
-        ranks = [self.global_rank] if slice_ranks is None else list(slice_ranks)
+        c, step = self.cfg, plan.step
+        ranks = [self.global_rank] if ranks is None else list(ranks)
         g = step_generator(self.seed, step, ranks[0], 1)
-        coin = step_generator(self.seed, step, 3)
-        use_buffer = torch.rand((), generator=coin).item() < c.replay.prob
-        per_slice = [self.choose_facts(step, replay=use_buffer, rank=r) for r in ranks]
-        fact_ids = [i for ids in per_slice for i in ids]
+        per_slice = [list(plan.facts[r]) for r in ranks]
         replay = None
-        if use_buffer and all(per_slice):
-            replay = self.replay_questions(fact_ids, c.n_samples, g)
-        if replay is None and use_buffer:
-            per_slice = [self.choose_facts(step, rank=r) for r in ranks]
-            fact_ids = [i for ids in per_slice for i in ids]
+        if plan.replay:
+            per_slice = [self.replay_facts(step, r) for r in ranks]
+            if all(per_slice):
+                replay = self.replay_questions(
+                    [i for ids in per_slice for i in ids], c.n_samples, g
+                )
+            if replay is None:
+                per_slice = [list(plan.facts[r]) for r in ranks]
+        fact_ids = [i for ids in per_slice for i in ids]
         rows = [i for i in fact_ids for _ in range(c.n_samples)]
         ends = torch.tensor([len(ids) * c.n_samples for ids in per_slice]).cumsum(0).tolist()
-        slices = [(a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True)]
-        facts = [self.facts[i] for i in rows]
-        stats: dict[str, float] = {}
+        slices = tuple((a, b) for a, b in zip([0, *ends[:-1]], ends, strict=True))
+        facts = tuple(self.facts[i] for i in rows)
+        temp: float | None = None
+        base: bool | None = None
         if replay is not None:
             batch, entries = replay
             log_r = torch.tensor([e.log_r for e in entries], device=self.device)
             out = None
-            stats["replay"] = 1.0
         else:
             temp = 1.0
             if torch.rand((), generator=g).item() < c.pf_temp_prob:
@@ -282,32 +279,32 @@ class GFlowNetModule(L.LightningModule):
                 temp = 1.0  # the prior itself: its counted questions are target samples
             batch = self.sample_questions(fact_ids, c.n_samples, temp, g, base=base)
             with torch.no_grad():
-                out = self.reward.terminal(facts, batch, step=step)
+                out = self.reward.terminal(list(facts), batch, step=step)
             log_r = out.log_r.to(self.device)
             self.add_to_buffer(rows, batch, out)
-            stats["replay"] = 0.0
-            stats["pf_temperature"] = temp
-            stats["base_draw"] = float(base)
         prefix_log_r = None
         if self.loss_cfg.name == "subtb":
             with torch.no_grad():
                 prefix_log_r = self.reward.prefixes(
-                    facts, batch, step=step, min_len=self.sampler_cfg.min_len
+                    list(facts), batch, step=step, min_len=self.sampler_cfg.min_len
                 )
-        return {
-            "batch": batch,
-            "facts": facts,
-            "log_r": log_r,
-            "prefix_log_r": prefix_log_r,
-            "reward_out": out,
-            "stats": stats,
-            "fact_rows": rows,
-            "slices": slices,
-        }
+        return StepBatch(
+            step=step,
+            batch=batch,
+            facts=facts,
+            fact_rows=tuple(rows),
+            log_r=log_r,
+            prefix_log_r=prefix_log_r,
+            reward_out=out,
+            slices=slices,
+            replay=replay is not None,
+            pf_temperature=temp,
+            base_draw=base,
+        )
 
-    def compute_loss(self, data: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """GFlowNet loss on one batch; log-rewards are tempered by the scheduled T_reward."""
-        batch: SampleBatch = data["batch"]
+    def compute_loss(self, sb: StepBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """GFlowNet loss on one step batch; log-rewards are tempered by the scheduled T_reward."""
+        batch = sb.batch
         t_reward = self.current_reward_temperature()
         log_pf, log_pterm, prompt_hidden = score_actions(
             self.policy,
@@ -323,7 +320,7 @@ class GFlowNetModule(L.LightningModule):
         extra: dict[str, Tensor] = {}
         if self.loss_cfg.name == "tb":
             log_z = self.log_z_head(prompt_hidden.float(), batch.prompt_mask)
-            log_r = data["log_r"] / t_reward
+            log_r = sb.log_r / t_reward
             if not self.log_z_ready:
                 log_z = self.init_log_z(log_z, log_r, log_pf, batch.lengths)
             loss = trajectory_balance_loss(log_z, log_pf, log_pterm, log_r, gen, term, prompt_len)
@@ -331,7 +328,7 @@ class GFlowNetModule(L.LightningModule):
         elif self.loss_cfg.name == "subtb":
             loss = modified_subtb_loss(
                 log_pf,
-                data["prefix_log_r"] / t_reward,
+                sb.prefix_log_r / t_reward,
                 log_pterm,
                 gen,
                 term,
@@ -340,8 +337,8 @@ class GFlowNetModule(L.LightningModule):
                 min_len=self.sampler_cfg.min_len,
             )
         elif self.loss_cfg.name == "vargrad":
-            groups = torch.as_tensor(data["fact_rows"], device=log_pf.device)
-            log_r = data["log_r"] / t_reward
+            groups = torch.as_tensor(sb.fact_rows, device=log_pf.device)
+            log_r = sb.log_r / t_reward
             loss, log_z = vargrad_loss(log_pf, log_pterm, log_r, gen, term, prompt_len, groups)
             extra["log_z"] = log_z.mean()
         else:
@@ -352,23 +349,34 @@ class GFlowNetModule(L.LightningModule):
         extra["log_pf"] = (log_pf * mask).sum(1).detach().mean()
         return loss, extra
 
-    def training_step(self, _batch: Any, batch_idx: int) -> Tensor:
-        step = self.global_step * self.trainer.accumulate_grad_batches + (
-            batch_idx % self.trainer.accumulate_grad_batches
-        )
-        data = distributed.step_batch(self, step, self.cfg.sampling)
-        loss, extra = self.compute_loss(data)
-        self.log_step(loss, data, extra)
-        self.last_batch = data
-        return loss
+    def training_step(self, plan: StepPlan, batch_idx: int) -> dict[str, Any]:
+        """Draw the plan's rows (this rank's, or every rank's on rank 0 under ``rank0``
+        sampling), hand each rank its own, and take the loss. The step batch goes back to the
+        callbacks in ``outputs["step_batch"]``."""
+        acc = self.trainer.accumulate_grad_batches
+        expected = self.global_step * acc + batch_idx % acc
+        if plan.step != expected:  # the loader's stream must follow the step counter
+            raise RuntimeError(f"step plan {plan.step} at step index {expected}")
+        mode, world = self.cfg.sampling, self.trainer.world_size
+        ranks = distributed.slices_to_draw(mode, self.global_rank, world)
+        drawn = self.make_batch(plan, ranks) if ranks else None
+        sb = distributed.share_batch(drawn, plan.step, mode, self.facts, self.device)
+        loss, extra = self.compute_loss(sb)
+        self.log_step(loss, sb, extra)
+        return {"loss": loss, "step_batch": sb}
 
-    def log_step(self, loss: Tensor, data: dict[str, Any], extra: dict[str, Tensor]) -> None:
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        return batch  # a StepPlan holds no tensors (and, frozen, cannot be copied field-wise)
+
+    def log_step(self, loss: Tensor, sb: StepBatch, extra: dict[str, Tensor]) -> None:
         metrics: dict[str, float] = {"train/loss": float(loss.detach())}
-        metrics["train/log_r"] = float(data["log_r"].mean())
+        metrics["train/log_r"] = float(sb.log_r.mean())
         metrics["train/reward_temperature"] = self.current_reward_temperature()
         metrics.update({f"train/{k}": float(v) for k, v in extra.items()})
-        metrics.update({f"train/{k}": float(v) for k, v in data["stats"].items()})
-        out: RewardOutput | None = data["reward_out"]
+        metrics.update({f"train/{k}": float(v) for k, v in sb.stats().items()})
+        out = sb.reward_out
         if out is not None:
             for k, v in out.components.items():
                 if torch.is_tensor(v) and v.numel() > 0:

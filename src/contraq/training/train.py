@@ -36,6 +36,7 @@ from contraq.run.parts import Parts, build_prompts, run_split
 from contraq.training import launch
 from contraq.training.callbacks import StopOnSignal, build_callbacks
 from contraq.training.module import GFlowNetModule
+from contraq.training.step import StepPlans
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
     stop = next(c for c in callbacks if isinstance(c, StopOnSignal))
     try:
         with launch.shared_cpu_threads(trainer), launch.lightning_relaunch(trainer):
-            trainer.fit(module, train_dataloaders=step_loader(), ckpt_path=ckpt_path)
+            trainer.fit(module, train_dataloaders=step_loader(module), ckpt_path=ckpt_path)
     except SystemExit:  # Lightning exits 1 on the KeyboardInterrupt of a second signal
         if stop.received is None:
             raise
@@ -137,14 +138,7 @@ def _fit(cfg: DictConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def step_loader() -> torch.utils.data.DataLoader:
-    """An endless stream of step placeholders: the module picks facts from the step counter."""
-
-    class Steps(torch.utils.data.IterableDataset):
-        def __iter__(self):  # type: ignore[override]
-            i = 0
-            while True:
-                yield i
-                i += 1
-
-    return torch.utils.data.DataLoader(Steps(), batch_size=None)
+def step_loader(module: GFlowNetModule) -> torch.utils.data.DataLoader:
+    """An endless stream of :class:`~contraq.training.step.StepPlan`: the step index, its replay
+    coin and every rank's sampled facts, from the module's step counter on (see StepPlans)."""
+    return torch.utils.data.DataLoader(StepPlans(module.plan, module.first_step), batch_size=None)
