@@ -161,3 +161,27 @@ def test_sample_and_eval_refuse_a_key_they_do_not_read(run: Path, tmp_path: Path
         assert proc.returncode == 2, proc.stderr[-2000:]
         one_line_error(proc.stderr, f"contraq {cmd}: {key}: no part of contraq reads this key")
         assert not out.exists() and not (run / "eval").exists()
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's read-only /sys")
+def test_an_output_dir_the_machine_refuses_is_one_line(tmp_path: Path) -> None:
+    """A run folder where nothing may be written (here under /sys, which refuses even root):
+    one line naming the folder, exit 2, no traceback (was Hydra's PermissionError)."""
+    proc = contraq("train", "experiment=smoke", "name=ro", "output_dir=/sys/contraq-ro")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    one_line_error(proc.stderr, "cannot write /sys/contraq-ro", "not permitted")
+
+
+def test_a_full_disk_or_a_read_only_folder_is_named_other_os_errors_keep_their_traceback() -> None:
+    import errno
+
+    from contraq.cli import os_error_line
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/last.ckpt")
+    assert os_error_line(full) == (
+        "cannot write /runs/x/checkpoints/last.ckpt: the disk is full: free some space and "
+        "relaunch (the last checkpoint is kept)"
+    )
+    assert "read-only" in (os_error_line(OSError(errno.EROFS, "Read-only", "/mnt/ro")) or "")
+    assert "a file" in (os_error_line(OSError(errno.EACCES, "Permission denied")) or "")
+    assert os_error_line(OSError(errno.EBADF, "Bad file descriptor")) is None

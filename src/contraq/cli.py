@@ -34,6 +34,7 @@ code 2; `contraq --debug CMD ...` or CONTRAQ_DEBUG=1 shows the traceback instead
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -59,6 +60,26 @@ def report_user_error(cmd: str, exc: BaseException) -> int:
         raise exc
     print(f"contraq {cmd}: {exc}", file=sys.stderr)
     return USER_ERROR_EXIT
+
+
+# What the machine, not the program, refused: a read-only or foreign folder, a full disk.
+WRITE_ERRNOS = {
+    errno.EACCES: "no permission (a read-only or another user's folder?)",
+    errno.EPERM: "not permitted (a read-only or system folder?)",
+    errno.EROFS: "a read-only file system",
+    errno.ENOSPC: "the disk is full: free some space and relaunch (the last checkpoint is kept)",
+    errno.EDQUOT: "the disk quota is used up: free some space and relaunch",
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """The one line for an :class:`OSError` that :data:`WRITE_ERRNOS` names (the path and
+    why), else None (a bug: its traceback is kept)."""
+    why = WRITE_ERRNOS.get(exc.errno or -1)
+    if why is None:
+        return None
+    where = exc.filename if exc.filename is not None else "a file"
+    return f"cannot write {where}: {why}"
 
 
 def config_dir() -> Path:
@@ -347,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(argv[0], argv[1:])
     except UserError as e:
         return report_user_error(argv[0], e)
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None or debug_enabled():
+            raise
+        print(f"contraq {argv[0]}: {line}", file=sys.stderr)
+        return USER_ERROR_EXIT
     except KeyboardInterrupt:
         if debug_enabled():
             raise
