@@ -700,6 +700,14 @@ def test_novelty_term_by_hand() -> None:
         ContradictionRewardConfig(w_div=-1.0)
 
 
+def two_fact_rows(tok, term: int) -> tuple[SampleBatch, list[EditFact]]:
+    """Eight rows: 0-3 of one fact (row 1 repeats row 0), 4-7 of another."""
+    texts = [QUESTIONS[0], *QUESTIONS[:3], *QUESTIONS[4:]]
+    batch = make_batch(tok, PROMPTS, question_ids(tok, texts, term), pad_id=tok.pad_token_id)
+    two = facts_for(2)
+    return batch, [two[0]] * 4 + [two[1]] * 4
+
+
 def test_novelty_reward_adds_w_div_times_novelty_among_the_facts_rows(
     answering_lm, smol_tokenizer, nli, term, embedder
 ) -> None:
@@ -709,10 +717,8 @@ def test_novelty_reward_adds_w_div_times_novelty_among_the_facts_rows(
     from contraq.evaluation.reuse import with_log_r
 
     tok = smol_tokenizer
-    texts = [QUESTIONS[0], *QUESTIONS[:3], *QUESTIONS[4:]]
-    batch = make_batch(tok, PROMPTS, question_ids(tok, texts, term), pad_id=tok.pad_token_id)
-    two = facts_for(2)
-    facts = [two[0]] * 4 + [two[1]] * 4
+    batch, facts = two_fact_rows(tok, term)
+    two = [facts[0], facts[4]]
     plain = contradiction(answering_lm, tok, nli, term).terminal(facts, batch)
     reward = contradiction(answering_lm, tok, nli, term, embedder, w_div=20.0)
     out = reward.terminal(facts, batch)
@@ -773,10 +779,7 @@ def test_sharing_reward_divides_by_the_counted_rows_of_one_meaning(
     AutoTokenizer.from_pretrained(tiny_nli_dir).save_pretrained(tmp_path)
     nli = NLIScorer(tmp_path, device="cpu", batch_size=64)
     tok = smol_tokenizer
-    texts = [QUESTIONS[0], *QUESTIONS[:3], *QUESTIONS[4:]]
-    batch = make_batch(tok, PROMPTS, question_ids(tok, texts, term), pad_id=tok.pad_token_id)
-    two = facts_for(2)
-    facts = [two[0]] * 4 + [two[1]] * 4
+    batch, facts = two_fact_rows(tok, term)
     plain = contradiction(answering_lm, tok, nli, term).terminal(facts, batch)
     reward = contradiction(answering_lm, tok, nli, term, embedder, w_share=2.0)
     out = reward.terminal(facts, batch)
