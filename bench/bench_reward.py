@@ -33,9 +33,9 @@ from contraq.lm.models import (  # noqa: E402
     ModelConfig,
     attach_lora,
     load_model_and_tokenizer,
-    minilm_dir,
     termination_token_id,
 )
+from contraq.lm.packaged import minilm_dir  # noqa: E402
 from contraq.lm.sampling import SampleBatch  # noqa: E402
 from contraq.reward.contradiction import ContradictionReward  # noqa: E402
 

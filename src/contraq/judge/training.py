@@ -36,7 +36,7 @@ from contraq.judge.evaluation import (
     score_probe_file,
 )
 from contraq.judge.pairs import TRAIN_LABELS, NLIPair
-from contraq.lm.models import minilm_dir
+from contraq.lm.packaged import minilm_dir
 from contraq.threads import torch_threads
 
 

@@ -11,7 +11,8 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from torch import Tensor
 
-from contraq.lm.models import minilm_dir, quiet_loading
+from contraq.lm.models import quiet_loading
+from contraq.lm.packaged import minilm_dir
 
 MEANING_THRESHOLD = 0.8  # mean cosine similarity at which two groups of questions merge
 

