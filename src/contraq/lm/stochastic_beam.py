@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -128,6 +129,62 @@ def _candidates(
     return cand, cand_phi, token
 
 
+@dataclass
+class _Beams:
+    """The questions of the live beams, one row each (``[rows, max_len]``, ``lengths [rows]``)."""
+
+    actions: Tensor
+    log_pf: Tensor
+    log_pterm: Tensor
+    lengths: Tensor
+
+    @classmethod
+    def empty(cls, rows: int, max_len: int, pad: int, device: torch.device) -> _Beams:
+        return cls(
+            torch.full((rows, max_len), pad, dtype=torch.long, device=device),
+            torch.zeros(rows, max_len, device=device),
+            torch.zeros(rows, max_len, device=device),
+            torch.full((rows,), max_len, dtype=torch.long, device=device),
+        )
+
+    def take(self, src: Tensor) -> _Beams:
+        """Each new beam's copy of its parent's row (``src [rows]``: the parents' rows)."""
+        return _Beams(*(x.index_select(0, src) for x in vars(self).values()))
+
+    def extend(
+        self, t: int, token: Tensor, logp: Tensor, fresh: Tensor, term: int, can_stop: bool
+    ) -> Tensor:
+        """Write step ``t``'s ``token [rows]`` with its ``logp [rows, V]`` on the ``fresh``
+        (unfinished) rows; returns ``BoolTensor[rows]``: the rows that terminated now."""
+        self.actions[:, t] = token
+        self.log_pf[:, t] = torch.where(fresh, logp.gather(1, token[:, None]).squeeze(1), 0.0)
+        if can_stop:
+            self.log_pterm[:, t] = torch.where(fresh, logp[:, term], 0.0)
+        finished = fresh & (token == term)
+        self.lengths = torch.where(finished, t + 1, self.lengths)
+        return finished
+
+    def batch(self, prompt_ids: Tensor, prompt_mask: Tensor, n_steps: int) -> SampleBatch:
+        return SampleBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            actions=self.actions[:, :n_steps].contiguous(),
+            lengths=self.lengths,
+            log_pf=self.log_pf[:, :n_steps].contiguous(),
+            log_pterm=self.log_pterm[:, :n_steps].contiguous(),
+        )
+
+
+def _first_logits(model: nn.Module, ids: Tensor, pmask: Tensor) -> tuple[Tensor, Any]:
+    """The prompts' last logits and their KV cache (distinct prompts prefilled once)."""
+    shared = prefill(model, ids, pmask)
+    if shared is not None:
+        logits, cache, _ = shared
+    else:
+        logits, cache, _ = forward(model, ids, pmask, positions(pmask), keep=1, use_cache=True)
+    return logits, cache
+
+
 @torch.no_grad()
 def sample_distinct(
     model: nn.Module,
@@ -161,10 +218,7 @@ def sample_distinct(
     ids = prompt_ids.repeat_interleave(k, 0)
     pmask = prompt_mask.repeat_interleave(k, 0)
 
-    actions = torch.full((rows, max_len), cfg.pad_token_id, dtype=torch.long, device=device)
-    log_pf = torch.zeros(rows, max_len, device=device)
-    log_pterm = torch.zeros(rows, max_len, device=device)
-    lengths = torch.full((rows,), max_len, dtype=torch.long, device=device)
+    beams = _Beams.empty(rows, max_len, cfg.pad_token_id, device)
     done = torch.zeros(n_prompts, k, dtype=torch.bool, device=device)
     phi = torch.zeros(n_prompts, k, dtype=torch.float64, device=device)
     # Only the first beam of a prompt is alive at the root: the others would repeat it.
@@ -177,11 +231,7 @@ def sample_distinct(
     offsets = (torch.arange(n_prompts, device=device) * k)[:, None]  # [B, 1]
 
     with sampling_mode(model):
-        shared = prefill(model, ids, pmask)
-        if shared is not None:
-            logits, cache, _ = shared
-        else:
-            logits, cache, _ = forward(model, ids, pmask, positions(pmask), keep=1, use_cache=True)
+        logits, cache = _first_logits(model, ids, pmask)
         bias = step_bias(cfg, steps, logits.shape[-1])
         n_steps = max_len
         for t in range(max_len):
@@ -197,31 +247,16 @@ def sample_distinct(
             phi = cand_phi.view(n_prompts, -1).gather(1, flat)
             keys = top
             token = torch.where(was_done, cfg.pad_token_id, token).view(-1)
-            actions = actions.index_select(0, src)
-            log_pf = log_pf.index_select(0, src)
-            log_pterm = log_pterm.index_select(0, src)
-            lengths = lengths.index_select(0, src)
-            logp = logp.index_select(0, src)
+            beams = beams.take(src)
             fresh = ~was_done.view(-1)
-            actions[:, t] = token
-            log_pf[:, t] = torch.where(fresh, logp.gather(1, token[:, None]).squeeze(1), 0.0)
-            if allowed[t]:
-                log_pterm[:, t] = torch.where(fresh, logp[:, term], 0.0)
-            finished = fresh & (token == term)
-            lengths = torch.where(finished, t + 1, lengths)
+            finished = beams.extend(t, token, logp.index_select(0, src), fresh, term, allowed[t])
             done = was_done | finished.view(n_prompts, k)
             if t == max_len - 1 or bool((done | torch.isneginf(keys)).all()):
                 n_steps = t + 1
                 break
             cache.reorder_cache(src)
             logits, cache = decode_step(model, token, mask[:, : width + t + 1], next_pos + t, cache)
-    batch = SampleBatch(
-        prompt_ids=ids,
-        prompt_mask=pmask,
-        actions=actions[:, :n_steps].contiguous(),
-        lengths=lengths,
-        log_pf=log_pf[:, :n_steps].contiguous(),
-        log_pterm=log_pterm[:, :n_steps].contiguous(),
-    )
     valid = ~torch.isneginf(keys).view(-1)
-    return DistinctBatch(batch=batch, keys=keys.view(-1).float(), valid=valid)
+    return DistinctBatch(
+        batch=beams.batch(ids, pmask, n_steps), keys=keys.view(-1).float(), valid=valid
+    )
