@@ -38,6 +38,10 @@ def test_every_shipped_choice_validates(override: str) -> None:
     if override == "model=local":  # name_or_path must come from the user
         with pytest.raises(ConfigError, match=r"^model\.name_or_path: must be set"):
             validate(cfg)
+    elif override == "loss=subtb":  # its prefixes have no batch to share a reward with
+        with pytest.raises(ConfigError, match=r"^reward\.w_share: .* add reward\.w_share=0$"):
+            validate(cfg)
+        validate(_compose(override, "reward.w_share=0", config="demo"))
     else:
         validate(cfg)
 
