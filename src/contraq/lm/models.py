@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from contraq.errors import ConfigError
 from contraq.files import default_cache_dir
 from contraq.lm.packaged import (
     is_converted,
@@ -46,6 +47,7 @@ from contraq.lm.packaged import (
     smollm2_hf_dir,
     smollm2_target,
 )
+from contraq.rules import Check, check_fields, choice, integer, number, text
 
 SOURCES = ("smollm2", "hub", "local", "gguf", "tiny")
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -102,25 +104,30 @@ class ModelConfig:
     quantization: str | None = None
     gradient_checkpointing: bool = False
 
+    KEY: ClassVar[str] = "model"
+    CHECKS: ClassVar[dict[str, Check]] = {
+        "source": choice(*SOURCES),
+        "dtype": choice(*DTYPE_CHOICES),
+        "termination_token": text,
+        "lora_r": integer(1),
+        "lora_alpha": number(0, lo_open=True),
+    }
+
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"ModelConfig.source={self.source!r}: expected one of {SOURCES}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(
-                f"ModelConfig.dtype={self.dtype!r}: expected one of {list(DTYPE_CHOICES)}"
-            )
+        check_fields(self)
         if self.source == "tiny" and self.tiny_arch not in ("llama", "gpt2"):
             raise ValueError(
                 f"ModelConfig.tiny_arch={self.tiny_arch!r}: expected 'llama' or 'gpt2'"
             )
         if self.source in ("hub", "local", "gguf") and not self.name_or_path:
-            raise ValueError(f"ModelConfig.name_or_path is required for source={self.source!r}")
+            raise ConfigError(
+                "model.name_or_path",
+                f"must be set for model.source={self.source} (a hub id, a folder or a file)",
+            )
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"model.quantization={self.quantization!r}: expected one of {QUANTIZATIONS}"
             )
-        if self.lora_r <= 0:
-            raise ValueError(f"ModelConfig.lora_r={self.lora_r}: must be positive")
         if self.lora_target_modules is not None:
             # Hydra hands over a ListConfig; keep plain types.
             self.lora_target_modules = [str(m) for m in self.lora_target_modules]

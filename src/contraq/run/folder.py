@@ -33,8 +33,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from contraq.config.checks import ConfigError
-from contraq.errors import UserError
+from contraq.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
