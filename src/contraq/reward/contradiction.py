@@ -389,29 +389,36 @@ class ContradictionReward(BaseLMAnswers):
             self.cfg, judged.log_c, form_ok, log_pq, n_tok, log_pa, step, novelty, crowding
         )
 
-    def novelty(self, edit_facts: Sequence[str], questions: Sequence[str]) -> Tensor | None:
+    def embeddings(self, questions: Sequence[str]) -> Tensor | None:
+        """``[N, D]`` sentence embeddings of the questions, computed once for the novelty and
+        sharing terms; ``None`` when neither is on."""
+        if (self.cfg.w_div == 0.0 and self.cfg.w_share == 0.0) or self.embedder is None:
+            return None
+        return self.embedder.encode(list(questions))
+
+    def novelty(self, edit_facts: Sequence[str], embeddings: Tensor | None) -> Tensor | None:
         """``FloatTensor[N]`` each question's novelty among the rows of the same edit fact
         (:func:`contraq.lm.embedding.group_novelty`); ``None`` when ``w_div`` is 0."""
-        if self.cfg.w_div == 0.0 or self.embedder is None:
+        if self.cfg.w_div == 0.0 or embeddings is None:
             return None
         from contraq.lm.embedding import group_novelty
 
-        return group_novelty(self.embedder.encode(questions), edit_facts)
+        return group_novelty(embeddings, edit_facts)
 
     def crowding(
-        self, edit_facts: Sequence[str], questions: Sequence[str], judged: _Judged
+        self, edit_facts: Sequence[str], embeddings: Tensor | None, judged: _Judged
     ) -> Tensor | None:
         """``FloatTensor[N]``: for each counted contradiction, the counted questions of its
         edit fact in its meaning cluster (:func:`contraq.lm.embedding.cluster_crowding`), 1 for
         the others; ``None`` when ``w_share`` is 0."""
-        if self.cfg.w_share == 0.0 or self.embedder is None:
+        if self.cfg.w_share == 0.0 or embeddings is None:
             return None
         from contraq.lm.embedding import cluster_crowding
 
         counted = counted_flags(judged.log_c, judged.question, judged.echo)
         if not bool(counted.any()):
-            return torch.ones(len(questions), device=judged.log_c.device)
-        return cluster_crowding(self.embedder.encode(questions), edit_facts, counted.cpu())
+            return torch.ones(len(edit_facts), device=judged.log_c.device)
+        return cluster_crowding(embeddings, edit_facts, counted.cpu())
 
     def terminal(
         self, facts: Sequence[EditFact], batch: SampleBatch, step: int = 0
@@ -429,13 +436,15 @@ class ContradictionReward(BaseLMAnswers):
         log_c, log_pa = judged.log_c, judged.log_pa
         log_pq = tok_lp.sum(1)
         n_tok = question_lengths(actions, lengths, self.term_id)
-        novelty = self.novelty([f.edit_fact for f in facts], questions)
+        edits = [f.edit_fact for f in facts]
+        embeddings = self.embeddings(questions)  # shared by the novelty and sharing terms
+        novelty = self.novelty(edits, embeddings)
         credit = None
         if novelty is not None:
             novelty = novelty.to(log_pq.device)
             subjects = [f.subject for f in facts]
             credit = novelty_credit(novelty, questions, subjects, self.cfg.div_gate)
-        crowding = self.crowding([f.edit_fact for f in facts], questions, judged)
+        crowding = self.crowding(edits, embeddings, judged)
         log_r, n_nonfinite = self._log_r(judged, log_pq, n_tok, log_pa, step, credit, crowding)
         floor = self.cfg.min_log_r
         log_c = torch.nan_to_num(log_c, nan=floor, posinf=floor, neginf=floor)
