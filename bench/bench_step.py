@@ -23,11 +23,12 @@ and the step as training runs, with the ratio baseline / new:
 - ``--baseline float32``: float32 weights against bfloat16 (what ``model.dtype=auto`` picks on
   a CPU with AMX), both with shared prompts. The questions and answers differ a
   little between the two (bfloat16 rounds the logits), so lengths are printed for each.
-- ``--baseline today``: the answers and log P_Q on the policy's own weights
-  (``reward.frozen_weights=shared``) with log P_Q of every row, against ``--frozen`` (default
-  ``auto``: a float16 copy of the base on a float32 CPU model) with log P_Q of each distinct
-  (prompt, question) row once. The questions are the same; the answers that differ and the
-  largest log P_Q difference are printed.
+- ``--baseline today``: the sampler, the answers and log P_Q on the policy's own weights
+  (``train.sample_weights=shared``, ``reward.frozen_weights=shared``) with log P_Q of every
+  row, against the sampler on the policy's float16 copy (``train.sample_weights=float16``) and
+  the answers and log P_Q on ``--frozen`` (default ``auto``: a float16 copy of the base on a
+  float32 CPU model) with log P_Q of each distinct (prompt, question) row once. The questions
+  that differ, the answers that differ and the largest log P_Q difference are printed.
 
 Answering times the distinct questions only, as the reward does. ``--distinct D`` makes each
 fact's ``n`` sampled rows hold only ``D`` distinct questions (rows copied after sampling), as a
@@ -60,6 +61,7 @@ from bench_reward import judge_dir  # noqa: E402
 from contraq.config.schema import compose_run  # noqa: E402
 from contraq.data import load_split  # noqa: E402
 from contraq.judge.scorer import NLIScorer  # noqa: E402
+from contraq.lm.float16_copy import float16_policy_copy  # noqa: E402
 from contraq.lm.forward import no_prompt_sharing  # noqa: E402
 from contraq.lm.models import weights_dtype  # noqa: E402
 from contraq.lm.sampling import SampleBatch, sample, score_actions  # noqa: E402
@@ -89,17 +91,21 @@ def repeat_questions(batch: SampleBatch, n: int, distinct: int) -> SampleBatch:
     return SampleBatch(**{k: getattr(batch, k)[pick] for k in batch.__dataclass_fields__})
 
 
-def time_parts(parts: Parts, reward, nli, ids, mask, rows, args, dedup: bool) -> dict:
+def time_parts(
+    parts: Parts, reward, nli, ids, mask, rows, args, dedup: bool, sampler_lm=None
+) -> dict:
     """Seconds per part of one step (median of ``args.repeats``), plus the end-to-end reward.
-    ``dedup``: log P_Q of each distinct row once (``batch_logprobs``), else of every row."""
+    ``dedup``: log P_Q of each distinct row once (``batch_logprobs``), else of every row.
+    ``sampler_lm``: what the sampler runs (default: the policy)."""
     repeats, width = args.repeats, ids.shape[1]
     gen = torch.Generator().manual_seed(0)
     policy = parts.policy
     policy.eval()
+    sampler_lm = policy if sampler_lm is None else sampler_lm
 
     def do_sample():
         gen.manual_seed(0)
-        return sample(policy, ids, mask, parts.sampler_cfg, generator=gen)
+        return sample(sampler_lm, ids, mask, parts.sampler_cfg, generator=gen)
 
     t_sample, batch = timed(do_sample, repeats)
     if args.distinct:
@@ -157,6 +163,7 @@ def time_parts(parts: Parts, reward, nli, ids, mask, rows, args, dedup: bool) ->
         "terminal": t_terminal,
         "batch": batch,
         "answers": answers,
+        "questions": questions,
         "log_pq": tok_lp.sum(1),
         "copy_seconds": t_copy,
         "distinct": len(distinct_q),
@@ -170,9 +177,11 @@ def measure(
     sharing: bool,
     frozen: str = "shared",
     dedup: bool = False,
+    sample16: bool = False,
 ) -> dict:
     """:func:`time_parts` for ``parts``' model on the first ``args.facts`` training facts, the
-    answers and log P_Q on ``reward.frozen_weights=frozen``."""
+    answers and log P_Q on ``reward.frozen_weights=frozen``, the sampler on the policy's float16
+    copy with ``sample16`` (``train.sample_weights=float16``)."""
     cfg = parts.cfg
     reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
     reward.cfg.frozen_weights = frozen
@@ -180,7 +189,8 @@ def measure(
     prompts = build_prompts(cfg, rows, parts.tokenizer)
     ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, torch.device("cpu"))
     with contextlib.nullcontext() if sharing else no_prompt_sharing():
-        out = time_parts(parts, reward, nli, ids, mask, rows, args, dedup)
+        lm = float16_policy_copy(parts.policy) if sample16 else None
+        out = time_parts(parts, reward, nli, ids, mask, rows, args, dedup, lm)
     out["prompt_tokens"] = ids.shape[1]
     out["dtype"] = weights_dtype(parts.policy)
     return out
@@ -220,10 +230,10 @@ def main() -> None:
             base = measure(parts, nli, args, sharing=False)
             new = measure(parts, nli, args, sharing=True)
         elif args.baseline == "today":
-            labels = ("today", f"{args.frozen}+distinct")
+            labels = ("today", f"{args.frozen}+distinct+s16")
             parts = Parts(cfg)
             base = measure(parts, nli, args, sharing=True)
-            new = measure(parts, nli, args, True, frozen=args.frozen, dedup=True)
+            new = measure(parts, nli, args, True, args.frozen, dedup=True, sample16=True)
         else:
             labels = ("float32", "bfloat16")
             base, new = (
@@ -250,6 +260,8 @@ def main() -> None:
     )
     print_padding(batch)
     changed = sum(a != b for a, b in zip(base["answers"], new["answers"], strict=True))
+    moved = sum(a != b for a, b in zip(base["questions"], new["questions"], strict=True))
+    print(f"questions that differ {moved}/{len(batch)}")
     print(
         f"distinct questions {new['distinct']} of {len(batch)}; answers that differ "
         f"{changed}/{len(batch)}; largest |log P_Q difference| "

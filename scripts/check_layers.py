@@ -67,7 +67,8 @@ LAYERS: list[list[str]] = [
     ["training.step"],  # a step's plan (from the DataLoader) and its batch
     ["reward", "buffer", "training.losses", "evaluation.metrics"],  # the GFlowNet's parts
     ["judge", "redis_server", "run.folder", "config.settings", "evaluation.plots"],  # services
-    ["lm.embedding", "lm.stochastic_beam"],  # sentence embeddings; drawing without replacement
+    # sentence embeddings; drawing without replacement; the sampler's float16 copy
+    ["lm.embedding", "lm.stochastic_beam", "lm.float16_copy"],
     [
         "lm.sampling",
         "lm.models",

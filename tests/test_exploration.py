@@ -3,6 +3,7 @@ and from the base LM (``train.base_prob``)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from contraq.buffer import MemoryBuffer
@@ -69,8 +70,10 @@ def test_distinct_draws_give_each_fact_distinct_questions(tiny_llama, smol_token
     assert torch.isfinite(loss)
 
 
-def test_base_draws_come_from_the_base_lm(tiny_llama, smol_tokenizer):
-    module = _module(tiny_llama, smol_tokenizer, base_prob=1.0)
+@pytest.mark.parametrize(("weights", "atol"), [("shared", 1e-4), ("float16", 2e-3)])
+def test_base_draws_come_from_the_base_lm(tiny_llama, smol_tokenizer, weights, atol):
+    """Also through the sampler's float16 copy (train.sample_weights), up to its rounding."""
+    module = _module(tiny_llama, smol_tokenizer, base_prob=1.0, sample_weights=weights)
     data = _step0(module)
     batch = data.batch
     assert data.base_draw is True and data.pf_temperature == 1.0
@@ -80,10 +83,10 @@ def test_base_draws_come_from_the_base_lm(tiny_llama, smol_tokenizer):
     policy_pf, _ = score_actions(
         tiny_llama, batch.prompt_ids, batch.prompt_mask, batch.actions, cfg
     )
-    torch.testing.assert_close(batch.log_pf, base_pf, atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.log_pf, base_pf, atol=atol, rtol=0)
     assert not torch.allclose(batch.log_pf, policy_pf, atol=1e-3)
     # base_prob=0 (the default) draws from the policy and leaves the step's streams as before.
-    plain = _step0(_module(tiny_llama, smol_tokenizer))
+    plain = _step0(_module(tiny_llama, smol_tokenizer, sample_weights=weights))
     assert plain.base_draw is False
     torch.testing.assert_close(
         plain.batch.log_pf,
@@ -94,6 +97,6 @@ def test_base_draws_come_from_the_base_lm(tiny_llama, smol_tokenizer):
             plain.batch.actions,
             cfg,
         )[0],
-        atol=1e-4,
+        atol=atol,
         rtol=0,
     )

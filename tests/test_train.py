@@ -146,7 +146,8 @@ def _step_seconds(out: Path) -> list[float]:
 
 # Recorded on the code before the config refactor of issue 10: the same seed must give the
 # same losses (TB with a reward-temperature schedule and prioritized replay; SubTB with uniform
-# replay), so moving config keys changed no behaviour. Exploration up to T=2, the default then.
+# replay), so moving config keys changed no behaviour. Exploration up to T=2, the default then;
+# float32 sampling, the only one then (train.sample_weights=shared).
 PINNED = {  # case: (overrides, train/loss per step, steps that replayed)
     "tb": (
         [
@@ -181,7 +182,8 @@ PINNED = {  # case: (overrides, train/loss per step, steps that replayed)
 def test_fixed_seed_losses_are_pinned(tmp_path: Path, case: str) -> None:
     overrides, losses, replayed = PINNED[case]
     out = tmp_path / case
-    _run(out, "eval.n_facts=0", *overrides)  # the case's overrides win over _train_cmd's
+    # the case's overrides win over _train_cmd's
+    _run(out, "eval.n_facts=0", "train.sample_weights=shared", *overrides)
     got = _losses(out)
     assert [s for s, _, _ in got] == list(range(len(losses)))
     assert [s for s, _, r in got if r == 1.0] == replayed

@@ -165,6 +165,10 @@ class TrainConfig:
     # off-policy exploration from the reward's prior, whose counted questions are exact draws
     # of the GFlowNet's target, so the policy keeps seeing the target's other modes.
     base_prob: float = 0.0
+    # What the sampler's passes run on: shared (the policy's weights) or float16 (a CPU copy
+    # whose frozen Linear weights take 2 bytes, the LoRA adapters shared: contraq.lm.float16_copy);
+    # auto: float16 for a float32 policy on the CPU, shared elsewhere. The loss stays float32.
+    sample_weights: str = "auto"
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     reward_temp: RewardTempConfig = field(default_factory=RewardTempConfig)
 
@@ -184,6 +188,7 @@ class TrainConfig:
         "sampling": choice("per_rank", "rank0", "rank0_broadcast"),
         "draw": choice("iid", "distinct"),
         "base_prob": number(0, 1),
+        "sample_weights": choice("auto", "shared", "float16"),
     }
 
     def __post_init__(self) -> None:

@@ -135,7 +135,7 @@ def beam_questions(
         "pad_token_id": scfg.pad_token_id,
     }
     processors = LogitsProcessorList([_StepBias(scfg, width)])
-    with base_model(parts.policy) as lm, torch.no_grad():
+    with base_model(parts.sampler_lm()) as lm, torch.no_grad():
         out, diverse = _generate_beams(lm, ids, mask, common, processors, groups, diversity_penalty)
         seqs = [
             row[: row.index(term) + 1] if term in row else row[: scfg.max_len - 1] + [term]

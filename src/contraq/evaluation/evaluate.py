@@ -74,6 +74,7 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         "diversity_penalty": ecfg.diversity_penalty,
         # The base LM's weights as loaded (model.dtype=auto resolves per machine).
         "dtype": weights_dtype(parts.policy),
+        "sample_weights": parts.sample_weights(),
         "reward": str(parts.cfg.reward.name),
         "judge": str(
             OmegaConf.select(parts.cfg, "nli.path") or OmegaConf.select(parts.cfg, "nli.train.name")

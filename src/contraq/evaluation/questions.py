@@ -44,9 +44,9 @@ def sample_policy(
     ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, device)
     cfg = replace(parts.sampler_cfg, temperature=float(temperature))
     if base:
-        with base_model(parts.policy) as lm:
+        with base_model(parts.sampler_lm()) as lm:
             return sample(lm, ids, mask, cfg, generator=generator)
-    return sample(parts.policy, ids, mask, cfg, generator=generator)
+    return sample(parts.sampler_lm(), ids, mask, cfg, generator=generator)
 
 
 def score_records(
@@ -161,10 +161,10 @@ def sample_distinct_records(
     for chunk in chunks(list(range(len(facts))), max(1, batch_size // k)):
         ids, mask = left_pad([prompts[i] for i in chunk], cfg.pad_token_id, device)
         if base:
-            with base_model(parts.policy) as lm:
+            with base_model(parts.sampler_lm()) as lm:
                 out = sample_distinct(lm, ids, mask, cfg, k, generator=generator)
         else:
-            out = sample_distinct(parts.policy, ids, mask, cfg, k, generator=generator)
+            out = sample_distinct(parts.sampler_lm(), ids, mask, cfg, k, generator=generator)
         rows = out.valid.nonzero().flatten().tolist()
         if k > n:
             texts = decode_questions(parts.tokenizer, out.batch.actions, out.batch.lengths)

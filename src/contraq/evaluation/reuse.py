@@ -41,6 +41,7 @@ SETTINGS_KEYS = (
     "judge",
     "n_facts",
     "dtype",
+    "sample_weights",
 )
 RUN_GROUPS = ("model", "prompt", "sampler", "reward")
 # Reward keys that change only log R, which is recomputed under this run's reward; the others
@@ -58,8 +59,8 @@ LOG_R_KEYS = (
     "hybrid_threshold",
     "hybrid_penalty",
 )
-# eval.json files written before batch_size or dtype was recorded had the defaults.
-OLD_DEFAULTS = {"batch_size": 32, "dtype": "float32"}
+# eval.json files written before batch_size, dtype or sample_weights was recorded had these.
+OLD_DEFAULTS = {"batch_size": 32, "dtype": "float32", "sample_weights": "shared"}
 
 
 def _plain(node: Any, group: str) -> Any:

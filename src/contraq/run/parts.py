@@ -11,14 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
+from torch import nn
 
 from contraq.config.checks import ConfigError
 from contraq.config.schema import SamplerOptions, load_group
 from contraq.data import EditFact, FactSplit, encode_prompts, load_split, question_prompt
 from contraq.errors import UserError
 from contraq.judge.scorer import load_scorer
+from contraq.lm.float16_copy import float16_policy_copy, resolve_sample_weights
 from contraq.lm.models import (
     ModelConfig,
     attach_lora,
@@ -111,6 +113,21 @@ class Parts:
             raise ConfigError("model.termination_token", str(e)) from None
         self.sampler_cfg = sampler_config(cfg, tokenizer, self.term_id)
         self._reward = None
+        self._sampler_lm: nn.Module | None = None
+
+    def sample_weights(self) -> str:
+        """The run's ``train.sample_weights`` resolved for this model: shared or float16."""
+        choice = OmegaConf.select(self.cfg, "train.sample_weights", default="auto")
+        return resolve_sample_weights(str(choice), self.policy)
+
+    def sampler_lm(self) -> nn.Module:
+        """What the sampling methods (and beam search) run: the policy or, under the run's
+        ``train.sample_weights``, its float16 copy sharing the LoRA modules (made once)."""
+        if self.sample_weights() == "shared":
+            return self.policy
+        if self._sampler_lm is None:
+            self._sampler_lm = float16_policy_copy(self.policy)
+        return self._sampler_lm
 
     def reward(self) -> Any:
         if self._reward is None:

@@ -32,6 +32,7 @@ from contraq.buffer import BufferEntry, ReplayBuffer, entry_problem, prompt_key
 from contraq.config.schema import LossConfig, TrainConfig
 from contraq.data import EditFact
 from contraq.evaluation.metrics import contradiction_rate, distinct_n, grouped_diversity
+from contraq.lm.float16_copy import float16_policy_copy, resolve_sample_weights
 from contraq.lm.models import base_model
 from contraq.lm.sampling import SampleBatch, SamplerConfig, sample, score_actions
 from contraq.lm.stochastic_beam import sample_distinct
@@ -126,6 +127,7 @@ class GFlowNetModule(L.LightningModule):
                 )
             )
         self.log_z_ready = False  # set by init_log_z on the first TB step (or a resume)
+        self._sampling_copy: list[torch.nn.Module] = []  # a list: not a registered submodule
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -140,6 +142,15 @@ class GFlowNetModule(L.LightningModule):
         """The parameters that training changes (LoRA + log Z head)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def sampling_lm(self) -> torch.nn.Module:
+        """What the sampler runs: the policy, or under ``train.sample_weights`` its float16
+        copy sharing the LoRA modules (made once; :mod:`contraq.lm.float16_copy`)."""
+        if resolve_sample_weights(self.cfg.sample_weights, self.policy) == "shared":
+            return self.policy
+        if not self._sampling_copy:
+            self._sampling_copy.append(float16_policy_copy(self.policy))
+        return self._sampling_copy[0]
 
     def current_reward_temperature(self) -> float:
         return self.cfg.reward_temp.at(self.global_step)
@@ -178,8 +189,9 @@ class GFlowNetModule(L.LightningModule):
         cfg = dataclasses.replace(self.sampler_cfg, temperature=temperature)
         was_training = self.policy.training
         self.policy.eval()
+        policy = self.sampling_lm()
         try:
-            with base_model(self.policy) if base else contextlib.nullcontext(self.policy) as lm:
+            with base_model(policy) if base else contextlib.nullcontext(policy) as lm:
                 if self.cfg.draw == "distinct":
                     ids, mask = self._prompt_batch(list(fact_ids))
                     out = sample_distinct(lm, ids, mask, cfg, n_per_fact, generator=generator)
@@ -410,7 +422,7 @@ class GFlowNetModule(L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         try:
-            batch = sample(self.policy, ids, mask, self.sampler_cfg, generator=g)
+            batch = sample(self.sampling_lm(), ids, mask, self.sampler_cfg, generator=g)
             out = self.reward.terminal(
                 [self.eval_facts[i] for i in rows], batch, step=self.global_step
             )
