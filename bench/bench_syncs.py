@@ -3,8 +3,11 @@
 Counts the tensor calls that wait for a GPU's queue (:mod:`contraq.syncs`) while the tiny
 random Llama of the tests samples questions and answers them, apart for the loop's own code
 and for the model's forward passes (transformers' mask code checks the padding once per step).
-On a GPU the sampler's draw also copies each step's probabilities to the CPU generator
-(:func:`contraq.lm.sampling.draw_tokens`), a sync the CPU run cannot show.
+Twice: on the CPU's schedule (the loops look at their rows every step) and on a GPU's
+(:data:`contraq.syncs.GPU_CHECK_EVERY` steps between looks, run here with
+:func:`contraq.syncs.checking_every`). On a GPU the sampler draws from a generator on the
+device seeded once per call (:func:`contraq.lm.sampling.device_generator`), so no step's
+probabilities go to the host.
 
     python bench/bench_syncs.py
 """
@@ -26,7 +29,7 @@ from contraq.lm.models import (
 )
 from contraq.lm.tokens import left_pad
 from contraq.reward.contradiction import ContradictionReward
-from contraq.syncs import count_host_syncs
+from contraq.syncs import GPU_CHECK_EVERY, checking_every, count_host_syncs
 
 
 def counting_forward(counts: dict[str, int], original):
@@ -62,19 +65,23 @@ def main() -> None:
         "sampler": (sampler_module, lambda: sampler_module.sample(policy, ids, mask, cfg)),
         "answer loop": (answers_module, lambda: reward.greedy_continuations(rows, policy)),
     }
-    for name, (module, run) in runs.items():
-        counts = {"forward": 0, "steps": 0}
-        module.forward = counting_forward(counts, original)
-        try:
-            with base_model(policy), count_host_syncs() as own:
-                run()
-        finally:
-            module.forward = original
-        steps, inside = counts["steps"], counts["forward"]
-        print(
-            f"{name}: {steps} forward passes; host syncs per pass: the loop's own code "
-            f"{(sum(own.values()) - inside) / steps:.2f}, inside the forward {inside / steps:.2f}"
-        )
+    for schedule, every in (("CPU", 1), ("GPU", GPU_CHECK_EVERY)):
+        for name, (module, run) in runs.items():
+            counts = {"forward": 0, "steps": 0}
+            # The loops call `forward` directly or through lm.forward's decode_step / prefill.
+            module.forward = lm_forward.forward = counting_forward(counts, original)
+            try:
+                with checking_every(every), base_model(policy), count_host_syncs() as own:
+                    run()
+            finally:
+                module.forward = lm_forward.forward = original
+            steps, inside = counts["steps"], counts["forward"]
+            print(
+                f"{name} ({schedule} schedule, a look every {every} steps): {steps} forward "
+                f"passes; host syncs per pass: the loop's own code "
+                f"{(sum(own.values()) - inside) / steps:.2f}, inside the forward "
+                f"{inside / steps:.2f}"
+            )
 
 
 if __name__ == "__main__":

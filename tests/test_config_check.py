@@ -207,17 +207,22 @@ def test_baselines_of_a_run_written_before_a_new_key_are_reusable() -> None:
     new = _compose("train.max_steps=10")
     old = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
     del old["model"]["gradient_checkpointing"]
-    settings = {"batch_size": 32, "dtype": "float32"}
+    settings = {"batch_size": 32, "dtype": "float32", "sample_weights": "float16"}
     assert _differences(settings, settings, old, new) == []
     old["model"]["lora_r"] = 4
     assert _differences(settings, settings, old, new) == ["run config model"]
     # A reward key added since (frozen_weights; found when the w_share runs reused base0's
-    # baselines) is no difference at its default, a difference elsewhere.
+    # baselines) is no difference at the value runs had before it (its dataclass default,
+    # shared), a difference at another (the shipped config's auto: float16 answers on a CPU).
     old = OmegaConf.to_container(_compose("train.max_steps=10"), resolve=True)
     del old["reward"]["frozen_weights"]
-    assert _differences(settings, settings, old, new) == []
-    float16 = _compose("train.max_steps=10", "reward.frozen_weights=float16")
-    assert _differences(settings, settings, old, float16) == ["run config reward"]
+    shared = _compose("train.max_steps=10", "reward.frozen_weights=shared")
+    assert _differences(settings, settings, old, shared) == []
+    assert _differences(settings, settings, old, new) == ["run config reward"]
+    # An eval written before the sampler's weights were recorded sampled on the policy's own.
+    before = {"batch_size": 32, "dtype": "float32"}
+    assert _differences(before, {**before, "sample_weights": "shared"}, old, shared) == []
+    assert _differences(before, settings, old, shared) == ["sample_weights"]
 
 
 def test_baselines_compare_the_dtype_as_loaded() -> None:
@@ -231,8 +236,9 @@ def test_baselines_compare_the_dtype_as_loaded() -> None:
         _compose("train.max_steps=10", "model.dtype=float32"), resolve=True
     )
     before = {"batch_size": 32}
-    assert _differences(before, {"batch_size": 32, "dtype": "float32"}, old, new) == []
-    assert _differences(before, {"batch_size": 32, "dtype": "bfloat16"}, old, new) == ["dtype"]
+    now = {"batch_size": 32, "sample_weights": "shared"}
+    assert _differences(before, {**now, "dtype": "float32"}, old, new) == []
+    assert _differences(before, {**now, "dtype": "bfloat16"}, old, new) == ["dtype"]
 
 
 def test_baselines_from_a_copied_eval_folder_find_their_run(tmp_path: Path) -> None:

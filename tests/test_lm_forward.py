@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contraq.lm.forward import distinct_prompts, prefill
+from contraq.lm.forward import (
+    decode_mask,
+    decode_step,
+    distinct_prompts,
+    forward,
+    positions,
+    prefill,
+)
 from contraq.lm.models import ModelConfig, attach_lora, build_tiny_model
 from contraq.lm.sampling import SamplerConfig, default_banned_token_ids, sample, score_actions
 
@@ -127,3 +134,40 @@ def test_no_sharing_under_gradient_checkpointing_while_training(smol_tokenizer):
 def test_distinct_rows_are_not_prefilled(tiny_llama, smol_tokenizer):
     enc = smol_tokenizer(PROMPTS, return_tensors="pt", padding=True)
     assert prefill(tiny_llama, enc.input_ids, enc.attention_mask) is None
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_decode_steps_prepared_mask_gives_the_2d_masks_logits(arch, request, smol_tokenizer):
+    """A decoding step hands transformers its mask in the prepared 4-D form (no host check of
+    the padding per token): on left-padded rows the logits and the cache's next step are those
+    of the 2-D mask, in sdpa and in eager attention; a padded key changes them."""
+    model = request.getfixturevalue(arch)
+    hf = model.get_base_model()
+    enc = smol_tokenizer(
+        ["Ask about Apple and its founders.", "Hi"], return_tensors="pt", padding=True
+    )
+    ids, mask = enc.input_ids, enc.attention_mask
+    assert not bool(mask.all())  # left padding in row 1
+    token = torch.tensor([11, 12])
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+    pos = mask.sum(1, keepdim=True)
+    saved = hf.config._attn_implementation
+    try:
+        for impl in ("sdpa", "eager"):
+            hf.config._attn_implementation = impl
+            with torch.no_grad():
+                _, cache, _ = forward(model, ids, mask, positions(mask), keep=1, use_cache=True)
+                mine, _ = decode_step(model, token, step_mask, pos, cache)
+                _, cache, _ = forward(model, ids, mask, positions(mask), keep=1, use_cache=True)
+                plain, _, _ = forward(
+                    model, token[:, None], step_mask, pos, keep=1, cache=cache, use_cache=True
+                )
+                assert decode_mask(model, step_mask).shape == (2, 1, 1, step_mask.shape[1])
+                torch.testing.assert_close(mine, plain, atol=1e-5, rtol=0)
+                _, cache, _ = forward(model, ids, mask, positions(mask), keep=1, use_cache=True)
+                blind = step_mask.clone()
+                blind[0, -3] = 0  # hide one key of row 0
+                other, _ = decode_step(model, token, blind, pos, cache)
+                assert not torch.allclose(other[0], mine[0], atol=1e-4)
+    finally:
+        hf.config._attn_implementation = saved

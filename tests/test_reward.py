@@ -849,14 +849,17 @@ def test_rescoring_with_the_same_judge_reproduces_the_reward(
     assert again[0]["question"] == records[0]["question"]
 
 
-def test_answer_loop_syncs_the_host_once_per_token(
-    answering_lm, smol_tokenizer, nli, term, monkeypatch
+@pytest.mark.parametrize("every", [1, 4])
+def test_answer_loop_syncs_the_host_once_per_look(
+    answering_lm, smol_tokenizer, nli, term, monkeypatch, every
 ) -> None:
     """Outside the model's forward pass, the greedy answer loop waits for the device once per
-    generated token (the tokens' copy to the host); it used to wait four times (the tokens,
-    their decoding, the all-done test and the count of live rows)."""
+    look at its rows: every token on the CPU (it used to wait four times: the tokens, their
+    decoding, the all-done test and the count of live rows), every GPU_CHECK_EVERY tokens on a
+    GPU (run here on the CPU with checking_every), where it also reads the answers' width once
+    at the end. The stop rules run on the device; the answers are the same either way."""
     import contraq.reward.answers as answers_module
-    from contraq.syncs import count_host_syncs, not_counted
+    from contraq.syncs import checking_every, count_host_syncs, not_counted
 
     original = answers_module.forward
 
@@ -868,8 +871,15 @@ def test_answer_loop_syncs_the_host_once_per_token(
     tok = smol_tokenizer
     reward = contradiction(answering_lm, tok, nli, term, answer_max_new_tokens=12)
     rows = reward._prompt_rows([q + "?" for q in QUESTIONS])
-    with base_model(answering_lm) as lm, count_host_syncs() as counts:
-        new = reward.greedy_continuations(rows, lm)
+    with base_model(answering_lm) as lm:
+        expected = reward.greedy_continuations(rows, lm)
+        with checking_every(every), count_host_syncs() as counts:
+            new = reward.greedy_continuations(rows, lm)
+    assert new == expected
     n_tokens = len(new[0])
     assert n_tokens > 3
-    assert sum(counts.values()) == n_tokens, dict(counts)
+    syncs = sum(counts.values())
+    if every == 1:
+        assert syncs == n_tokens, dict(counts)
+    else:
+        assert syncs <= n_tokens // every + 1, dict(counts)

@@ -12,11 +12,13 @@ from contraq.lm.sampling import (
     SampleBatch,
     SamplerConfig,
     default_banned_token_ids,
+    device_generator,
     draw_tokens,
     sample,
     score_actions,
     token_logprobs,
 )
+from contraq.syncs import checking_every
 
 PROMPTS = [
     "Generate a question about Paris:\nQuestion:",
@@ -369,3 +371,36 @@ def test_draw_tokens_follows_probs_and_accepts_a_generator_on_another_device():
     if torch.cuda.is_available():  # the device run of this test (no GPU in CI)
         on_gpu = draw_tokens(probs.cuda(), seeded(0))
         assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), tokens)
+
+
+def test_the_gpus_sync_schedule_samples_the_same(tiny_llama, smol_tokenizer):
+    """Looking at the rows once per 8 steps (a GPU's schedule, contraq.syncs) instead of every
+    step gives the same batch: the steps after every row ended are cut off again."""
+    ids, mask = encode(smol_tokenizer, PROMPTS[:1])
+    cfg = plain_config(smol_tokenizer, min_len=2, max_len=12)
+    probe = sample(tiny_llama, ids, mask, cfg, seeded(0))
+    term = int(probe.actions[0, 3])  # the token drawn at step 3 ends the row when drawn again
+    banned = [t for t in cfg.banned_token_ids if t != term]
+    cfg = dataclasses.replace(cfg, termination_token_id=term, banned_token_ids=banned)
+    a = sample(tiny_llama, ids, mask, cfg, seeded(0))
+    assert a.actions.shape[1] < cfg.max_len
+    with checking_every(8):
+        b = sample(tiny_llama, ids, mask, cfg, seeded(0))
+    for name in ("actions", "lengths", "log_pf", "log_pterm"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_device_generator_keeps_the_callers_stream():
+    """A generator already on the sampler's device is used as it is; on another device one
+    draw of it seeds the device's own (no probabilities copied to the host per token)."""
+    gen = seeded(0)
+    assert device_generator(gen, "cpu") is gen and device_generator(None, "cpu") is None
+    if torch.cuda.is_available():  # the device run of this test (no GPU in CI)
+        state = gen.get_state()
+        on_gpu = device_generator(gen, "cuda")
+        assert on_gpu.device.type == "cuda" and not torch.equal(gen.get_state(), state)
+        again = device_generator(seeded(0), "cuda")
+        assert torch.equal(
+            torch.rand(4, generator=on_gpu, device="cuda"),
+            torch.rand(4, generator=again, device="cuda"),
+        )

@@ -11,6 +11,7 @@ import torch
 
 from contraq.lm.sampling import SamplerConfig, default_banned_token_ids, score_actions
 from contraq.lm.stochastic_beam import log1mexp, sample_distinct, truncated_gumbel
+from contraq.syncs import checking_every
 
 PROMPTS = ["Generate a question about Paris:\nQuestion:", "Tell me"]
 
@@ -173,3 +174,19 @@ def test_bad_k(tiny_gpt2, smol_tokenizer):
     ids, mask = encode(smol_tokenizer, PROMPTS)
     with pytest.raises(ValueError, match="k must be"):
         sample_distinct(tiny_gpt2, ids, mask, small_cfg(smol_tokenizer), k=0)
+
+
+def test_the_gpus_sync_schedule_draws_the_same(tiny_llama, smol_tokenizer):
+    """Looking at the beams once per 8 steps (a GPU's schedule, contraq.syncs) instead of
+    every step gives the same batch: the steps after every beam ended change nothing."""
+    ids, mask = encode(smol_tokenizer, PROMPTS)
+    cfg = small_cfg(smol_tokenizer, max_len=6)
+    a = sample_distinct(tiny_llama, ids, mask, cfg, 3, generator=torch.Generator().manual_seed(1))
+    with checking_every(8):
+        b = sample_distinct(
+            tiny_llama, ids, mask, cfg, 3, generator=torch.Generator().manual_seed(1)
+        )
+    assert torch.equal(a.valid, b.valid) and torch.equal(a.keys, b.keys)
+    for name in ("actions", "lengths", "log_pf", "log_pterm"):
+        got, want = getattr(b.batch, name)[a.valid], getattr(a.batch, name)[a.valid]
+        assert torch.equal(got, want), name

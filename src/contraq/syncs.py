@@ -52,3 +52,31 @@ def not_counted() -> Iterator[None]:
         yield
     finally:
         _PAUSED[0] -= 1
+
+
+# A decode loop looks at its state on the host (every row finished? which rows leave the
+# batch?) once per this many steps on a GPU; on the CPU a look costs nothing and every step
+# looks, so finished rows leave at once and the loop stops at the first step it could.
+GPU_CHECK_EVERY = 8
+_EVERY: list[int | None] = [None]
+
+
+def check_every(device: torch.device | str) -> int:
+    """Decode steps between a loop's host syncs on ``device``: 1 on the CPU,
+    :data:`GPU_CHECK_EVERY` elsewhere, or what :func:`checking_every` set."""
+    if _EVERY[0] is not None:
+        return _EVERY[0]
+    return 1 if torch.device(device).type == "cpu" else GPU_CHECK_EVERY
+
+
+@contextlib.contextmanager
+def checking_every(k: int) -> Iterator[None]:
+    """Decode loops sync once per ``k`` steps on any device for the duration (the tests and
+    ``bench/bench_syncs.py`` run the GPU's schedule on the CPU)."""
+    if k < 1:
+        raise ValueError(f"checking_every needs k >= 1, got {k}")
+    saved, _EVERY[0] = _EVERY[0], k
+    try:
+        yield
+    finally:
+        _EVERY[0] = saved

@@ -75,9 +75,33 @@ def decode_step(
     """One KV-cached decoding step: ``token`` LongTensor[B] fed at ``position`` [B, 1] with the
     attention ``mask`` [B, P + t + 1] so far. Returns (logits [B, 1, V], the grown cache)."""
     logits, cache, _ = forward(
-        model, token[:, None], mask, position, keep=1, cache=cache, use_cache=True
+        model,
+        token[:, None],
+        decode_mask(model, mask),
+        position,
+        keep=1,
+        cache=cache,
+        use_cache=True,
     )
     return logits, cache
+
+
+def decode_mask(model: nn.Module, mask: Tensor) -> Tensor:
+    """A decoding step's 2-D ``mask`` [B, K] in transformers' prepared 4-D form [B, 1, 1, K]
+    (0 where the key is seen, the dtype's minimum elsewhere), for the sdpa and eager attention.
+
+    transformers takes a 4-D mask as it is; from a 2-D one it builds its own and first asks,
+    on the host, whether any row is padded (``_ignore_causal_mask_sdpa``): a host sync per
+    token on a GPU. The one query of a step sees itself, so no row is fully masked. Other
+    attention implementations (flash) get the 2-D mask."""
+    hf = hf_model(model)
+    if getattr(hf.config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return mask
+    dtype = hf.get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        return mask
+    hidden = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return hidden.masked_fill(mask == 0, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def positions(mask: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from contraq.lm.forward import decode_step, forward, positions, prefill
+from contraq.syncs import check_every
 
 
 @dataclass(kw_only=True)
@@ -233,14 +234,31 @@ def _draw(
     return draw_tokens(probs, generator)
 
 
+def device_generator(
+    generator: torch.Generator | None, device: torch.device | str
+) -> torch.Generator | None:
+    """The generator one sampling call draws from on ``device``: ``generator`` itself when it
+    lives there (or is None), else a new one on ``device`` seeded by one draw of ``generator``.
+
+    The training step's generators live on the CPU (``contraq.training.step.step_generator``:
+    one resumable stream whatever the device). Drawing each token from that CPU stream would
+    copy every step's probabilities to the host, a host sync per token on a GPU; one draw per
+    call keeps the caller's stream resumable and the loop on the device. On a GPU the draws
+    are then not the CPU's for the same probabilities.
+    """
+    device = torch.device(device)
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def draw_tokens(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """One index per row of ``probs`` ``[B, V]`` (LongTensor[B], on ``probs``' device).
 
-    The training step's generators live on the CPU (``contraq.training.module.step_generator``: one
-    resumable stream whatever the device), and ``torch.multinomial`` refuses a generator on
-    another device than its input: then the draw is made on the generator's device. On CUDA
-    that is one ``[B, V]`` copy per token, small beside the forward pass, and the same draws as
-    on the CPU for the same probabilities.
+    ``torch.multinomial`` refuses a generator on another device than its input: then the draw
+    is made on the generator's device (a copy of ``probs`` each call; the sampler avoids it
+    with :func:`device_generator`).
     """
     if generator is not None and generator.device.type != probs.device.type:
         on_gen = probs.float().to(generator.device)
@@ -284,6 +302,8 @@ def sample(
     steps = torch.arange(max_len, device=device)
     allowed = termination_allowed(cfg, steps).tolist()
     bias: Tensor | None = None
+    every = check_every(device)
+    generator = device_generator(generator, device)
 
     with sampling_mode(model):
         shared = prefill(model, prompt_ids, prompt_mask)  # each distinct prompt once
@@ -310,11 +330,13 @@ def sample(
             finished = (token == term) & ~done
             lengths = torch.where(finished, t + 1, lengths)
             done = done | finished
-            # One sync per step (not per sequence), like generate's stopping check.
-            if t == max_len - 1 or bool(done.all()):
+            # The host looks once per `every` steps (1 on the CPU): the stopping check.
+            if t == max_len - 1 or ((t + 1) % every == 0 and bool(done.all())):
                 n_steps = t + 1
                 break
             logits, cache = decode_step(model, token, mask[:, : width + t + 1], next_pos + t, cache)
+    if every > 1:
+        n_steps = int(lengths.max())  # the steps past every row's end hold only padding
     return SampleBatch(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

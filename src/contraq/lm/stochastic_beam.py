@@ -37,10 +37,12 @@ from contraq.lm.sampling import (
     SamplerConfig,
     _check_prompt,
     _filter_top_k_top_p,
+    device_generator,
     sampling_mode,
     step_bias,
     termination_allowed,
 )
+from contraq.syncs import check_every
 
 
 def gumbel_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -229,11 +231,16 @@ def sample_distinct(
     steps = torch.arange(max_len, device=device)
     allowed = termination_allowed(cfg, steps).tolist()
     offsets = (torch.arange(n_prompts, device=device) * k)[:, None]  # [B, 1]
+    every = check_every(device)
+    generator = device_generator(generator, device)
+    # Steps taken before every beam had ended, counted on the device (the host looks only
+    # once per `every` steps, and steps past the end hold padding only).
+    live_steps = torch.zeros((), dtype=torch.long, device=device)
+    ended = torch.zeros((), dtype=torch.bool, device=device)
 
     with sampling_mode(model):
         logits, cache = _first_logits(model, ids, pmask)
         bias = step_bias(cfg, steps, logits.shape[-1])
-        n_steps = max_len
         for t in range(max_len):
             masked = logits[:, -1].float() + bias[t]  # [rows, V]
             logp = torch.log_softmax(masked, dim=-1)
@@ -251,11 +258,13 @@ def sample_distinct(
             fresh = ~was_done.view(-1)
             finished = beams.extend(t, token, logp.index_select(0, src), fresh, term, allowed[t])
             done = was_done | finished.view(n_prompts, k)
-            if t == max_len - 1 or bool((done | torch.isneginf(keys)).all()):
-                n_steps = t + 1
+            live_steps += (~ended).long()
+            ended = (done | torch.isneginf(keys)).all()
+            if t == max_len - 1 or ((t + 1) % every == 0 and bool(ended)):
                 break
             cache.reorder_cache(src)
             logits, cache = decode_step(model, token, mask[:, : width + t + 1], next_pos + t, cache)
+    n_steps = int(live_steps)
     valid = ~torch.isneginf(keys).view(-1)
     return DistinctBatch(
         batch=beams.batch(ids, pmask, n_steps), keys=keys.view(-1).float(), valid=valid

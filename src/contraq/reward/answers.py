@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contraq.lm.forward import forward, positions, sharing_prompts
+from contraq.lm.forward import decode_step, forward, positions, sharing_prompts
 from contraq.lm.tokens import left_pad, right_pad
 from contraq.reward.base import base_logprobs, model_device
+from contraq.syncs import check_every
 
 DEFAULT_CHAT_TEXT = "Answer the question in one short declarative sentence.\nQuestion: {question}"
 DEFAULT_FEWSHOT_TEXT = (
@@ -162,7 +163,7 @@ class BaseLMAnswers:
         are ``pad_id``, as in ``generate``, and finished rows leave the batch.
         """
         device = model_device(lm)
-        n_rows, stops = len(rows), self._stops(lm)
+        n_rows = len(rows)
         k = common_prefix_length(rows) if sharing_prompts() else 0
         cache = None
         if k > 0:
@@ -184,66 +185,68 @@ class BaseLMAnswers:
             lm, tail_ids, mask, positions(mask)[:, k:], keep=1, cache=cache, use_cache=True
         )
         next_pos = mask.sum(dim=1, keepdim=True)
-        kept: list[list[int]] = [[] for _ in range(n_rows)]  # each row's tokens, on the host
-        finished = [False] * n_rows
-        live = list(range(n_rows))  # the rows in the cache
-        n_new = 0
-        for t in range(self.cfg.answer_max_new_tokens):
-            # The step's one host sync: the stop checks run on the host's copy of the tokens.
-            picked = logits[:, -1].argmax(dim=-1).tolist()
-            done = self._extend(kept, finished, live, picked, stops)
+        width = self.cfg.answer_max_new_tokens
+        out = torch.full((n_rows, width), self.pad_id, dtype=torch.long, device=device)
+        stop, newline, late_newline, content = self._token_tables(lm, logits.shape[-1], device)
+        done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        started = torch.zeros(n_rows, dtype=torch.bool, device=device)  # non-space text yet
+        end_at = torch.full((n_rows,), width, dtype=torch.long, device=device)  # tokens kept
+        live = torch.arange(n_rows, device=device)  # the rows in the cache
+        every, n_new = check_every(device), 0
+        for t in range(width):
+            token = logits[:, -1].argmax(dim=-1)
+            was_done = done[live]
+            token = token.masked_fill(was_done, self.pad_id)
+            out[live, t] = token
+            # A row ends with an end token, or with a newline once its text (leading
+            # whitespace dropped) is under way or the newline follows text in the token.
+            ends = stop[token] | (newline[token] & (started[live] | late_newline[token]))
+            done[live] = was_done | ends
+            end_at[live] = torch.where(ends & ~was_done, t + 1, end_at[live])
+            started[live] = started[live] | content[token]
             n_new = t + 1
-            if all(done) or t == self.cfg.answer_max_new_tokens - 1:
+            if t == width - 1:
                 break
-            if 4 * done.count(False) <= 3 * len(live):
-                # Finished rows (a quarter or more) leave the batch: a rambling answer runs to
-                # the cap while most rows stopped long before.
-                keep = [j for j, d in enumerate(done) if not d]
-                cache.reorder_cache(torch.tensor(keep, device=device))
-                live, picked = [live[j] for j in keep], [picked[j] for j in keep]
-                index = torch.tensor(keep, device=device)
-                mask, next_pos = mask[index], next_pos[index]
-            token = torch.tensor(picked, device=device)
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            logits, cache, _ = forward(
-                lm, token[:, None], mask, next_pos + t, keep=1, cache=cache, use_cache=True
+            if (t + 1) % every == 0:  # the host looks: one sync per `every` steps
+                left = (~done[live]).nonzero().flatten()
+                if left.numel() == 0:
+                    break
+                if 4 * left.numel() <= 3 * live.numel():
+                    # Finished rows (a quarter or more) leave the batch: a rambling answer runs
+                    # to the cap while most rows stopped long before.
+                    cache.reorder_cache(left)
+                    live, token = live[left], token[left]
+                    mask, next_pos = mask[left], next_pos[left]
+            mask = torch.cat([mask, mask.new_ones(live.numel(), 1)], dim=1)
+            logits, cache = decode_step(lm, token, mask, next_pos + t, cache)
+        if every > 1:  # the steps after every row had ended hold padding only
+            n_new = int(end_at.max())
+        return out[:, :n_new].tolist()
+
+    def _token_tables(
+        self, lm: nn.Module, vocab: int, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """BoolTensor[V] each, from every token's own text (made once per device): an end
+        token; its text holds a newline; it holds a newline after a non-space character; it
+        holds a non-space character. A newline byte is always a token's own (byte-level BPE),
+        so these decide what decoding the whole row would (``first_line``)."""
+        key = (str(device), vocab, tuple(sorted(self._stops(lm))))
+        cached = getattr(self, "_tables", None)
+        if cached is None or cached[0] != key:
+            texts = self.tokenizer.batch_decode(
+                [[i] for i in range(len(self.tokenizer))], skip_special_tokens=True
             )
-        return [row + [self.pad_id] * (n_new - len(row)) for row in kept]
-
-    def _newline_ids(self) -> frozenset[int]:
-        """The tokens whose text holds a newline (made once): only such a token can bring a
-        newline into an answer, so only then is the answer decoded."""
-        if getattr(self, "_newline_cache", None) is None:
-            vocab = [[i] for i in range(len(self.tokenizer))]
-            texts = self.tokenizer.batch_decode(vocab, skip_special_tokens=True)
-            self._newline_cache = frozenset(i for i, x in enumerate(texts) if "\n" in x)
-        return self._newline_cache
-
-    def _extend(
-        self,
-        kept: list[list[int]],
-        finished: list[bool],
-        live: list[int],
-        picked: list[int],
-        stops: set[int],
-    ) -> list[bool]:
-        """Append the step's tokens ``picked`` (one per live row) to the unfinished rows of
-        ``kept`` and mark in ``finished`` the rows that end with it: an end token, or a newline
-        in the text with its leading whitespace dropped; a row finished before gets ``pad_id``
-        in ``picked``. Returns ``finished`` of the live rows."""
-        newline = self._newline_ids()
-        for j, row in enumerate(live):
-            if finished[row]:
-                picked[j] = self.pad_id
-                continue
-            ids = kept[row]
-            ids.append(picked[j])
-            if ids[-1] in stops:
-                finished[row] = True
-            elif ids[-1] in newline:
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                finished[row] = "\n" in text.lstrip()
-        return [finished[row] for row in live]
+            texts = (texts + [""] * vocab)[:vocab]  # ids past the tokenizer's: no text
+            stop = torch.zeros(vocab, dtype=torch.bool)
+            stop[[i for i in self._stops(lm) if i < vocab]] = True
+            tables = (
+                stop,
+                torch.tensor(["\n" in x for x in texts]),
+                torch.tensor(["\n" in x.lstrip() for x in texts]),
+                torch.tensor([x.strip() != "" for x in texts]),
+            )
+            self._tables = (key, tuple(t.to(device) for t in tables))
+        return self._tables[1]
 
     def generate_answers(
         self, questions: Sequence[str], lm: nn.Module
