@@ -25,6 +25,7 @@ import re
 import torch
 from torch import nn
 
+from contraq.lm.float16_copy import cpu_float32, float16_linears
 from contraq.lm.forward import hf_model
 from contraq.lm.models import contiguous_head_input
 
@@ -41,9 +42,7 @@ def resolve_frozen_weights(choice: str, policy: nn.Module) -> str:
         raise ValueError(f"reward.frozen_weights={choice!r}: expected one of {FROZEN_WEIGHTS}")
     if choice != "auto":
         return choice
-    weight = next(policy.parameters())
-    cpu_float32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-    return "float16" if cpu_float32 else "shared"
+    return "float16" if cpu_float32(policy) else "shared"
 
 
 def int8_linear_names(model: nn.Module, float_last_layers: int) -> set[str]:
@@ -79,19 +78,17 @@ def frozen_copy(policy: nn.Module, kind: str) -> nn.Module:
             f"model is on {device} (use auto or shared)"
         )
     base = _base_copy(policy)
-    qz = torch.ao.quantization
     if kind == "float16":
-        names = {n for n, m in base.named_modules() if isinstance(m, nn.Linear)}
-        spec = dict.fromkeys(names, qz.float16_dynamic_qconfig)
-        dtype = torch.float16
+        float16_linears(base, {n for n, m in base.named_modules() if isinstance(m, nn.Linear)})
     elif kind == "int8":
         # One scale per output channel: one per tensor changed nearly every answer.
-        names = int8_linear_names(base, INT8_FLOAT_LAST_LAYERS)
-        spec = dict.fromkeys(names, qz.per_channel_dynamic_qconfig)
-        dtype = torch.qint8
+        qz = torch.ao.quantization
+        spec = dict.fromkeys(
+            int8_linear_names(base, INT8_FLOAT_LAST_LAYERS), qz.per_channel_dynamic_qconfig
+        )
+        qz.quantize_dynamic(base, spec, dtype=torch.qint8, inplace=True)
     else:
         raise ValueError(f"reward.frozen_weights={kind!r}: no copy to make (float16 or int8)")
-    qz.quantize_dynamic(base, spec, dtype=dtype, inplace=True)
     head = base.get_output_embeddings()
     if not head._forward_pre_hooks:  # a strided input would copy the head's weight per call
         contiguous_head_input(base)

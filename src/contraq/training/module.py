@@ -143,7 +143,7 @@ class GFlowNetModule(L.LightningModule):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
-    def sampling_lm(self) -> torch.nn.Module:
+    def sampler_lm(self) -> torch.nn.Module:
         """What the sampler runs: the policy, or under ``train.sample_weights`` its float16
         copy sharing the LoRA modules (made once; :mod:`contraq.lm.float16_copy`)."""
         if resolve_sample_weights(self.cfg.sample_weights, self.policy) == "shared":
@@ -189,7 +189,7 @@ class GFlowNetModule(L.LightningModule):
         cfg = dataclasses.replace(self.sampler_cfg, temperature=temperature)
         was_training = self.policy.training
         self.policy.eval()
-        policy = self.sampling_lm()
+        policy = self.sampler_lm()
         try:
             with base_model(policy) if base else contextlib.nullcontext(policy) as lm:
                 if self.cfg.draw == "distinct":
@@ -422,7 +422,7 @@ class GFlowNetModule(L.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         try:
-            batch = sample(self.sampling_lm(), ids, mask, self.sampler_cfg, generator=g)
+            batch = sample(self.sampler_lm(), ids, mask, self.sampler_cfg, generator=g)
             out = self.reward.terminal(
                 [self.eval_facts[i] for i in rows], batch, step=self.global_step
             )
