@@ -25,6 +25,7 @@ from contraq.lm.forward import hf_model
 from contraq.lm.models import contiguous_head_input
 
 SAMPLE_WEIGHTS = ("auto", "shared", "float16")
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def cpu_float32(model: nn.Module) -> bool:
@@ -70,17 +71,14 @@ def float16_policy_copy(policy: nn.Module) -> nn.Module:
             f"train.sample_weights=float16: the copy needs a float32 model on the CPU, not "
             f"{weight.dtype} on {weight.device} (use auto or shared)"
         )
-    lora = [(name, m) for name, m in policy.named_modules() if _is_lora_layer(m)]
-    # Deep-copying the LoRA modules only to drop them: memo them to themselves instead.
-    memo: dict[int, object] = {}
-    for _, m in lora:
-        for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-            if hasattr(m, attr):
-                sub = getattr(m, attr)
-                memo[id(sub)] = sub
-    own_embed = hf_model(policy).get_input_embeddings()
-    memo[id(own_embed)] = own_embed
-    memo[id(own_embed.weight)] = own_embed.weight
+    # Shared, not copied: deepcopy's memo maps the LoRA modules and the input embeddings to
+    # themselves.
+    own = [hf_model(policy).get_input_embeddings()]
+    for m in policy.modules():
+        if _is_lora_layer(m):
+            own += [getattr(m, a) for a in LORA_PARTS if hasattr(m, a)]
+    memo: dict[int, object] = {id(x): x for x in own}
+    memo[id(own[0].weight)] = own[0].weight
     clone = copy.deepcopy(policy, memo)
     clone.eval()
     names = {
