@@ -12,7 +12,7 @@ into the parts of :meth:`contraq.reward.ContradictionReward.terminal` and
 - loss + backward: one teacher-forced policy pass with gradients, the TB loss, backward.
 
     python bench/bench_step.py [--facts 2] [--n 8] [--repeats 3] [--threads 2]
-        [--baseline each-prompt|float32|today] [--frozen auto|float16|int8] [--distinct D]
+        [--baseline each-prompt|float32|today|padded] [--frozen auto|float16|int8] [--distinct D]
 
 Prints seconds per part (median of the repeats) and their share of the step twice, a baseline
 and the step as training runs, with the ratio baseline / new:
@@ -28,7 +28,11 @@ and the step as training runs, with the ratio baseline / new:
   row, against the sampler on the policy's float16 copy (``train.sample_weights=float16``) and
   the answers and log P_Q on ``--frozen`` (default ``auto``: a float16 copy of the base on a
   float32 CPU model) with log P_Q of each distinct (prompt, question) row once. The questions
-  that differ, the answers that differ and the largest log P_Q difference are printed.
+  that differ, the answers that differ and the largest log P_Q difference are printed. The
+  baseline's loss pass and log P_Q are also padded (below).
+- ``--baseline padded``: the teacher-forced passes (loss + backward, log P_Q) with each
+  question padded to the longest (``contraq.lm.packing.no_packing``) against one packed row
+  with no padding (:mod:`contraq.lm.packing`), all else as training runs.
 
 Answering times the distinct questions only, as the reward does. ``--distinct D`` makes each
 fact's ``n`` sampled rows hold only ``D`` distinct questions (rows copied after sampling), as a
@@ -64,6 +68,7 @@ from contraq.judge.scorer import NLIScorer  # noqa: E402
 from contraq.lm.float16_copy import float16_policy_copy  # noqa: E402
 from contraq.lm.forward import no_prompt_sharing  # noqa: E402
 from contraq.lm.models import weights_dtype  # noqa: E402
+from contraq.lm.packing import no_packing  # noqa: E402
 from contraq.lm.sampling import SampleBatch, sample, score_actions  # noqa: E402
 from contraq.lm.tokens import decode_questions, left_pad  # noqa: E402
 from contraq.reward.base import base_logprobs, batch_logprobs, frozen_base  # noqa: E402
@@ -178,17 +183,22 @@ def measure(
     frozen: str = "shared",
     dedup: bool = False,
     sample16: bool = False,
+    packing: bool = True,
 ) -> dict:
     """:func:`time_parts` for ``parts``' model on the first ``args.facts`` training facts, the
     answers and log P_Q on ``reward.frozen_weights=frozen``, the sampler on the policy's float16
-    copy with ``sample16`` (``train.sample_weights=float16``)."""
+    copy with ``sample16`` (``train.sample_weights=float16``); ``packing=False``: the loss pass
+    and log P_Q padded (``contraq.lm.packing.no_packing``)."""
     cfg = parts.cfg
     reward = build_reward(cfg.reward, parts.policy, parts.tokenizer, parts.term_id, nli=nli)
     reward.cfg.frozen_weights = frozen
     rows = [f for f in load_split(cfg.data).train[: args.facts] for _ in range(args.n)]
     prompts = build_prompts(cfg, rows, parts.tokenizer)
     ids, mask = left_pad(prompts, parts.sampler_cfg.pad_token_id, torch.device("cpu"))
-    with contextlib.nullcontext() if sharing else no_prompt_sharing():
+    with (
+        contextlib.nullcontext() if sharing else no_prompt_sharing(),
+        contextlib.nullcontext() if packing else no_packing(),
+    ):
         lm = float16_policy_copy(parts.policy) if sample16 else None
         out = time_parts(parts, reward, nli, ids, mask, rows, args, dedup, lm)
     out["prompt_tokens"] = ids.shape[1]
@@ -214,7 +224,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--baseline", choices=["each-prompt", "float32", "today"], default="each-prompt"
+        "--baseline",
+        choices=["each-prompt", "float32", "today", "padded"],
+        default="each-prompt",
     )
     ap.add_argument("--frozen", choices=["auto", "float16", "int8"], default="auto")
     ap.add_argument("--distinct", type=int, default=0, help="distinct questions per fact")
@@ -232,8 +244,14 @@ def main() -> None:
         elif args.baseline == "today":
             labels = ("today", f"{args.frozen}+distinct+s16")
             parts = Parts(cfg)
-            base = measure(parts, nli, args, sharing=True)
+            base = measure(parts, nli, args, sharing=True, packing=False)
             new = measure(parts, nli, args, True, args.frozen, dedup=True, sample16=True)
+        elif args.baseline == "padded":
+            labels = ("padded", "packed")
+            parts = Parts(cfg)
+            kw = {"frozen": args.frozen, "dedup": True, "sample16": True}
+            base = measure(parts, nli, args, True, packing=False, **kw)
+            new = measure(parts, nli, args, True, **kw)
         else:
             labels = ("float32", "bfloat16")
             base, new = (

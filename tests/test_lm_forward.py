@@ -14,6 +14,7 @@ from contraq.lm.forward import (
     prefill,
 )
 from contraq.lm.models import ModelConfig, attach_lora, build_tiny_model
+from contraq.lm.packing import no_packing
 from contraq.lm.sampling import SamplerConfig, default_banned_token_ids, sample, score_actions
 
 PROMPTS = [
@@ -65,8 +66,13 @@ def test_distinct_prompts_inverse_rebuilds_the_batch(smol_tokenizer):
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
 def test_shared_prompt_pass_equals_one_row_at_a_time(arch, request, smol_tokenizer):
     """Log-probs, prompt hidden states and LoRA gradients of the shared pass equal those of
-    each row scored alone (a batch of one row has nothing to share: the full pass)."""
-    model = request.getfixturevalue(arch)
+    each row scored alone (a batch of one row has nothing to share: the full pass). The padded
+    passes (no packing: tests/test_packing.py checks the packed one against them)."""
+    with no_packing():
+        _shared_equals_one_row(request.getfixturevalue(arch), smol_tokenizer)
+
+
+def _shared_equals_one_row(model, smol_tokenizer):
     cfg = sampler_cfg(smol_tokenizer)
     ids, mask = batch_prompts(smol_tokenizer)
     rows, batch = count_rows_in_first_pass(
@@ -121,13 +127,15 @@ def test_no_sharing_under_gradient_checkpointing_while_training(smol_tokenizer):
     cfg = sampler_cfg(smol_tokenizer)
     actions = torch.randint(100, 1000, (len(ORDER), 4), generator=torch.Generator().manual_seed(0))
     actions[:, 3] = cfg.termination_token_id
-    full, _ = score_actions(policy, ids, mask, actions, cfg)  # the full pass
+    with no_packing():
+        full, _ = score_actions(policy, ids, mask, actions, cfg)  # the full pass
     assert full.requires_grad
     with torch.no_grad():
         assert prefill(policy, ids, mask) is not None
     policy.eval()
     assert prefill(policy, ids, mask) is not None
-    shared, _ = score_actions(policy, ids, mask, actions, cfg)
+    with no_packing():
+        shared, _ = score_actions(policy, ids, mask, actions, cfg)
     torch.testing.assert_close(shared, full, atol=ATOL, rtol=0)
 
 

@@ -68,6 +68,7 @@ def _settings(ref: RunRef, parts: Parts, ecfg: EvalConfig, **extra: Any) -> dict
         "trained_temperatures": list(ecfg.trained_temperatures),
         "trained_distinct": ecfg.trained_distinct,
         "draw_factor": ecfg.draw_factor,
+        "distinct_temperature": ecfg.distinct_temperature,
         "untrained_distinct": ecfg.untrained_distinct,
         "budgets": ecfg.yield_budgets,
         "beam_groups": ecfg.beam_groups,

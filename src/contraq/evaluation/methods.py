@@ -103,6 +103,7 @@ class EvalConfig:
     budgets: list[int] | None = None
     trained: bool = True
     draw_factor: float = 1.0
+    distinct_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -120,6 +121,10 @@ class EvalConfig:
             raise ConfigError("budgets", f"must each lie in [1, n={self.n}], got {self.budgets}")
         if not 1.0 <= self.draw_factor <= 16.0:
             raise ConfigError("draw_factor", f"must lie in [1, 16], got {self.draw_factor}")
+        if not self.distinct_temperature > 0:
+            raise ConfigError(
+                "distinct_temperature", f"must be > 0, got {self.distinct_temperature}"
+            )
         for key in ("temperatures", "trained_temperatures"):
             if any(not t > 0 for t in getattr(self, key)):
                 raise ConfigError(key, f"must all be > 0, got {getattr(self, key)}")
@@ -223,6 +228,7 @@ def method_records(
                     method=name,
                     progress=progress,
                     draw_factor=ecfg.draw_factor if name == "trained_distinct" else 1.0,
+                    temperature=ecfg.distinct_temperature if name == "trained_distinct" else 1.0,
                 )
                 records[name] = [r for recs in per_fact for r in recs]
             elif name == "file":
