@@ -326,3 +326,84 @@ def test_duplicate_facts_are_named_in_one_warning(
     assert len(facts) == 3  # kept: the user decides
     (warning,) = [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()]
     assert "1 duplicate facts" in warning and f"{path}:3 repeats {path}:1" in warning
+
+
+def _zsre_questions_script():
+    """scripts/zsre_questions.py, loaded from its file (a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "zsre_questions.py"
+    spec = importlib.util.spec_from_file_location("zsre_questions", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "fact"),
+    [
+        (
+            "What is the product made by UniFirst?",
+            "unmanned aircraft",
+            "The product made by UniFirst is unmanned aircraft.",
+        ),
+        (
+            "Who was the designor of  Albert House ?",
+            " Frank Gehry",
+            "The designor of Albert House was Frank Gehry.",
+        ),
+        ("When was WEFS established?", "1997", "When was WEFS established? 1997."),
+        ("What is Magic Slim's career?", "musician", "What is Magic Slim's career? musician."),
+    ],
+)
+def test_zsre_question_and_new_answer_make_an_edit_fact(question, answer, fact):
+    assert _zsre_questions_script().qa_edit_fact(question, answer) == fact
+
+
+def test_zsre_questions_file_gives_question_then_paraphrase_and_loads(tmp_path):
+    """Two rows per fact with an edited answer (a null one is skipped), readable by
+    `contraq eval questions=FILE` (contraq.evaluation.question_file.load_questions)."""
+    from contraq.evaluation.question_file import load_questions
+
+    mod = _zsre_questions_script()
+    records = [
+        {
+            "id": 0,
+            "subject": "UniFirst",
+            "question": "What is the product made by UniFirst?",
+            "rephrase": "What will be the product of UniFirst?",
+            "original_answer": "uniform",
+            "edited_answer": "unmanned aircraft",
+        },
+        {
+            "id": 1,
+            "subject": "X",
+            "question": "Who is X?",
+            "rephrase": "Who's X?",
+            "original_answer": "a",
+            "edited_answer": None,
+        },
+        {
+            "id": 2,
+            "subject": "WEFS",
+            "question": "When was WEFS established?",
+            "rephrase": "When has WEFS been established?",
+            "original_answer": "1990",
+            "edited_answer": "1997",
+        },
+    ]
+    rows = mod.question_rows(records, first=5)
+    assert [(r["id"], r["source"]) for r in rows] == [
+        (0, "question"),
+        (0, "rephrase"),
+        (2, "question"),
+        (2, "rephrase"),
+    ]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    facts, questions = load_questions(path)
+    assert [f.subject for f in facts] == ["UniFirst", "WEFS"]
+    assert questions[0] == [
+        "What is the product made by UniFirst?",
+        "What will be the product of UniFirst?",
+    ]
