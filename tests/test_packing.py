@@ -25,33 +25,31 @@ def rows_of_several_lengths(cfg, n_rows: int, width: int = 7, seed: int = 0) -> 
 
 def test_pack_rows_lays_out_each_prompt_once_and_hides_other_rows():
     """A hand case: 3 rows, 2 distinct prompts (one left-padded), lengths 3, 1 and 2. Brute
-    force over every (query, key) pair: a query sees a key iff the key is its own prompt or an
-    earlier token of its own row."""
+    force over every (query, key) pair of each packed row: a question token sees its prompt and
+    its own earlier tokens, a prompt token its earlier prompt tokens, padding only itself."""
     prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6]])
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]])
     actions = torch.tensor([[11, 12, 13], [21, 0, 0], [31, 32, 0]])
     active = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]]).bool()
     pk = pack_rows(prompt_ids, prompt_mask, actions, active)
     # distinct prompts sort as [0,5,6] then [7,8,9]; a row's last action is never fed
-    assert pk.ids.tolist() == [[5, 6, 11, 12, 31, 7, 8, 9]]
-    assert pk.positions.tolist() == [[0, 1, 2, 3, 2, 0, 1, 2]]
-    owner = ["p0", "p0", 0, 0, 2, "p1", "p1", "p1"]  # prompt u, or the row a token belongs to
-    prompt_of = {0: "p0", 1: "p1", 2: "p0"}
-    for q in range(8):
-        for k in range(8):
-            if isinstance(owner[q], int):
-                want = k <= q and (owner[k] == owner[q] or owner[k] == prompt_of[owner[q]])
-            else:
-                want = k <= q and owner[k] == owner[q]
-            assert bool(pk.allowed[q, k]) == want, (q, k)
-    keep = pk.keep.tolist()
-    # slot (b, t) reads the position that predicts action t: prompt end, then the fed tokens
-    assert [[keep[i] for i in row] for row in pk.slot.tolist()] == [
-        [1, 2, 3],
-        [7, 1, 1],  # inactive slots point anywhere (0 into keep); the logits there are 0
-        [1, 4, 1],
-    ]
-    assert pk.prompt_at.tolist() == [[0, 0, 1], [5, 6, 7]]
+    assert pk.ids.tolist() == [[0, 5, 6, 11, 12, 31], [7, 8, 9, 0, 0, 0]]
+    assert pk.positions.tolist() == [[0, 0, 1, 2, 3, 2], [0, 1, 2, 0, 0, 0]]
+    owners = [["pad", "p", "p", 0, 0, 2], ["p", "p", "p", "pad", "pad", "pad"]]
+    for u, owner in enumerate(owners):
+        for q in range(6):
+            for k in range(6):
+                if owner[q] == "pad":
+                    want = k == q
+                elif owner[q] == "p":
+                    want = k <= q and owner[k] == "p"
+                else:
+                    want = k <= q and owner[k] in ("p", owner[q])
+                assert bool(pk.allowed[u, q, k]) == want, (u, q, k)
+    # the logits of the last keep = 4 columns are read; slot (b, t) indexes [U * keep]:
+    # the prompt's last column (index 0 of its row) predicts action 0, then the fed tokens
+    assert pk.keep == 4
+    assert pk.slot.tolist() == [[0, 1, 2], [4, 0, 0], [0, 3, 0]]
     assert pk.inverse.tolist() == [0, 1, 0]
 
 
@@ -60,7 +58,7 @@ def test_pack_rows_lays_out_each_prompt_once_and_hides_other_rows():
 def test_packed_pass_equals_each_row_scored_alone(arch, impl, request, smol_tokenizer):
     """log_pf, log_pterm, the prompt hidden states and the LoRA gradients of the packed pass
     equal those of each row's own padded full pass (no sharing, no packing), and the packed
-    pass runs one row of exactly the real tokens."""
+    pass runs one row per distinct prompt, as long as its prompt and questions."""
     model = request.getfixturevalue(arch)
     hf = model.get_base_model()
     saved = hf.config._attn_implementation
@@ -79,10 +77,10 @@ def test_packed_pass_equals_each_row_scored_alone(arch, impl, request, smol_toke
             log_pf, log_pterm, hidden = score_actions(model, ids, mask, actions, cfg, True)
         finally:
             hook.remove()
-        n_fed = int((actions != cfg.pad_token_id).sum()) - len(ORDER)  # last action not fed
-        assert seen == [
-            (1, int(mask[[0, 2, 3]].sum()) + n_fed)
-        ]  # prompts 0, 1, 2 first at rows 0, 2, 3
+        fed = (actions != cfg.pad_token_id).sum(1) - 1  # the last action is not fed
+        rows = [[b for b, u in enumerate(ORDER) if u == p] for p in range(3)]
+        longest = max(int(fed[r].sum()) for r in rows)
+        assert seen == [(3, mask.shape[1] + longest)]  # one row per distinct prompt
         model.zero_grad()
         (log_pf.sum() + log_pterm.sum() + 0.1 * hidden.sum()).backward()
         packed_grads = [p.grad.clone() for p in lora]
@@ -158,3 +156,15 @@ def test_other_attention_implementations_get_the_padded_pass(tiny_llama):
     with no_packing():
         assert not packing_usable(tiny_llama)
     assert packing_usable(tiny_llama)
+
+
+def test_distinct_prompts_pack_no_wider_than_the_padded_pass():
+    """With every prompt distinct, each packed row is one prompt and its question: the padded
+    pass's shape, so the mask's quadratic cost never exceeds it."""
+    g = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(10, 99, (5, 6), generator=g)
+    prompt_mask = torch.ones_like(prompt_ids)
+    actions = torch.randint(100, 200, (5, 4), generator=g)
+    active = torch.arange(4)[None, :] < torch.tensor([4, 1, 3, 2, 4])[:, None]
+    pk = pack_rows(prompt_ids, prompt_mask, actions, active)
+    assert tuple(pk.ids.shape) == (5, 6 + 3) and pk.keep == 4

@@ -44,14 +44,13 @@ def forward(
     input_ids: Tensor,
     attention_mask: Tensor,
     position_ids: Tensor,
-    keep: int | Tensor,
+    keep: int,
     cache: Any = None,
     use_cache: bool = False,
     output_hidden_states: bool = False,
 ) -> tuple[Tensor, Any, Any]:
-    """One forward pass. Returns (logits of the last ``keep`` positions [B, keep, V], or of
-    the positions listed in ``keep`` (``LongTensor[K]``: [B, K, V]), cache, hidden states or
-    None)."""
+    """One forward pass. Returns (logits of the last ``keep`` positions [B, keep, V], cache,
+    hidden states or None)."""
     cache_kw, has_keep = _forward_kw(model)
     kwargs: dict[str, Any] = {
         "input_ids": input_ids,
@@ -67,11 +66,7 @@ def forward(
         kwargs["output_hidden_states"] = True
     out = model(**kwargs)
     new_cache = getattr(out, cache_kw, None) if use_cache else None
-    if isinstance(keep, Tensor):
-        logits = out.logits if has_keep else out.logits[:, keep]
-    else:
-        logits = out.logits[:, -keep:]
-    return logits, new_cache, getattr(out, "hidden_states", None)
+    return out.logits[:, -keep:], new_cache, getattr(out, "hidden_states", None)
 
 
 def decode_step(

@@ -1,17 +1,22 @@
-"""A teacher-forced pass with no padding: every prompt and question packed into one row.
+"""A teacher-forced pass with no padding between questions: each prompt's questions in one row.
 
 A step's ``B`` questions are padded to the longest one, and about half of the question slots of
 the loss pass are padding (``bench/bench_step.py`` prints the share); the policy's pass with
 gradients is compute-bound on a CPU, so padding costs time in proportion. Here each distinct
-prompt is laid out once, followed by the questions drawn from it, in one sequence, and a 4-D
-attention mask lets each question token see its own prompt and its own earlier tokens only:
+prompt is laid out once, followed by the questions drawn from it, one row per distinct prompt,
+and a 4-D attention mask lets each question token see its own prompt and its own earlier tokens
+only::
 
-    [prompt 0][q0 of row 0][q0 of row 1][prompt 1][q1 of row 2] ...
+    row 0: [pad][prompt 0][q of row 0][q of row 1][q of row 4][pad]
+    row 1: [   prompt 1  ][q of row 2][q of row 7][pad...........]
 
-Position ids restart at each prompt and continue into each of its questions, as in the padded
-pass (``positions(mask)``), so the logits are the padded pass's up to float rounding. The
-transformers attention implementations ``sdpa`` and ``eager`` take such a mask as it is; others
-(flash) get the padded pass.
+Prompts keep their left padding, so every prompt ends in the same column and the logits needed
+are those of the last ``K`` columns. Position ids continue from each prompt into each of its
+questions, as in the padded pass (``positions(mask)``), so the logits are the padded pass's up
+to float rounding. Rows are prompts, not one row for all: the mask's cost grows with the square
+of a row's length, and with every prompt distinct this is the padded pass. The transformers
+attention implementations ``sdpa`` and ``eager`` take such a mask as it is; others (flash) get
+the padded pass.
 """
 
 from __future__ import annotations
@@ -24,35 +29,33 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contraq.lm.forward import distinct_prompts, forward, hf_model
+from contraq.lm.forward import distinct_prompts, forward, hf_model, positions
 
 _PACKING = [True]  # switched off only by no_packing (the benchmark's baseline)
 
 
 @dataclass(frozen=True)
 class Packed:
-    """One packed row and where each padded slot's values come from.
+    """The packed rows and where each padded slot's values come from.
 
     Attributes:
-        ids: ``LongTensor[1, S]`` prompts without their padding, each followed by its
-            questions' fed tokens (a question's last action is never fed).
-        positions: ``LongTensor[1, S]``.
-        allowed: ``BoolTensor[S, S]``: query ``i`` may attend key ``j``.
-        keep: ``LongTensor[K]``: the positions whose logits are read (each prompt's last token
-            and each fed question token).
-        slot: ``LongTensor[B, T]``: for action ``t`` of row ``b``, the index into ``keep`` of the
-            position that predicts it (0 for inactive slots).
-        prompt_at: ``LongTensor[U, P]``: the packed position of each distinct prompt's slot
-            ``p`` of the left-padded ``[U, P]`` layout (0 for padding).
-        inverse: ``LongTensor[B]``: each row's distinct prompt.
+        ids: ``LongTensor[U, P + Q]``: each distinct prompt as it was (left-padded to ``P``),
+            then its questions' fed tokens (a question's last action is never fed), then padding.
+        positions: ``LongTensor[U, P + Q]``.
+        allowed: ``BoolTensor[U, P + Q, P + Q]``: query ``i`` of a row may attend key ``j``
+            (a padding slot sees only itself, so no query row is empty).
+        keep: the number of last columns whose logits are read (``Q + 1``: the prompts' last
+            column and the questions' columns).
+        slot: ``LongTensor[B, T]``: for action ``t`` of row ``b``, the index into the flattened
+            ``[U, keep]`` logits of the position that predicts it (0 for inactive slots).
+        inverse: ``LongTensor[B]``: each row's distinct prompt (its packed row).
     """
 
     ids: Tensor
     positions: Tensor
     allowed: Tensor
-    keep: Tensor
+    keep: int
     slot: Tensor
-    prompt_at: Tensor
     inverse: Tensor
 
 
@@ -69,48 +72,45 @@ def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, actions: Tensor, active: 
     """
     dev = actions.device
     ids_u, mask_u, inverse = distinct_prompts(prompt_ids, prompt_mask)
+    n_prompts, width = ids_u.shape
     n_rows, n_slots = actions.shape
     lengths = active.long().sum(1).tolist()
-    prompt_lens = mask_u.long().sum(1).tolist()
-    width = prompt_ids.shape[1]
-    rows_of: list[list[int]] = [[] for _ in prompt_lens]
+    fed = [max(n - 1, 0) for n in lengths]  # tokens fed per row: the last action is not
+    rows_of: list[list[int]] = [[] for _ in range(n_prompts)]
     for b, u in enumerate(inverse.tolist()):
         rows_of[u].append(b)
-    pieces, pos, seg_u, seg_row = [], [], [], []
-    keep: list[int] = []
+    n_q = max(sum(fed[b] for b in rows) for rows in rows_of)
+    keep, total = n_q + 1, width + n_q
+    ids = torch.zeros((n_prompts, total), dtype=actions.dtype, device=dev)
+    ids[:, :width] = ids_u
+    pos = torch.zeros((n_prompts, total), dtype=torch.long, device=dev)
+    pos[:, :width] = positions(mask_u)
+    # owner: -1 for a prompt token, the row b for a question token, -2 for padding
+    owner = torch.full((n_prompts, total), -2, dtype=torch.long)
+    owner[:, :width] = torch.where(mask_u.cpu() != 0, -1, -2)
     slot = torch.zeros((n_rows, n_slots), dtype=torch.long)
-    prompt_at = torch.zeros((len(prompt_lens), width), dtype=torch.long)
-    start = 0
-    for u, p_len in enumerate(prompt_lens):
-        pieces.append(ids_u[u, width - p_len :])
-        pos.append(torch.arange(p_len))
-        seg_u += [u] * p_len
-        seg_row += [-1] * p_len
-        prompt_at[u, width - p_len :] = torch.arange(start, start + p_len)
-        start += p_len
-        last_prompt = len(keep)
-        keep.append(start - 1)
-        for b in rows_of[u]:
-            n_fed = max(lengths[b] - 1, 0)
+    prompt_lens = mask_u.long().sum(1).tolist()
+    for u, rows in enumerate(rows_of):
+        col = width
+        for b in rows:
+            n = fed[b]
+            ids[u, col : col + n] = actions[b, :n]
+            pos[u, col : col + n] = torch.arange(prompt_lens[u], prompt_lens[u] + n, device=dev)
+            owner[u, col : col + n] = b
             if lengths[b] > 0:
-                slot[b, 0] = last_prompt
-            pieces.append(actions[b, :n_fed])
-            pos.append(torch.arange(p_len, p_len + n_fed))
-            seg_u += [u] * n_fed
-            seg_row += [b] * n_fed
-            slot[b, 1 : n_fed + 1] = torch.arange(len(keep), len(keep) + n_fed)
-            keep += range(start, start + n_fed)
-            start += n_fed
-    su, sr = torch.tensor(seg_u), torch.tensor(seg_row)
-    causal = torch.ones((start, start), dtype=torch.bool).tril()
-    own = (su[:, None] == su[None, :]) & ((sr[None, :] == -1) | (sr[:, None] == sr[None, :]))
+                slot[b, 0] = u * keep  # the prompt's last column predicts action 0
+            slot[b, 1 : n + 1] = u * keep + torch.arange(col - width + 1, col - width + 1 + n)
+            col += n
+    q, k = owner[:, :, None], owner[:, None, :]
+    causal = torch.ones((total, total), dtype=torch.bool).tril()
+    sees = ((k == -1) & (q != -2)) | ((q >= 0) & (k == q))
+    allowed = (causal & sees) | torch.eye(total, dtype=torch.bool)
     return Packed(
-        ids=torch.cat([p.to(dev) for p in pieces])[None],
-        positions=torch.cat(pos)[None].to(dev),
-        allowed=(causal & own).to(dev),
-        keep=torch.tensor(keep, dtype=torch.long, device=dev),
+        ids=ids,
+        positions=pos,
+        allowed=allowed.to(dev),
+        keep=keep,
         slot=slot.to(dev),
-        prompt_at=prompt_at.to(dev),
         inverse=inverse,
     )
 
@@ -140,7 +140,7 @@ def packed_logits(
     active: Tensor,
     output_hidden_states: bool = False,
 ) -> tuple[Tensor, Any]:
-    """:func:`contraq.lm.sampling.teacher_forced_logits` in one packed row.
+    """:func:`contraq.lm.sampling.teacher_forced_logits` in packed rows (:func:`pack_rows`).
 
     Returns:
         ``(logits FloatTensor[B, T, V], hidden)``: the logits predicting each active action
@@ -150,7 +150,7 @@ def packed_logits(
     pk = pack_rows(prompt_ids, prompt_mask, actions, active)
     dtype = hf_model(model).get_input_embeddings().weight.dtype
     mask = torch.zeros(pk.allowed.shape, dtype=dtype, device=actions.device)
-    mask = mask.masked_fill(~pk.allowed, torch.finfo(dtype).min)[None, None]
+    mask = mask.masked_fill(~pk.allowed, torch.finfo(dtype).min)[:, None]
     logits, _, hidden = forward(
         model,
         pk.ids,
@@ -160,12 +160,11 @@ def packed_logits(
         use_cache=False,
         output_hidden_states=output_hidden_states,
     )
-    picked = logits[0].float().index_select(0, pk.slot.flatten())
-    picked = picked.view(*pk.slot.shape, -1)
+    flat = logits.float().reshape(-1, logits.shape[-1])  # [U * keep, V]
+    picked = flat.index_select(0, pk.slot.flatten()).view(*pk.slot.shape, -1)
     out = torch.where(active[..., None], picked, torch.zeros((), device=picked.device))
     if not output_hidden_states:
         return out, None
-    last = hidden[-1][0]
-    prompt_hidden = last.index_select(0, pk.prompt_at.flatten()).view(*pk.prompt_at.shape, -1)
-    seen = (prompt_mask != 0)[..., None].to(last.dtype)
-    return out, (prompt_hidden.index_select(0, pk.inverse) * seen,)
+    width = prompt_ids.shape[1]
+    seen = (prompt_mask != 0)[..., None].to(hidden[-1].dtype)
+    return out, (hidden[-1][:, :width].index_select(0, pk.inverse) * seen,)
