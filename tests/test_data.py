@@ -360,9 +360,10 @@ def test_zsre_question_and_new_answer_make_an_edit_fact(question, answer, fact):
     assert _zsre_questions_script().qa_edit_fact(question, answer) == fact
 
 
-def test_zsre_questions_file_gives_question_then_paraphrase_and_loads(tmp_path):
+def test_zsre_questions_file_gives_question_then_paraphrase_and_loads(tmp_path, caplog):
     """Two rows per fact with an edited answer (a null one is skipped), readable by
-    `contraq eval questions=FILE` (contraq.evaluation.question_file.load_questions)."""
+    `contraq eval questions=FILE` (contraq.evaluation.question_file.load_questions), which
+    expects a fact's rows to repeat it and does not warn about duplicate facts."""
     from contraq.evaluation.question_file import load_questions
 
     mod = _zsre_questions_script()
@@ -401,7 +402,9 @@ def test_zsre_questions_file_gives_question_then_paraphrase_and_loads(tmp_path):
     ]
     path = tmp_path / "q.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    facts, questions = load_questions(path)
+    with caplog.at_level(logging.WARNING):
+        facts, questions = load_questions(path)
+    assert not [r for r in caplog.records if "duplicate" in r.getMessage()]
     assert [f.subject for f in facts] == ["UniFirst", "WEFS"]
     assert questions[0] == [
         "What is the product made by UniFirst?",

@@ -237,6 +237,7 @@ def load_facts_report(
     on_error: Literal["skip", "raise"] = "skip",
     minimal_ok: bool = False,
     max_chars: int = DEFAULT_MAX_CHARS,
+    one_row_per_fact: bool = True,
 ) -> LoadReport:
     """Load and validate a JSON Lines file of edit facts (error policy: see the module doc).
 
@@ -246,6 +247,8 @@ def load_facts_report(
             or ``raise`` (the first bad record raises :class:`DataError`).
         minimal_ok: accept the minimal schema ``{subject, edit_fact}``.
         max_chars: longest accepted field, in characters (``data.max_fact_chars``).
+        one_row_per_fact: warn about repeated facts (false for a questions file, whose rows
+            repeat a fact once per question).
 
     Returns:
         :class:`LoadReport` with the facts in file order and the skipped rows.
@@ -293,7 +296,8 @@ def load_facts_report(
         logger.warning(
             "%s: skipped %d of %d records: %s%s", source, len(skipped), n_records, examples, more
         )
-    _warn_duplicates(facts, source)
+    if one_row_per_fact:
+        _warn_duplicates(facts, source)
     return LoadReport(source=source, facts=facts, skipped=skipped)
 
 
@@ -318,10 +322,15 @@ def load_facts(
     on_error: Literal["skip", "raise"] = "skip",
     minimal_ok: bool = False,
     max_chars: int = DEFAULT_MAX_CHARS,
+    one_row_per_fact: bool = True,
 ) -> list[EditFact]:
     """The valid facts of ``path`` (see :func:`load_facts_report` for the skipped rows)."""
     return load_facts_report(
-        path, on_error=on_error, minimal_ok=minimal_ok, max_chars=max_chars
+        path,
+        on_error=on_error,
+        minimal_ok=minimal_ok,
+        max_chars=max_chars,
+        one_row_per_fact=one_row_per_fact,
     ).facts
 
 

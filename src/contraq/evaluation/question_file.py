@@ -38,7 +38,9 @@ def load_questions(
         DataError: a row without a fact (see :func:`contraq.data.load_facts`) or without a
             non-empty string ``question``, naming the file and line.
     """
-    rows = load_facts(path, minimal_ok=True, on_error="raise", max_chars=max_chars)
+    rows = load_facts(
+        path, minimal_ok=True, on_error="raise", max_chars=max_chars, one_row_per_fact=False
+    )
     questions = {line: obj.get("question") for line, obj in iter_jsonl(path)}
     facts: dict[tuple[str, str], EditFact] = {}
     asked: dict[tuple[str, str], list[str]] = {}
