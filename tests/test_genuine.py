@@ -9,6 +9,7 @@ from contraq.genuine import (
     echo_flags,
     is_echo,
     is_question,
+    mentions_subject,
     names_subject,
     novel_words,
 )
@@ -114,3 +115,18 @@ def test_echo_flags_rows_and_length_check() -> None:
 )
 def test_names_subject(question: str, subject: str, named: bool) -> None:
     assert names_subject(question, subject) is named
+
+
+@pytest.mark.parametrize(
+    ("answer", "subject", "mentions"),
+    [
+        ("Sederat Alp died at the Red Sea.", "Sedat Alp", True),  # one word of two is enough
+        ("Cuba is where Cuban espresso was created.", "Cuban espresso", True),
+        ("Italy's official language is Italian.", "Italy", True),
+        ("The answer to this question is 10.", "Cuban espresso", False),
+        ("He performed on a musical instrument.", "Glen Ballard", False),
+        ("Anything at all.", "The", True),  # no content word in the subject: no gate
+    ],
+)
+def test_mentions_subject(answer: str, subject: str, mentions: bool) -> None:
+    assert mentions_subject(answer, subject) is mentions

@@ -518,6 +518,36 @@ def test_genuine_gate_gives_echoes_and_non_questions_the_floor(
     torch.testing.assert_close(c["genuine"], genuine.float())
 
 
+def test_answer_gate_gives_answers_off_the_subject_the_floor(
+    answering_lm, smol_tokenizer, nli, term
+) -> None:
+    """reward.answer_gate=subject: a row whose answer names no content word of its fact's
+    subject gets log_c_floor; a row whose subject has no content word is not gated, and keeps
+    the ungated log R; the eval's counted flag (genuine) does not change."""
+    tok = smol_tokenizer
+    texts = ["What is the capital of France", "When did the war end"] * 2
+    batch = make_batch(tok, PROMPTS[:4], question_ids(tok, texts, term), pad_id=tok.pad_token_id)
+    facts = [
+        EditFact(subject="Zyxwvut", edit_fact="The capital of France is Lyon."),
+        EditFact(subject="The", edit_fact="The war ended in 1990."),
+    ] * 2
+    kw = {"count_only_genuine": True, "judge_question": False, "log_c_floor": -4.0}
+    free = contradiction(answering_lm, tok, nli, term, **kw).terminal(facts, batch)
+    gated = contradiction(answering_lm, tok, nli, term, answer_gate="subject", **kw)
+    out = gated.terminal(facts, batch)
+    assert out.answers == free.answers
+    assert not any("zyxwvut" in a.lower() for a in out.answers)
+    assert out.components["answer_gated"].tolist() == [0.0, 1.0, 0.0, 1.0]
+    c = out.components
+    # beta 1, w_lik 0.05 (the helper's): the gated rows' log C is the floor
+    torch.testing.assert_close(out.log_r[[0, 2]], -4.0 + 0.05 * c["log_pq"][[0, 2]])
+    assert not torch.allclose(free.log_r[[0, 2]], out.log_r[[0, 2]])  # the gate did act
+    torch.testing.assert_close(out.log_r[[1, 3]], free.log_r[[1, 3]])
+    torch.testing.assert_close(c["genuine"], free.components["genuine"])
+    with pytest.raises(ValueError, match="answer_gate"):
+        ContradictionRewardConfig(answer_gate="object")
+
+
 def test_contradiction_prefixes_equal_one_prefix_at_a_time(
     answering_lm, smol_tokenizer, nli, term
 ) -> None:

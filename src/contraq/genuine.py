@@ -27,6 +27,7 @@ __all__ = [
     "content_words",
     "is_echo",
     "is_question",
+    "mentions_subject",
     "names_subject",
     "normalize_text",
     "novel_words",
@@ -114,6 +115,14 @@ def content_words(text: str) -> set[str]:
             word = word[:-1]
         out.add(word)
     return out
+
+
+def mentions_subject(answer: str, subject: str) -> bool:
+    """Whether ``answer`` names a content word of ``subject`` ("Sedat Alp died in Ankara." for
+    Sedat Alp): an answer about the subject, not "The answer to this question is 10." (True for
+    a subject with no content word)."""
+    words = content_words(subject)
+    return not words or bool(words & content_words(answer))
 
 
 def novel_words(answer: str, edit_fact: str) -> set[str]:

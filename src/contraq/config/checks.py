@@ -89,6 +89,7 @@ OPEN_RULES: dict[str, Check] = {
     "reward.w_div": number(0),
     "reward.w_share": number(0),
     "reward.div_gate": choice("none", "subject"),
+    "reward.answer_gate": choice("none", "subject"),
     "reward.batch_size": integer(0),
     "reward.answer_max_new_tokens": integer(1),
     "reward.hybrid_steps": integer(0),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from contraq.genuine import echo_flags, is_question, names_subject
+from contraq.genuine import echo_flags, is_question, mentions_subject, names_subject
 from contraq.lm.tokens import decode_questions
 from contraq.reward.answers import AnswerPromptConfig, BaseLMAnswers
 from contraq.reward.base import (
@@ -41,8 +41,10 @@ if TYPE_CHECKING:
     from contraq.lm.sampling import SampleBatch
 
 
-# Which questions earn the novelty term (ContradictionRewardConfig.div_gate).
+# Which questions earn the novelty term (ContradictionRewardConfig.div_gate), and which
+# answers can earn contradiction credit (answer_gate).
 DIV_GATES = ("none", "subject")
+ANSWER_GATES = ("none", "subject")
 
 
 def novelty_credit(
@@ -84,6 +86,12 @@ class ContradictionRewardConfig:
         div_gate: which questions earn the novelty term: ``none`` every question, ``subject``
             only questions that name the edit's subject (:func:`contraq.genuine.names_subject`).
             Ungated, the cheapest novelty is a question about some other subject.
+        answer_gate: which answers can earn contradiction credit: ``none`` every answer,
+            ``subject`` only answers that name a content word of the edit's subject
+            (:func:`contraq.genuine.mentions_subject`); the others get ``log_c_floor`` like an
+            echo. The judge counts some answers about nothing ("How many ... ?" -> "The answer
+            to this question is 10."), and a policy can learn to ask for them. Reward only:
+            what the eval counts does not change.
         min_len: questions with fewer tokens before termination get ``min_log_r``.
         min_log_r: floor log-reward (min-length and non-finite rows).
         hybrid_steps: warm-up steps with
@@ -114,6 +122,7 @@ class ContradictionRewardConfig:
     w_div: float = 0.0
     w_share: float = 0.0
     div_gate: str = "none"
+    answer_gate: str = "none"
     min_len: int = 0
     min_log_r: float = -50.0
     hybrid_steps: int = 0
@@ -144,6 +153,11 @@ class ContradictionRewardConfig:
                 "must be finite and >= 0",
             ),
             (self.div_gate in DIV_GATES, "div_gate", f"expected {' or '.join(DIV_GATES)}"),
+            (
+                self.answer_gate in ANSWER_GATES,
+                "answer_gate",
+                f"expected {' or '.join(ANSWER_GATES)}",
+            ),
             (math.isfinite(self.min_log_r), "min_log_r", "must be finite"),
             (math.isfinite(self.beta) and self.beta > 0, "beta", "must be > 0"),
             (
@@ -286,6 +300,7 @@ class _Judged:
     log_pa: Tensor | None  # [N] or None
     question: Tensor  # [N] bool: the text is a question (contraq.genuine.is_question)
     echo: Tensor  # [N] bool: the answer's contradicting content was already in the question
+    gated: Tensor  # [N] bool: the answer passes reward.answer_gate (all True for none)
 
 
 class ContradictionReward(BaseLMAnswers):
@@ -354,7 +369,13 @@ class ContradictionReward(BaseLMAnswers):
             self._copies[kind] = frozen_copy(self.policy, kind)
         return self._copies[kind]
 
-    def _judge(self, edit_facts: Sequence[str], questions: Sequence[str], lm: nn.Module) -> _Judged:
+    def _judge(
+        self,
+        edit_facts: Sequence[str],
+        questions: Sequence[str],
+        lm: nn.Module,
+        subjects: Sequence[str],
+    ) -> _Judged:
         """Answers, judge scores and the genuine-form flags of (fact, question) pairs, each
         distinct question answered once and each distinct (fact, text) pair judged once."""
         uniq_q = list(dict.fromkeys(questions))
@@ -371,7 +392,11 @@ class ContradictionReward(BaseLMAnswers):
             log_pa = uniq_pa[
                 torch.tensor([by_q[q] for q in questions], device=device, dtype=torch.long)
             ]
-        return _Judged(answers, log_c, log_pa, question, echo)
+        gated = torch.ones_like(question)
+        if self.cfg.answer_gate == "subject":
+            named = [mentions_subject(a, s) for a, s in zip(answers, subjects, strict=True)]
+            gated = torch.tensor(named, device=device, dtype=torch.bool)
+        return _Judged(answers, log_c, log_pa, question, echo, gated)
 
     # ------------------------------------------------------------------ rewards
     def _log_r(
@@ -384,7 +409,7 @@ class ContradictionReward(BaseLMAnswers):
         novelty: Tensor | None = None,
         crowding: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        form_ok = judged.question & ~judged.echo
+        form_ok = judged.question & ~judged.echo & judged.gated
         return counted_log_r(
             self.cfg, judged.log_c, form_ok, log_pq, n_tok, log_pa, step, novelty, crowding
         )
@@ -415,7 +440,7 @@ class ContradictionReward(BaseLMAnswers):
             return None
         from contraq.lm.embedding import cluster_crowding
 
-        counted = counted_flags(judged.log_c, judged.question, judged.echo)
+        counted = counted_flags(judged.log_c, judged.question, judged.echo) & judged.gated
         if not bool(counted.any()):
             return torch.ones(len(edit_facts), device=judged.log_c.device)
         return cluster_crowding(embeddings, edit_facts, counted.cpu())
@@ -432,7 +457,9 @@ class ContradictionReward(BaseLMAnswers):
             dev = model_device(lm)
             actions, lengths = batch.actions.to(dev), batch.lengths.to(dev)
             tok_lp, _ = batch_logprobs(lm, batch, self.term_id, self.cfg.batch_size)
-            judged = self._judge([f.edit_fact for f in facts], questions, lm)
+            judged = self._judge(
+                [f.edit_fact for f in facts], questions, lm, [f.subject for f in facts]
+            )
         log_c, log_pa = judged.log_c, judged.log_pa
         log_pq = tok_lp.sum(1)
         n_tok = question_lengths(actions, lengths, self.term_id)
@@ -457,6 +484,8 @@ class ContradictionReward(BaseLMAnswers):
             "is_echo": judged.echo.float(),
             "genuine": counted_flags(log_c, judged.question, judged.echo).float(),
         }
+        if self.cfg.answer_gate != "none":
+            components["answer_gated"] = judged.gated.float()
         if log_pa is not None:
             components["log_pa"] = torch.nan_to_num(log_pa, nan=floor, posinf=floor, neginf=floor)
         if novelty is not None:
@@ -492,7 +521,8 @@ class ContradictionReward(BaseLMAnswers):
             )
             questions = [q.strip() for q in texts]
             edit_facts = [facts[b].edit_fact for b in rows.tolist()]
-            judged = self._judge(edit_facts, questions, lm) if questions else None
+            subjects = [facts[b].subject for b in rows.tolist()]
+            judged = self._judge(edit_facts, questions, lm, subjects) if questions else None
         out = torch.zeros(actions.shape, dtype=torch.float32, device=dev)
         if judged is None:
             return out
