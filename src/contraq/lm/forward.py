@@ -94,14 +94,26 @@ def decode_mask(model: nn.Module, mask: Tensor) -> Tensor:
     on the host, whether any row is padded (``_ignore_causal_mask_sdpa``): a host sync per
     token on a GPU. The one query of a step sees itself, so no row is fully masked. Other
     attention implementations (flash) get the 2-D mask."""
+    if not takes_4d_mask(model):
+        return mask
+    return additive_mask(model, mask != 0)[:, None, None, :]
+
+
+def takes_4d_mask(model: nn.Module) -> bool:
+    """Whether transformers hands ``model``'s attention a 4-D mask as it is (sdpa, eager,
+    floating-point weights) rather than building its own."""
     hf = hf_model(model)
     if getattr(hf.config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return mask
-    dtype = hf.get_input_embeddings().weight.dtype
-    if not dtype.is_floating_point:
-        return mask
-    hidden = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return hidden.masked_fill(mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+        return False
+    return hf.get_input_embeddings().weight.dtype.is_floating_point
+
+
+def additive_mask(model: nn.Module, seen: Tensor) -> Tensor:
+    """``seen`` (bool, any shape) as the additive mask transformers' prepared form uses: 0
+    where a key is seen, the weights' dtype minimum elsewhere."""
+    dtype = hf_model(model).get_input_embeddings().weight.dtype
+    zero = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
+    return zero.masked_fill(~seen, torch.finfo(dtype).min)
 
 
 def positions(mask: Tensor) -> Tensor:

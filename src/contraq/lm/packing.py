@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from contraq.lm.forward import distinct_prompts, forward, hf_model, positions
+from contraq.lm.forward import additive_mask, distinct_prompts, forward, positions, takes_4d_mask
 
 _PACKING = [True]  # switched off only by no_packing (the benchmark's baseline)
 
@@ -118,8 +118,7 @@ def pack_rows(prompt_ids: Tensor, prompt_mask: Tensor, actions: Tensor, active: 
 def packing_usable(model: nn.Module) -> bool:
     """Whether :func:`packed_logits` applies: packing is on and the model's attention takes a
     4-D mask as it is (sdpa, eager)."""
-    impl = getattr(hf_model(model).config, "_attn_implementation", None)
-    return _PACKING[0] and impl in ("sdpa", "eager")
+    return _PACKING[0] and takes_4d_mask(model)
 
 
 @contextlib.contextmanager
@@ -148,13 +147,10 @@ def packed_logits(
         the last layer over each row's left-padded prompt (0 at its padding).
     """
     pk = pack_rows(prompt_ids, prompt_mask, actions, active)
-    dtype = hf_model(model).get_input_embeddings().weight.dtype
-    mask = torch.zeros(pk.allowed.shape, dtype=dtype, device=actions.device)
-    mask = mask.masked_fill(~pk.allowed, torch.finfo(dtype).min)[:, None]
     logits, _, hidden = forward(
         model,
         pk.ids,
-        mask,
+        additive_mask(model, pk.allowed)[:, None],
         pk.positions,
         keep=pk.keep,
         use_cache=False,
