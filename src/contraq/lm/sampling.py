@@ -363,14 +363,15 @@ def teacher_forced_logits(
     ``output_hidden_states``: a sequence whose last item covers at least the prompt, [B, >=P, H]).
 
     The last action is never fed (nothing is predicted from it): input = prompt + a_0..a_{T-2}.
-    With sdpa or eager attention the rows are packed into one row with no padding
-    (:func:`contraq.lm.packing.packed_logits`; inactive slots then hold 0); otherwise rows that
-    share a prompt share its forward pass (:func:`contraq.lm.forward.prefill`).
+    With sdpa or eager attention each distinct prompt and its questions are packed into one row
+    with no padding between questions (:func:`contraq.lm.packing.packed_logits`; inactive slots
+    then hold 0); otherwise rows that share a prompt share its forward pass
+    (:func:`contraq.lm.forward.prefill`).
     """
     _check_prompt(prompt_ids, prompt_mask)
     if actions.ndim != 2 or actions.shape[0] != prompt_ids.shape[0] or actions.shape[1] == 0:
         raise ValueError(f"actions {tuple(actions.shape)} must be [B, T>0] with B = prompts' B")
-    if sharing_prompts() and packing_usable(model):  # no padding: one packed row
+    if sharing_prompts() and packing_usable(model):  # one packed row per distinct prompt
         return packed_logits(model, prompt_ids, prompt_mask, actions, active, output_hidden_states)
     n_actions, width = actions.shape[1], prompt_ids.shape[1]
     mask = torch.cat([prompt_mask.long(), active[:, :-1].long()], dim=1)
